@@ -1,0 +1,289 @@
+//! `fusechat.toml`: the run configuration.
+//!
+//! ```toml
+//! [run]
+//! dir = "runs/default"            # where stages write (relative to this file)
+//!
+//! [miniature]                     # generate a tiny deterministic model set (demo, tests)
+//! out = "runs/default/models"
+//!
+//! [merge]
+//! method = "varm"
+//! base = "runs/default/models/pivot"
+//! models = ["runs/default/models/target_a", { path = "runs/default/models/target_b", parameters = { weight = 2.0 } }]
+//! out = "runs/default/merged"
+//! out_dtype = "bf16"
+//! [merge.parameters]
+//! statistic = "square"
+//!
+//! [plugins]
+//! paths = []
+//! ```
+//!
+//! Relative paths are resolved against the directory of the config file.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use crate::dtype::DType;
+use crate::params::{Setting, Settings};
+use crate::plan::{MergeRequest, ModelInput};
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunSection,
+    pub miniature: Option<MiniatureSection>,
+    pub merge: Option<MergeSection>,
+    #[serde(default)]
+    pub plugins: PluginsSection,
+    /// The directory relative paths are resolved against (not read from the file).
+    #[serde(skip)]
+    pub root: PathBuf,
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    #[serde(default = "default_run_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            dir: default_run_dir(),
+        }
+    }
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("runs/default")
+}
+
+/// A tiny deterministic model set: a Mistral-shaped pivot and perturbed fine-tunes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MiniatureSection {
+    pub out: PathBuf,
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_heads: usize,
+    #[serde(default = "d_kv")]
+    pub num_kv_heads: usize,
+    #[serde(default = "d_targets")]
+    pub targets: Vec<String>,
+    #[serde(default = "d_dtype")]
+    pub dtype: String,
+    #[serde(default)]
+    pub seed: u64,
+}
+fn d_vocab() -> usize {
+    512
+}
+fn d_hidden() -> usize {
+    64
+}
+fn d_inter() -> usize {
+    176
+}
+fn d_layers() -> usize {
+    4
+}
+fn d_heads() -> usize {
+    4
+}
+fn d_kv() -> usize {
+    2
+}
+fn d_targets() -> Vec<String> {
+    vec!["target_mixtral".into(), "target_solar".into()]
+}
+fn d_dtype() -> String {
+    "bf16".into()
+}
+
+/// A model in `[merge] models`: a path, or a table with per-model parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ModelEntry {
+    Path(String),
+    Table {
+        path: String,
+        #[serde(default)]
+        parameters: BTreeMap<String, toml::Value>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSection {
+    pub method: String,
+    pub base: Option<String>,
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    pub out: PathBuf,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+    pub dtype: Option<String>,
+    pub out_dtype: Option<String>,
+    #[serde(default)]
+    pub seed: u64,
+    pub max_shard_size: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut cfg = Config::parse(&text, path)?;
+        cfg.root = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(cfg)
+    }
+
+    /// Parse config text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            Error::config(
+                path,
+                format!("invalid config: {}", e.to_string().trim_end()),
+            )
+        })?;
+        cfg.file = path.to_path_buf();
+        cfg.root = PathBuf::from(".");
+        Ok(cfg)
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.root.join(p)
+        }
+    }
+
+    /// The `[merge]` table as a merge request.
+    pub fn merge_request(&self) -> Result<MergeRequest> {
+        let m = self.merge.as_ref().ok_or_else(|| {
+            Error::config(
+                &self.file,
+                "no [merge] table: add one (see README.md, 'Merging')",
+            )
+        })?;
+        let err =
+            |field: &str, msg: String| Error::config(&self.file, format!("[merge] {field}: {msg}"));
+        let mut req = MergeRequest::new(&m.method, self.resolve(&m.out));
+        req.origin = format!("{} [merge]", self.file.display());
+        req.base = m
+            .base
+            .as_ref()
+            .map(|b| model_input(b, &self.root, Settings::new()));
+        for (i, e) in m.models.iter().enumerate() {
+            let (path, params) = match e {
+                ModelEntry::Path(p) => (p, BTreeMap::new()),
+                ModelEntry::Table { path, parameters } => (path, parameters.clone()),
+            };
+            let settings = toml_settings(&params)
+                .map_err(|msg| err(&format!("models[{i}].parameters"), msg))?;
+            req.models.push(model_input(path, &self.root, settings));
+        }
+        req.params = toml_settings(&m.parameters).map_err(|msg| err("parameters", msg))?;
+        req.dtype = parse_dtype(m.dtype.as_deref()).map_err(|msg| err("dtype", msg))?;
+        req.out_dtype = parse_dtype(m.out_dtype.as_deref()).map_err(|msg| err("out_dtype", msg))?;
+        req.seed = m.seed;
+        if let Some(s) = &m.max_shard_size {
+            req.max_shard_size = crate::writer::parse_size(s).ok_or_else(|| {
+                err(
+                    "max_shard_size",
+                    format!("`{s}` is not a size (e.g. \"5GB\", \"500MB\")"),
+                )
+            })?;
+        }
+        Ok(req)
+    }
+}
+
+fn model_input(reference: &str, root: &Path, params: Settings) -> ModelInput {
+    ModelInput {
+        reference: reference.to_string(),
+        path: crate::hub::resolve_model(reference, root),
+        params,
+    }
+}
+
+/// Parse a dtype name, with a message listing the accepted ones.
+pub fn parse_dtype(s: Option<&str>) -> std::result::Result<Option<DType>, String> {
+    match s {
+        None => Ok(None),
+        Some(s) => DType::parse(s)
+            .map(Some)
+            .ok_or_else(|| format!("unknown dtype `{s}` (use f32, bf16 or f16)")),
+    }
+}
+
+/// Convert TOML parameter values into settings.
+pub fn toml_settings(
+    params: &BTreeMap<String, toml::Value>,
+) -> std::result::Result<Settings, String> {
+    params
+        .iter()
+        .map(|(k, v)| {
+            let json = serde_json::to_value(v).map_err(|e| format!("`{k}`: {e}"))?;
+            Setting::from_json(&json)
+                .map(|s| (k.clone(), s))
+                .map_err(|e| format!("`{k}`: {e}"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typos_are_errors_naming_the_file() {
+        let e = Config::parse(
+            "[merge]\nmethod='linear'\nout='x'\nmodls=[]\n",
+            Path::new("f.toml"),
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("f.toml") && s.contains("modls"), "{s}");
+    }
+
+    #[test]
+    fn models_as_paths_or_tables() {
+        let c = Config::parse(
+            "[merge]\nmethod='linear'\nout='o'\nmodels=['a', {path='b', parameters={weight=2}}]\n[merge.parameters]\nnormalize=true\n",
+            Path::new("f.toml"),
+        )
+        .unwrap();
+        let r = c.merge_request().unwrap();
+        assert_eq!(r.models.len(), 2);
+        assert_eq!(r.models[1].params.len(), 1);
+        assert_eq!(r.params.len(), 1);
+    }
+}

@@ -1,0 +1,167 @@
+//! Floating-point storage dtypes of checkpoints and their conversion to and
+//! from the f32 that every merge kernel computes in.
+//!
+//! f32 → bf16/f16 rounds to nearest, ties to even (as PyTorch does), so a
+//! merged bf16 checkpoint is bit-identical to one rounded by `tensor.to(torch.bfloat16)`.
+//!
+//! ```
+//! use fusechat_core::dtype::DType;
+//! let bytes = DType::BF16.encode(&[1.0, -2.5]);
+//! assert_eq!(bytes, vec![0x80, 0x3f, 0x20, 0xc0]);
+//! assert_eq!(DType::BF16.decode(&bytes), vec![1.0, -2.5]);
+//! ```
+
+use half::{bf16, f16};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Parse the names users write: `f32`, `float32`, `bf16`, `bfloat16`, `fp16`, `float16`,
+    /// `torch.bfloat16`, `BF16`...
+    pub fn parse(s: &str) -> Option<DType> {
+        let s = s.trim().to_ascii_lowercase();
+        let s = s.strip_prefix("torch.").unwrap_or(&s);
+        match s {
+            "f32" | "fp32" | "float32" | "float" => Some(DType::F32),
+            "f16" | "fp16" | "float16" | "half" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// The name in a safetensors header.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    /// The `torch_dtype` string of an HF `config.json`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+        match d {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// Decode little-endian bytes of this dtype into f32 (appending to `out`).
+    pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        out.reserve(bytes.len() / self.size());
+        match self {
+            DType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            DType::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            DType::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+        }
+    }
+
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        let mut v = Vec::new();
+        self.decode_into(bytes, &mut v);
+        v
+    }
+
+    /// Round f32 values to this dtype and back, in place (what loading in
+    /// this dtype would have given).
+    pub fn round_trip(self, values: &mut [f32]) {
+        match self {
+            DType::F32 => {}
+            DType::F16 => values
+                .iter_mut()
+                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+            DType::BF16 => values
+                .iter_mut()
+                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        }
+    }
+
+    /// Encode f32 values as little-endian bytes of this dtype.
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.size());
+        match self {
+            DType::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        }
+        out
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies exactly between two bf16 values (1 and 1+2^-7): ties go to even (1.0).
+        let x = 1.0f32 + 2f32.powi(-8);
+        assert_eq!(DType::BF16.decode(&DType::BF16.encode(&[x])), vec![1.0]);
+        // 1 + 3*2^-8 lies between 1+2^-7 and 1+2^-6: ties go to the even one, 1+2^-6.
+        let y = 1.0f32 + 3.0 * 2f32.powi(-8);
+        assert_eq!(
+            DType::BF16.decode(&DType::BF16.encode(&[y])),
+            vec![1.0 + 2f32.powi(-6)]
+        );
+    }
+
+    #[test]
+    fn parse_names() {
+        assert_eq!(DType::parse("bfloat16"), Some(DType::BF16));
+        assert_eq!(DType::parse("torch.float16"), Some(DType::F16));
+        assert_eq!(DType::parse("F32"), Some(DType::F32));
+        assert_eq!(DType::parse("int8"), None);
+    }
+}

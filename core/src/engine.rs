@@ -1,0 +1,413 @@
+//! The merge stage: execute a [`Plan`], streaming tensor by tensor.
+//!
+//! Tensors are merged in parallel on a rayon pool, but a job only starts when
+//! its working memory (all inputs in f32 plus the output) fits in the memory
+//! budget next to the jobs already running; a job larger than the budget runs
+//! alone. Each merged tensor is encoded and written at its place in the
+//! output shards at once, so peak memory is a few tensors, not a model.
+
+use crate::merge::{Merged, StatScope, TensorGroup};
+use crate::model_dir::TOKENIZER_FILES;
+use crate::plan::{MergeRequest, Plan, PlannedTensor};
+use crate::registry::Registry;
+use crate::writer::{write_atomic, OutputDir, ShardedWriter, TensorSpec};
+use crate::{Error, Result};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+/// Name of the provenance file written into every merged directory.
+pub const MERGE_RECORD: &str = "fusechat_merge.json";
+
+/// How to execute a plan.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+    /// Bytes of working memory the concurrent jobs may use together.
+    pub memory_budget: u64,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            threads: 0,
+            memory_budget: 4 << 30,
+            progress: false,
+        }
+    }
+}
+
+impl ExecOptions {
+    pub fn threads(&self) -> usize {
+        if self.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.threads
+        }
+    }
+}
+
+/// What a merge did.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    pub out: PathBuf,
+    pub files: Vec<String>,
+    pub tensors: usize,
+    pub input_bytes: u64,
+    pub seconds: f64,
+    /// Per tensor, the effective weight of each model, where the method reports one.
+    pub weights: Vec<(String, Vec<f64>)>,
+    pub warnings: Vec<String>,
+}
+
+/// A counting semaphore over bytes.
+struct Budget {
+    cap: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: u64) -> u64 {
+        let n = n.min(self.cap);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > self.cap {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+        n
+    }
+    fn release(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= n;
+        self.freed.notify_all();
+    }
+}
+
+/// Plan and execute a merge request: the merge stage's one entry point.
+pub fn merge(req: &MergeRequest, registry: &Registry, opts: &ExecOptions) -> Result<MergeReport> {
+    let plan = crate::plan::plan(req, registry)?;
+    execute(&plan, opts)
+}
+
+/// Load one planned tensor's inputs as f32.
+fn load_group<'a>(
+    plan: &Plan,
+    t: &'a PlannedTensor,
+    scope_stats: Option<Vec<f64>>,
+) -> Result<TensorGroup<'a>> {
+    let read = |model: usize, name: &str| -> Result<Vec<f32>> {
+        let mut v = plan.models[model].read_f32(name)?;
+        if let Some(d) = plan.load_dtype {
+            d.round_trip(&mut v);
+        }
+        Ok(v)
+    };
+    let base = match &t.base {
+        Some(b) => Some(read(b.model, &b.name)?),
+        None => None,
+    };
+    let models = t
+        .inputs
+        .iter()
+        .map(|s| read(s.model, &s.name))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TensorGroup {
+        name: &t.name,
+        layer: t.layer,
+        shape: &t.shape,
+        base,
+        models,
+        params: &t.params,
+        seed: plan.seed,
+        scope_stats,
+    })
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// Run a kernel call, turning an error or a panic into an error naming the method and tensor.
+fn guarded<T>(plan: &Plan, tensor: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let method = plan.method.info.name.clone();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e @ Error::NonFinite { .. }))
+        | Ok(Err(e @ Error::Io { .. }))
+        | Ok(Err(e @ Error::Model { .. })) => Err(e),
+        Ok(Err(e)) => Err(Error::Kernel {
+            method,
+            tensor: tensor.into(),
+            msg: e.to_string(),
+        }),
+        Err(p) => Err(Error::Kernel {
+            method,
+            tensor: tensor.into(),
+            msg: format!("the kernel panicked: {}", panic_message(p)),
+        }),
+    }
+}
+
+#[derive(Hash, PartialEq, Eq, Clone, Copy)]
+enum ScopeKey {
+    Tensor(usize),
+    Layer(usize),
+    Model,
+}
+
+/// The statistics pre-pass: for tensors whose method asked for one, aggregate
+/// the per-model statistic over each scope and return each tensor's means.
+fn statistics(
+    plan: &Plan,
+    pool: &rayon::ThreadPool,
+    budget: &Budget,
+) -> Result<Vec<Option<Vec<f64>>>> {
+    let merger = &plan.method.merger;
+    let keys: Vec<Option<ScopeKey>> = plan
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            merger.stat_scope(&t.params).map(|s| match (s, t.layer) {
+                (StatScope::Tensor, _) | (StatScope::Layer, None) => ScopeKey::Tensor(i),
+                (StatScope::Layer, Some(l)) => ScopeKey::Layer(l),
+                (StatScope::Model, _) => ScopeKey::Model,
+            })
+        })
+        .collect();
+    // Tensor-scoped statistics are computed by the kernel itself from its own inputs.
+    let needs_pass: Vec<usize> = (0..plan.tensors.len())
+        .filter(|&i| matches!(keys[i], Some(ScopeKey::Layer(_) | ScopeKey::Model)))
+        .collect();
+    if needs_pass.is_empty() {
+        return Ok(vec![None; plan.tensors.len()]);
+    }
+    let per_tensor: Vec<(usize, Vec<(f64, u64)>)> = pool.install(|| {
+        needs_pass
+            .par_iter()
+            .map(|&i| {
+                let t = &plan.tensors[i];
+                let held = budget.acquire(t.job_bytes());
+                let r = guarded(plan, &t.name, || {
+                    let g = load_group(plan, t, None)?;
+                    merger.statistic(&g)
+                });
+                budget.release(held);
+                r.map(|s| (i, s))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut acc: HashMap<ScopeKey, Vec<(f64, u64)>> = HashMap::new();
+    for (i, stats) in per_tensor {
+        let key = keys[i].expect("filtered");
+        let e = acc
+            .entry(key)
+            .or_insert_with(|| vec![(0.0, 0); stats.len()]);
+        if e.len() != stats.len() {
+            return Err(Error::msg(format!(
+                "tensor `{}` has {} models but others in its statistics scope have {}",
+                plan.tensors[i].name,
+                stats.len(),
+                e.len()
+            )));
+        }
+        for (a, s) in e.iter_mut().zip(stats) {
+            a.0 += s.0;
+            a.1 += s.1;
+        }
+    }
+    Ok(keys
+        .iter()
+        .map(|k| match k {
+            Some(k @ (ScopeKey::Layer(_) | ScopeKey::Model)) => acc.get(k).map(|v| {
+                v.iter()
+                    .map(|(s, n)| if *n > 0 { s / *n as f64 } else { 0.0 })
+                    .collect()
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+fn progress_bar(total: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:<10} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message("merging");
+    pb
+}
+
+/// Execute a validated plan into its output directory.
+pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
+    let start = Instant::now();
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    let threads = opts.threads();
+    let out = OutputDir::create(&plan.out, plan.force)?;
+    let specs: Vec<TensorSpec> = plan
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.out_dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let writer = ShardedWriter::create(out.path(), &specs, plan.max_shard_size)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::msg(format!("cannot start {threads} worker threads: {e}")))?;
+    let budget = Budget {
+        cap: opts.memory_budget.max(1),
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+    };
+    tracing::info!(
+        method = %plan.method.info.name,
+        tensors = plan.tensors.len(),
+        input_gb = plan.input_bytes() as f64 / 1e9,
+        threads,
+        "merging into {}",
+        plan.out.display()
+    );
+
+    let stats = statistics(plan, &pool, &budget)?;
+    let pb = progress_bar(plan.input_bytes(), opts.progress);
+    let merger = &plan.method.merger;
+    let weights: Vec<Option<Vec<f64>>> = pool.install(|| {
+        (0..plan.tensors.len())
+            .into_par_iter()
+            .map(|i| {
+                let t = &plan.tensors[i];
+                let held = budget.acquire(t.job_bytes());
+                let r = guarded(plan, &t.name, || {
+                    let g = load_group(plan, t, stats[i].clone())?;
+                    let Merged { data, weights } = merger.merge(g)?;
+                    if data.len() != t.numel() {
+                        return Err(Error::msg(format!(
+                            "returned {} values for shape {:?} ({} expected)",
+                            data.len(),
+                            t.shape,
+                            t.numel()
+                        )));
+                    }
+                    if let Some(k) = data.iter().position(|v| !v.is_finite()) {
+                        return Err(Error::msg(format!(
+                            "produced a non-finite value ({}) at element {k}",
+                            data[k]
+                        )));
+                    }
+                    writer.write(&t.name, &t.out_dtype.encode(&data))?;
+                    Ok(weights)
+                });
+                budget.release(held);
+                pb.inc(t.input_bytes);
+                r
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    pb.finish_and_clear();
+    let files = writer.finish()?;
+
+    // config.json, tokenizer files, model card and provenance record.
+    let dir = out.path();
+    let config_text = serde_json::to_string_pretty(&plan.config).expect("JSON value");
+    write_atomic(&dir.join("config.json"), config_text.as_bytes())?;
+    let tok_src = &plan.models[plan.tokenizer_from].path;
+    for f in TOKENIZER_FILES {
+        let src = tok_src.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    let weights: Vec<(String, Vec<f64>)> = plan
+        .tensors
+        .iter()
+        .zip(weights)
+        .filter_map(|(t, w)| w.map(|w| (t.name.clone(), w)))
+        .collect();
+    write_atomic(&dir.join("README.md"), model_card(plan).as_bytes())?;
+    let record = serde_json::json!({
+        "fusechat_version": env!("CARGO_PKG_VERSION"),
+        "origin": plan.origin,
+        "stage_key": plan.stage_key,
+        "request": plan.request,
+        "inputs": plan.labels,
+        "warnings": plan.warnings,
+        "weights": weights.iter().map(|(n, w)| serde_json::json!({"tensor": n, "weights": w})).collect::<Vec<_>>(),
+    });
+    write_atomic(
+        &dir.join(MERGE_RECORD),
+        serde_json::to_string_pretty(&record)
+            .expect("JSON value")
+            .as_bytes(),
+    )?;
+    let final_path = out.commit()?;
+    let seconds = start.elapsed().as_secs_f64();
+    tracing::info!(
+        seconds,
+        "merged {} tensors into {}",
+        plan.tensors.len(),
+        final_path.display()
+    );
+    Ok(MergeReport {
+        out: final_path,
+        files,
+        tensors: plan.tensors.len(),
+        input_bytes: plan.input_bytes(),
+        seconds,
+        weights,
+        warnings: plan.warnings.clone(),
+    })
+}
+
+/// The README.md model card of a merged directory.
+fn model_card(plan: &Plan) -> String {
+    let base = plan.tensors[0]
+        .base
+        .as_ref()
+        .map(|b| plan.labels[b.model].clone());
+    let mut s = String::from("---\nlibrary_name: transformers\ntags:\n- merge\n- fusechat\n");
+    if let Some(b) = &base {
+        s.push_str(&format!("base_model: {b}\n"));
+    }
+    s.push_str("---\n\n# Merged model\n\n");
+    s.push_str(&format!(
+        "Merged with [fusechat](https://example.invalid/fusechat) {} using the **{}** method ({}).\n\n",
+        env!("CARGO_PKG_VERSION"),
+        plan.method.info.name,
+        plan.method.info.description
+    ));
+    if let Some(b) = &base {
+        s.push_str(&format!("Base model: `{b}`\n\n"));
+    }
+    s.push_str("Inputs:\n");
+    for l in &plan.labels {
+        s.push_str(&format!("- `{l}`\n"));
+    }
+    s.push_str(&format!(
+        "\n## Configuration\n\nRequested via {}:\n\n```json\n{}\n```\n",
+        plan.origin,
+        serde_json::to_string_pretty(&plan.request).expect("JSON value")
+    ));
+    s
+}

@@ -1,0 +1,87 @@
+//! One error type for the core crate. Every variant carries the context a user
+//! needs to act: the file, the tensor or the config field, and what to do.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A config file (fusechat.toml, a mergekit YAML, config.json) that cannot be used.
+    #[error("{file}: {msg}")]
+    Config { file: PathBuf, msg: String },
+
+    /// A safetensors file or HF model directory that cannot be read.
+    #[error("{path}: {msg}")]
+    Model { path: PathBuf, msg: String },
+
+    /// Problems found while validating a merge request, all at once.
+    #[error("the merge request has {} problem(s):\n{}", .0.len(), format_problems(.0))]
+    Invalid(Vec<String>),
+
+    /// A NaN or infinity in a weight, found while merging.
+    #[error(
+        "tensor `{tensor}` of {model} holds a non-finite value ({value}) at element {index}; \
+             fix or re-export that checkpoint, nothing was written"
+    )]
+    NonFinite {
+        tensor: String,
+        model: String,
+        index: usize,
+        value: f32,
+    },
+
+    /// A merge kernel refused its input.
+    #[error("{method} on tensor `{tensor}`: {msg}")]
+    Kernel {
+        method: String,
+        tensor: String,
+        msg: String,
+    },
+
+    /// Unknown plugin, bad parameter, registry conflicts.
+    #[error("{0}")]
+    Plugin(String),
+
+    #[error("{0}")]
+    Msg(String),
+}
+
+fn format_problems(problems: &[String]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {}", p.replace('\n', "\n    ")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn config(file: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            file: file.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn model(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Model {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn msg(msg: impl Into<String>) -> Self {
+        Error::Msg(msg.into())
+    }
+}

@@ -1,0 +1,21 @@
+//! fusechat-core: the extension traits, the plugin registry, configuration,
+//! HF model-directory I/O and the stage drivers of fusechat.
+//!
+//! It knows no concrete model, loss or merge method: those are plugins
+//! (`fusechat-plugins` for the built-ins, shared libraries for third parties).
+
+pub mod config;
+pub mod dtype;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod merge;
+pub mod mergekit;
+pub mod miniature;
+pub mod model_dir;
+pub mod params;
+pub mod plan;
+pub mod registry;
+pub mod writer;
+
+pub use error::{Error, Result};

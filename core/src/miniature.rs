@@ -1,0 +1,258 @@
+//! A tiny, deterministic model set for demos, tests and benches: a
+//! Mistral-shaped pivot and several "fine-tuned" targets, each the pivot plus
+//! a perturbation whose scale differs per target and per tensor (so that VaRM
+//! has something to weigh). Same spec, same bytes, on every machine.
+
+use crate::dtype::DType;
+use crate::writer::{write_atomic, OutputDir, ShardedWriter, TensorSpec};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// SplitMix64: a tiny, high-quality counter-friendly PRNG (Steele et al. 2014).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix64(self.0)
+    }
+    /// Uniform in [0, 1) with 53 bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// SplitMix64's output function: a bijective 64-bit mixer.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a over bytes: a stable string hash (std's hasher is not stable across releases).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MiniatureSpec {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub targets: Vec<String>,
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+impl Default for MiniatureSpec {
+    fn default() -> Self {
+        MiniatureSpec {
+            vocab_size: 512,
+            hidden_size: 64,
+            intermediate_size: 176,
+            num_layers: 4,
+            num_heads: 4,
+            num_kv_heads: 2,
+            targets: vec!["target_mixtral".into(), "target_solar".into()],
+            dtype: DType::BF16,
+            seed: 0,
+        }
+    }
+}
+
+impl MiniatureSpec {
+    /// Mistral's config.json for this shape.
+    pub fn config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.hidden_size / self.num_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "sliding_window": 4096,
+            "tie_word_embeddings": false,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": self.dtype.torch_name(),
+        })
+    }
+
+    /// Tensor names and shapes, in checkpoint order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let hd = h / self.num_heads;
+        let kv = hd * self.num_kv_heads;
+        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            t.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            t.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
+            t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+            t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+            t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        }
+        t.push(("model.norm.weight".to_string(), vec![h]));
+        t.push(("lm_head.weight".to_string(), vec![v, h]));
+        t
+    }
+
+    /// The pivot's values for one tensor.
+    pub fn pivot_tensor(&self, name: &str, numel: usize) -> Vec<f32> {
+        let mut rng = SplitMix64(self.seed ^ fnv1a(name.as_bytes()));
+        let is_norm = name.contains("norm");
+        (0..numel)
+            .map(|_| {
+                if is_norm {
+                    (1.0 + 0.05 * rng.normal()) as f32
+                } else {
+                    (0.02 * rng.normal()) as f32
+                }
+            })
+            .collect()
+    }
+
+    /// Target `j`'s values: the pivot plus a perturbation whose scale depends on
+    /// the target and the tensor.
+    pub fn target_tensor(&self, j: usize, name: &str, pivot: &[f32]) -> Vec<f32> {
+        let key = self.seed ^ fnv1a(name.as_bytes()) ^ mix64(j as u64 + 1);
+        let mut rng = SplitMix64(key);
+        let scale = 0.002 * (1.0 + (mix64(key) % 7) as f64) * (1.0 + j as f64);
+        pivot
+            .iter()
+            .map(|p| (*p as f64 + scale * rng.normal()) as f32)
+            .collect()
+    }
+}
+
+/// Write an HF model directory (config.json + safetensors) atomically.
+pub fn write_model_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: DType,
+    max_shard_size: u64,
+) -> Result<()> {
+    let out = OutputDir::create(dir, true)?;
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, s, _)| TensorSpec {
+            name: n.clone(),
+            dtype,
+            shape: s.clone(),
+        })
+        .collect();
+    let w = ShardedWriter::create(out.path(), &specs, max_shard_size)?;
+    for (n, s, v) in tensors {
+        if s.iter().product::<usize>() != v.len() {
+            return Err(Error::msg(format!(
+                "tensor `{n}`: {} values for shape {s:?}",
+                v.len()
+            )));
+        }
+        w.write(n, &dtype.encode(v))?;
+    }
+    w.finish()?;
+    let mut config = config.clone();
+    if let Some(o) = config.as_object_mut() {
+        o.insert("torch_dtype".into(), dtype.torch_name().into());
+    }
+    write_atomic(
+        &out.path().join("config.json"),
+        serde_json::to_string_pretty(&config)
+            .expect("JSON")
+            .as_bytes(),
+    )?;
+    out.commit()?;
+    Ok(())
+}
+
+/// The generated set: pivot and targets.
+#[derive(Debug, Clone)]
+pub struct MiniatureSet {
+    pub pivot: PathBuf,
+    pub targets: Vec<PathBuf>,
+    pub generated: bool,
+}
+
+/// Generate the set under `out` (`out/pivot`, `out/<target>`), unless a set made
+/// from the same spec is already there.
+pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
+    let pivot = out.join("pivot");
+    let targets: Vec<PathBuf> = spec.targets.iter().map(|t| out.join(t)).collect();
+    let stamp = out.join("miniature.json");
+    let want = format!("{spec:?}");
+    let fresh = std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str())
+        && pivot.is_dir()
+        && targets.iter().all(|t| t.is_dir());
+    if fresh {
+        return Ok(MiniatureSet {
+            pivot,
+            targets,
+            generated: false,
+        });
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _ = std::fs::remove_file(&stamp);
+    let config = spec.config();
+    let names = spec.tensors();
+    let pivot_t: Vec<(String, Vec<usize>, Vec<f32>)> = names
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                s.clone(),
+                spec.pivot_tensor(n, s.iter().product()),
+            )
+        })
+        .collect();
+    write_model_dir(
+        &pivot,
+        &config,
+        &pivot_t,
+        spec.dtype,
+        crate::writer::DEFAULT_MAX_SHARD_SIZE,
+    )?;
+    for (j, dir) in targets.iter().enumerate() {
+        let t: Vec<(String, Vec<usize>, Vec<f32>)> = pivot_t
+            .iter()
+            .map(|(n, s, p)| (n.clone(), s.clone(), spec.target_tensor(j, n, p)))
+            .collect();
+        write_model_dir(
+            dir,
+            &config,
+            &t,
+            spec.dtype,
+            crate::writer::DEFAULT_MAX_SHARD_SIZE,
+        )?;
+    }
+    write_atomic(&stamp, want.as_bytes())?;
+    Ok(MiniatureSet {
+        pivot,
+        targets,
+        generated: true,
+    })
+}

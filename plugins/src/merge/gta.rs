@@ -1,0 +1,274 @@
+//! Generalized task arithmetic: the one kernel behind task_arithmetic, TIES,
+//! DARE-linear and DARE-TIES (as in mergekit, a family of methods is data).
+//!
+//! With δⱼ = θʲ − θ⁰ sparsified to δ̂ⱼ and uⱼ = wⱼ·δ̂ⱼ:
+//! - without sign consensus, `mixed = Σ uⱼ`, `divisor = Σ wⱼ` (|Σ wⱼ| < 1e-8 → 1);
+//! - with sign consensus, `s = sign(Σ uⱼ)` (≥ 0 → +), `mⱼ = [sign(uⱼ) = s]` (zeros
+//!   never match), `mixed = Σ mⱼuⱼ`, `divisor = Σ mⱼwⱼ` (0 → 1);
+//!
+//! then `θ = θ⁰ + λ·mixed / divisor` when normalising, else `θ⁰ + λ·mixed`.
+
+use fusechat_core::merge::{Merged, TensorGroup};
+use fusechat_core::miniature::{fnv1a, mix64};
+use fusechat_core::registry::{ParamSpec, Scope};
+use fusechat_core::Result;
+
+/// How task vectors are thinned before they are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sparsify {
+    None,
+    /// TIES: keep the `int(density·N)` largest |δ|.
+    Magnitude,
+    /// DARE: keep each element with probability `density`, then rescale.
+    Bernoulli,
+}
+
+/// How DARE restores the scale of a thinned task vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rescale {
+    /// Match the L1 norm of δ (current mergekit).
+    L1,
+    /// Divide by the density (the DARE paper).
+    InverseP,
+    None,
+}
+
+impl Rescale {
+    pub fn parse(s: &str) -> Rescale {
+        match s {
+            "inverse_p" => Rescale::InverseP,
+            "none" | "false" => Rescale::None,
+            _ => Rescale::L1,
+        }
+    }
+}
+
+/// The shared parameters of the family.
+pub fn params(default_normalize: bool, sparsify: Sparsify) -> Vec<ParamSpec> {
+    let mut p = vec![
+        super::weight_param(),
+        ParamSpec::float("density", Scope::PerModel)
+            .default(1.0)
+            .help(match sparsify {
+                Sparsify::None => {
+                    "accepted for mergekit compatibility; task arithmetic keeps every element"
+                }
+                Sparsify::Magnitude => "fraction of δ kept, by magnitude (top int(density·N))",
+                Sparsify::Bernoulli => "probability of keeping each element of δ",
+            }),
+        ParamSpec::bool("normalize", Scope::Shared)
+            .default(default_normalize)
+            .help("divide the combined delta by the sum of the (kept) weights"),
+        ParamSpec::float("lambda", Scope::Shared)
+            .default(1.0)
+            .help("scale of the combined delta"),
+        ParamSpec::bool("int8_mask", Scope::Shared)
+            .default(false)
+            .help("accepted for mergekit compatibility (masks are exact here)"),
+    ];
+    if sparsify == Sparsify::Bernoulli {
+        p.push(
+            ParamSpec::choice("rescale", &["l1", "inverse_p", "none", "true", "false"], Scope::Shared)
+                .default("l1")
+                .help("l1: match ‖δ‖₁ (mergekit; true = l1); inverse_p: divide by density (DARE paper); none"),
+        );
+    }
+    p
+}
+
+/// Keep the `int(density·N)` largest |δ| (by selection, not a full sort); ties at
+/// the threshold are kept in index order until the count is reached.
+pub fn magnitude(delta: &mut [f32], density: f64) {
+    let n = delta.len();
+    if density >= 1.0 || n == 0 {
+        return;
+    }
+    let k = ((density.max(0.0)) * n as f64) as usize;
+    if k == 0 {
+        delta.iter_mut().for_each(|x| *x = 0.0);
+        return;
+    }
+    let mut mags: Vec<f32> = delta.iter().map(|x| x.abs()).collect();
+    let (_, thr, _) = mags.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
+    let thr = *thr;
+    drop(mags);
+    let above = delta.iter().filter(|x| x.abs() > thr).count();
+    let mut ties_left = k - above;
+    for x in delta.iter_mut() {
+        let a = x.abs();
+        if a > thr {
+            continue;
+        }
+        if a == thr && ties_left > 0 {
+            ties_left -= 1;
+            continue;
+        }
+        *x = 0.0;
+    }
+}
+
+/// The counter-based uniform draw for DARE: a pure function of (seed, tensor,
+/// model, element), so a merge is bit-reproducible whatever the threads.
+#[inline]
+pub fn dare_uniform(key: u64, element: u64) -> f64 {
+    let x = mix64(
+        key ^ mix64(
+            element
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(0xD1B5_4A32_D192_ED03),
+        ),
+    );
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The DARE key of one (seed, tensor, model).
+pub fn dare_key(seed: u64, tensor: &str, model: usize) -> u64 {
+    mix64(mix64(seed) ^ fnv1a(tensor.as_bytes()) ^ mix64(0xA5A5_0000 + model as u64))
+}
+
+/// Drop each element with probability `1 − density` and rescale the rest.
+pub fn bernoulli(delta: &mut [f32], density: f64, rescale: Rescale, key: u64) {
+    if density >= 1.0 {
+        return;
+    }
+    let mut before = 0f64;
+    let mut after = 0f64;
+    for (i, x) in delta.iter_mut().enumerate() {
+        before += x.abs() as f64;
+        if dare_uniform(key, i as u64) < density {
+            after += x.abs() as f64;
+        } else {
+            *x = 0.0;
+        }
+    }
+    let factor = match rescale {
+        Rescale::None => return,
+        Rescale::InverseP if density > 0.0 => 1.0 / density,
+        Rescale::InverseP => return,
+        // mergekit leaves the tensor as is when either norm is below 1e-7.
+        Rescale::L1 if before < 1e-7 || after < 1e-7 => return,
+        Rescale::L1 => before / after,
+    };
+    let f = factor as f32;
+    delta.iter_mut().for_each(|x| *x *= f);
+}
+
+/// `sign(Σ uⱼ)` per element, + on ties: the elected sign of TIES.
+#[inline]
+pub fn elected_sign(sum: f32) -> f32 {
+    if sum >= 0.0 {
+        1.0
+    } else {
+        -1.0
+    }
+}
+
+/// Whether a value agrees with the elected sign (zeros never agree).
+#[inline]
+pub fn agrees(x: f32, sign: f32) -> bool {
+    (x > 0.0 && sign > 0.0) || (x < 0.0 && sign < 0.0)
+}
+
+/// One method of the family.
+#[derive(Debug, Clone, Copy)]
+pub struct Gta {
+    pub sparsify: Sparsify,
+    pub consensus: bool,
+}
+
+impl Gta {
+    pub fn merge(&self, mut g: TensorGroup<'_>) -> Result<Merged> {
+        let p = g.params;
+        let weights = p.model_f64("weight")?;
+        let density = p.model_f64("density")?;
+        let normalize = p.bool("normalize")?;
+        let lambda = p.f64("lambda")? as f32;
+        let rescale = match p.get("rescale").and_then(|v| v.as_str()) {
+            Some(s) => Rescale::parse(s),
+            None => Rescale::None,
+        };
+        super::deltas_in_place(&mut g)?;
+        for (j, d) in g.models.iter_mut().enumerate() {
+            match self.sparsify {
+                Sparsify::None => {}
+                Sparsify::Magnitude => magnitude(d, density[j]),
+                Sparsify::Bernoulli => {
+                    bernoulli(d, density[j], rescale, dare_key(g.seed, g.name, j))
+                }
+            }
+        }
+        let w: Vec<f32> = weights.iter().map(|w| *w as f32).collect();
+        let mut out = g.base.take().expect("deltas_in_place checked the base");
+        let wsum: f32 = w.iter().sum();
+        for (i, o) in out.iter_mut().enumerate() {
+            let (mixed, divisor) = if self.consensus {
+                let total: f32 = g.models.iter().zip(&w).map(|(d, w)| d[i] * w).sum();
+                let s = elected_sign(total);
+                let mut mixed = 0f32;
+                let mut div = 0f32;
+                for (d, w) in g.models.iter().zip(&w) {
+                    let u = d[i] * w;
+                    if agrees(u, s) {
+                        mixed += u;
+                        div += w;
+                    }
+                }
+                (mixed, if div == 0.0 { 1.0 } else { div })
+            } else {
+                let mixed: f32 = g.models.iter().zip(&w).map(|(d, w)| d[i] * w).sum();
+                (mixed, if wsum.abs() < 1e-8 { 1.0 } else { wsum })
+            };
+            let delta = if normalize { mixed / divisor } else { mixed };
+            *o += lambda * delta;
+        }
+        Ok(Merged {
+            data: out,
+            weights: Some(weights),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magnitude_keeps_exactly_k_largest() {
+        let mut d = vec![0.1, -0.5, 0.3, -0.2, 0.5, 0.0];
+        magnitude(&mut d, 0.5); // k = 3: |-0.5|, |0.5|, |0.3|
+        assert_eq!(d, vec![0.0, -0.5, 0.3, 0.0, 0.5, 0.0]);
+        let mut ties = vec![1.0, -1.0, 1.0, 1.0];
+        magnitude(&mut ties, 0.5);
+        assert_eq!(ties, vec![1.0, -1.0, 0.0, 0.0]);
+        let mut none = vec![1.0, 2.0];
+        magnitude(&mut none, 0.1); // k = 0
+        assert_eq!(none, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn bernoulli_keeps_about_density_and_rescales() {
+        let n = 100_000;
+        let mut d: Vec<f32> = (0..n)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        bernoulli(&mut d, 0.3, Rescale::InverseP, dare_key(7, "t", 0));
+        let kept = d.iter().filter(|x| **x != 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.3).abs() < 0.01, "kept {kept}");
+        assert!(d
+            .iter()
+            .all(|x| *x == 0.0 || (x.abs() - 1.0 / 0.3).abs() < 1e-5));
+        let mut e: Vec<f32> = (0..1000).map(|i| (i as f32).sin()).collect();
+        let l1: f64 = e.iter().map(|x| x.abs() as f64).sum();
+        bernoulli(&mut e, 0.5, Rescale::L1, dare_key(7, "t", 1));
+        let l1_after: f64 = e.iter().map(|x| x.abs() as f64).sum();
+        assert!((l1 - l1_after).abs() / l1 < 1e-5);
+    }
+
+    #[test]
+    fn dare_keys_differ_by_tensor_model_and_seed() {
+        let k = dare_key(1, "a", 0);
+        assert_ne!(k, dare_key(1, "a", 1));
+        assert_ne!(k, dare_key(1, "b", 0));
+        assert_ne!(k, dare_key(2, "a", 0));
+    }
+}

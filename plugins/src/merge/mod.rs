@@ -1,0 +1,35 @@
+//! Built-in merge methods (SPEC.md section 6). Each file is one method: a
+//! declaration (parameters and input contract) and a kernel over one tensor.
+
+pub mod gta;
+
+pub mod dare_linear;
+pub mod dare_ties;
+pub mod linear;
+pub mod sce;
+pub mod slerp;
+pub mod task_arithmetic;
+pub mod ties;
+pub mod varm;
+
+use fusechat_core::merge::TensorGroup;
+use fusechat_core::registry::{ParamSpec, Scope};
+
+/// θʲ − θ⁰ for every model, computed in place in the model buffers.
+pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Result<()> {
+    let base = group
+        .base
+        .as_deref()
+        .ok_or_else(|| fusechat_core::Error::msg("this method needs a base model".to_string()))?;
+    for m in group.models.iter_mut() {
+        m.iter_mut().zip(base).for_each(|(x, b)| *x -= b);
+    }
+    Ok(())
+}
+
+/// The per-model `weight` parameter most methods share.
+pub(crate) fn weight_param() -> ParamSpec {
+    ParamSpec::float("weight", Scope::PerModel)
+        .default(1.0)
+        .help("relative weight of the model (mergekit requires it; fusechat defaults to 1)")
+}

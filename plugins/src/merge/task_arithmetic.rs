@@ -1,0 +1,52 @@
+//! `task_arithmetic`: θ = θ⁰ + λ·Σ wⱼδⱼ, divided by Σ wⱼ when `normalize`
+//! (Ilharco et al., "Editing models with task arithmetic").
+//!
+//! ```
+//! use fusechat_core::merge::{Merger, TensorGroup};
+//! use fusechat_core::params::{ResolvedParams, Scalar};
+//! use fusechat_plugins::merge::task_arithmetic::TaskArithmetic;
+//! let mut p = ResolvedParams::default();
+//! p.shared.insert("normalize".into(), Scalar::Bool(true));
+//! p.shared.insert("lambda".into(), Scalar::Float(1.0));
+//! for w in [1.0, 3.0] {
+//!     p.per_model.push([("weight".to_string(), Scalar::Float(w)), ("density".to_string(), Scalar::Float(1.0))].into());
+//! }
+//! let g = TensorGroup { name: "w", layer: None, shape: &[2], base: Some(vec![1.0, 1.0]),
+//!     models: vec![vec![2.0, 1.0], vec![1.0, 5.0]], params: &p, seed: 0, scope_stats: None };
+//! // θ⁰ + (1·[1,0] + 3·[0,4]) / 4 = [1.25, 4.0]
+//! assert_eq!(TaskArithmetic.merge(g).unwrap().data, vec![1.25, 4.0]);
+//! ```
+
+use super::gta::{self, Gta, Sparsify};
+use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
+use fusechat_core::registry::{BuiltinMerger, PluginInfo, PluginKind};
+use std::sync::Arc;
+
+pub struct TaskArithmetic;
+
+impl Merger for TaskArithmetic {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            kind: PluginKind::Merger,
+            name: "task_arithmetic".into(),
+            description: "θ⁰ + λ·Σ wⱼ(θʲ − θ⁰), normalised by Σ wⱼ on request".into(),
+            params: gta::params(false, Sparsify::None),
+        }
+    }
+    fn contract(&self) -> InputContract {
+        InputContract {
+            base: BaseUse::Required,
+            min_models: 1,
+            max_models: None,
+        }
+    }
+    fn merge(&self, g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+        Gta {
+            sparsify: Sparsify::None,
+            consensus: false,
+        }
+        .merge(g)
+    }
+}
+
+inventory::submit! { BuiltinMerger(|| Arc::new(TaskArithmetic)) }

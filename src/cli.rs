@@ -1,0 +1,406 @@
+//! The command line: argument definitions and dispatch. `main.rs` only calls [`main`].
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use fusechat_core::config::{parse_dtype, Config};
+use fusechat_core::engine::{self, ExecOptions, MergeReport};
+use fusechat_core::params::Setting;
+use fusechat_core::plan::{MergeRequest, ModelInput};
+use fusechat_core::registry::Registry;
+use fusechat_core::writer::parse_size;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fusechat",
+    version,
+    about = "Knowledge fusion of chat LLMs: distil several source models into one pivot, then merge in parameter space",
+    long_about = "fusechat implements FuseChat (arXiv 2402.16107): pairwise knowledge fusion into a pivot model, \
+then merging of the fused targets (VaRM, linear, SLERP, task arithmetic, TIES, DARE, SCE).\n\n\
+Start with `fusechat run`, which executes the stages in ./fusechat.toml.",
+    after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail."
+)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the stages described in a fusechat.toml, in order, skipping those already up to date.
+    Run(RunArgs),
+    /// Merge models in parameter space (from fusechat.toml, command-line flags or a mergekit YAML).
+    Merge(MergeArgs),
+    /// List the available plugins and their parameters.
+    Plugins(PluginsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The config file.
+    #[arg(short, long, default_value = "fusechat.toml")]
+    pub config: PathBuf,
+    /// Re-run every stage, even those whose outputs are up to date.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Working memory the merge may use at once, e.g. 4GiB. A tensor larger than this runs alone.
+    #[arg(long, default_value = "4GiB", value_parser = size_arg)]
+    pub memory_budget: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl ExecArgs {
+    fn options(&self) -> ExecOptions {
+        ExecOptions {
+            threads: self.threads,
+            memory_budget: self.memory_budget,
+            progress: !self.no_progress && std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).ok_or_else(|| format!("`{s}` is not a size (e.g. 5GB, 500MB, 4GiB)"))
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "mergekit", "method"])))]
+pub struct MergeArgs {
+    /// Take the merge from the [merge] table of this fusechat.toml.
+    #[arg(long, value_name = "TOML")]
+    pub config: Option<PathBuf>,
+    /// Take the merge from a mergekit YAML config, as written.
+    #[arg(long, value_name = "YAML")]
+    pub mergekit: Option<PathBuf>,
+    /// Merge method (see `fusechat plugins`).
+    #[arg(long, value_name = "NAME")]
+    pub method: Option<String>,
+    /// Base model (θ⁰, the pivot the models were fine-tuned from).
+    #[arg(long, value_name = "DIR", requires = "method")]
+    pub base: Option<String>,
+    /// A model to merge (repeat for each).
+    #[arg(long = "model", value_name = "DIR", requires = "method")]
+    pub models: Vec<String>,
+    /// Per-model weight, one per --model, in order.
+    #[arg(long = "weight", value_name = "W", requires = "method")]
+    pub weights: Vec<f64>,
+    /// A method parameter, KEY=VALUE with a TOML value: t=0.5, density=0.7, rescale=l1, t=[0,0.5,1].
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "method")]
+    pub set: Vec<String>,
+    /// Output directory (overrides the config's).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Round inputs to this dtype on load and write it (f32, bf16, f16).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Write the output in this dtype (default: --dtype, else the inputs').
+    #[arg(long)]
+    pub out_dtype: Option<String>,
+    /// Seed of random methods (DARE).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Largest shard, e.g. 5GB (the default), 500MB.
+    #[arg(long, value_parser = size_arg)]
+    pub max_shard_size: Option<u64>,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Validate and print the plan (per tensor: method, resolved parameters) and a memory estimate; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PluginsArgs {
+    /// Only this plugin.
+    pub name: Option<String>,
+}
+
+/// Parse `KEY=VALUE`, the value as TOML (a bare word is a string).
+pub fn parse_set(s: &str) -> Result<(String, Setting)> {
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("--set `{s}`: expected KEY=VALUE"))?;
+    let k = k.trim();
+    if k.is_empty() {
+        bail!("--set `{s}`: the key is empty");
+    }
+    let json = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+        Ok(t) => serde_json::to_value(&t["v"])?,
+        Err(_) => serde_json::Value::String(v.trim().to_string()),
+    };
+    let setting = Setting::from_json(&json).map_err(|e| anyhow::anyhow!("--set {k}: {e}"))?;
+    Ok((k.to_string(), setting))
+}
+
+/// Build the merge request from whichever way it was asked for.
+pub fn merge_request(args: &MergeArgs) -> Result<MergeRequest> {
+    let cwd = PathBuf::from(".");
+    let mut req = if let Some(path) = &args.config {
+        Config::load(path)?.merge_request()?
+    } else if let Some(path) = &args.mergekit {
+        let out = args
+            .out
+            .clone()
+            .context("--mergekit needs --out DIR (mergekit configs do not name an output)")?;
+        let (req, warnings) = fusechat_core::mergekit::load(path, out, &cwd)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        req
+    } else {
+        let method = args.method.as_deref().expect("clap requires one source");
+        let out = args.out.clone().context("--method needs --out DIR")?;
+        if args.models.is_empty() {
+            bail!("--method needs at least one --model DIR");
+        }
+        if !args.weights.is_empty() && args.weights.len() != args.models.len() {
+            bail!(
+                "{} --weight value(s) for {} --model(s): give one weight per model, in order, or none",
+                args.weights.len(),
+                args.models.len()
+            );
+        }
+        let mut req = MergeRequest::new(method, out);
+        req.origin = "the command line".into();
+        req.base = args.base.as_ref().map(|b| model_input(b, &cwd));
+        for (i, m) in args.models.iter().enumerate() {
+            let mut input = model_input(m, &cwd);
+            if let Some(w) = args.weights.get(i) {
+                input.params.insert(
+                    "weight".into(),
+                    Setting::Scalar(fusechat_core::params::Scalar::Float(*w)),
+                );
+            }
+            req.models.push(input);
+        }
+        for s in &args.set {
+            let (k, v) = parse_set(s)?;
+            req.params.insert(k, v);
+        }
+        req
+    };
+    if let Some(out) = &args.out {
+        req.out = out.clone();
+    }
+    if let Some(d) =
+        parse_dtype(args.dtype.as_deref()).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
+    {
+        req.dtype = Some(d);
+    }
+    if let Some(d) =
+        parse_dtype(args.out_dtype.as_deref()).map_err(|e| anyhow::anyhow!("--out-dtype: {e}"))?
+    {
+        req.out_dtype = Some(d);
+    }
+    if let Some(s) = args.seed {
+        req.seed = s;
+    }
+    if let Some(s) = args.max_shard_size {
+        req.max_shard_size = s;
+    }
+    req.force = args.force;
+    Ok(req)
+}
+
+fn model_input(reference: &str, cwd: &Path) -> ModelInput {
+    ModelInput {
+        reference: reference.to_string(),
+        path: fusechat_core::hub::resolve_model(reference, cwd),
+        params: Default::default(),
+    }
+}
+
+fn print_report(r: &MergeReport) {
+    let gbs = r.input_bytes as f64 / 1e9 / r.seconds.max(1e-9);
+    println!(
+        "merged {} tensors ({:.3} GB of input) into {} in {:.2}s ({gbs:.2} GB/s); files: {}",
+        r.tensors,
+        r.input_bytes as f64 / 1e9,
+        r.out.display(),
+        r.seconds,
+        r.files.join(", ")
+    );
+}
+
+/// A short per-tensor table of the weights the method gave each model.
+pub fn weight_summary(r: &MergeReport, labels: &[String]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if r.weights.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{:<48} {}",
+        "tensor",
+        labels
+            .iter()
+            .map(|l| format!("{l:>16}"))
+            .collect::<String>()
+    );
+    for (name, w) in &r.weights {
+        let _ = writeln!(
+            s,
+            "{name:<48} {}",
+            w.iter().map(|x| format!("{x:>16.4}")).collect::<String>()
+        );
+    }
+    s
+}
+
+fn cmd_merge(args: &MergeArgs, registry: &Registry) -> Result<()> {
+    let req = merge_request(args)?;
+    let opts = args.exec.options();
+    let plan = fusechat_core::plan::plan(&req, registry)?;
+    if args.dry_run {
+        print!("{}", plan.describe(opts.threads(), opts.memory_budget));
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    let report = engine::execute(&plan, &opts)?;
+    print_report(&report);
+    Ok(())
+}
+
+fn cmd_run(args: &RunArgs, registry: &Registry) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let outcome = crate::run::run(&cfg, registry, &args.exec.options(), args.force)?;
+    if outcome.merge_skipped {
+        println!("merge: up to date (use --force to redo it)");
+    }
+    if let Some(r) = &outcome.merge {
+        print_report(r);
+        let n = r.weights.first().map_or(0, |(_, w)| w.len());
+        let labels: Vec<String> = cfg
+            .merge
+            .as_ref()
+            .map(|m| {
+                m.models
+                    .iter()
+                    .map(|e| match e {
+                        fusechat_core::config::ModelEntry::Path(p) => p.clone(),
+                        fusechat_core::config::ModelEntry::Table { path, .. } => path.clone(),
+                    })
+                    .map(|p| {
+                        Path::new(&p)
+                            .file_name()
+                            .map_or(p.clone(), |f| f.to_string_lossy().into_owned())
+                    })
+                    .collect()
+            })
+            .filter(|l: &Vec<String>| l.len() == n)
+            .unwrap_or_else(|| (0..n).map(|i| format!("model {i}")).collect());
+        println!(
+            "\nper-tensor weights ({}):",
+            cfg.merge.as_ref().map_or("", |m| m.method.as_str())
+        );
+        print!("{}", weight_summary(r, &labels));
+    }
+    Ok(())
+}
+
+fn cmd_plugins(args: &PluginsArgs, registry: &Registry) -> Result<()> {
+    let mut found = false;
+    for e in registry.mergers() {
+        if args.name.as_deref().is_some_and(|n| n != e.info.name) {
+            continue;
+        }
+        found = true;
+        let c = e.merger.contract();
+        let base = match c.base {
+            fusechat_core::merge::BaseUse::Required => "base required",
+            fusechat_core::merge::BaseUse::Optional => "base optional",
+            fusechat_core::merge::BaseUse::Ignored => "no base",
+        };
+        let models = match c.max_models {
+            Some(m) if m == c.min_models => format!("{m} model(s)"),
+            Some(m) => format!("{}-{m} models", c.min_models),
+            None => format!("{}+ models", c.min_models),
+        };
+        println!(
+            "{} {}  [{}; {base}; {models}]",
+            e.info.kind, e.info.name, e.origin
+        );
+        println!("    {}", e.info.description);
+        for p in &e.info.params {
+            let default = match (&p.default, p.required) {
+                (_, true) => "required".to_string(),
+                (Some(d), _) => format!("default {d}"),
+                (None, _) => "optional".to_string(),
+            };
+            println!(
+                "    - {:<12} {:<28} {:<9} {:<14} {}",
+                p.name,
+                p.ty.to_string(),
+                p.scope.to_string(),
+                default,
+                p.help
+            );
+        }
+        println!();
+    }
+    if !found {
+        registry.merger(args.name.as_deref().unwrap_or_default())?;
+    }
+    Ok(())
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = if quiet {
+        "warn"
+    } else {
+        match verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Parse arguments, run the command, print an error chain on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let registry = crate::registry();
+    let r = match &cli.command {
+        Command::Run(a) => cmd_run(a, &registry),
+        Command::Merge(a) => cmd_merge(a, &registry),
+        Command::Plugins(a) => cmd_plugins(a, &registry),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
