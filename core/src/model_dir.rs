@@ -190,12 +190,14 @@ impl ModelDir {
                             ),
                         ))
                     }
-                    None => return Err(Error::model(
-                        dir.join(file),
-                        format!(
+                    None => {
+                        return Err(Error::model(
+                            dir.join(file),
+                            format!(
                             "the index lists tensor `{tname}` in this file, but the file lacks it"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
         }

@@ -35,7 +35,7 @@ fn stat_sums(g: &TensorGroup<'_>) -> fusechat_core::Result<Vec<(f64, u64)>> {
                 .iter()
                 .zip(base)
                 .map(|(x, b)| {
-                    let d = (*x - *b) as f64;
+                    let d = *x as f64 - *b as f64;
                     if abs {
                         d.abs()
                     } else {

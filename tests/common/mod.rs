@@ -1,0 +1,123 @@
+//! Helpers shared by the integration tests: tiny deterministic model sets.
+#![allow(dead_code)]
+
+use fusechat::core::dtype::DType;
+use fusechat::core::engine::{ExecOptions, MergeReport};
+use fusechat::core::miniature::{write_model_dir, MiniatureSpec};
+use fusechat::core::model_dir::ModelDir;
+use fusechat::core::params::{Setting, Settings};
+use fusechat::core::plan::{MergeRequest, ModelInput};
+use std::path::{Path, PathBuf};
+
+/// A small Mistral-shaped spec (2 layers, hidden 16) with `targets` targets.
+pub fn spec(targets: usize, dtype: DType) -> MiniatureSpec {
+    MiniatureSpec {
+        vocab_size: 32,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        targets: (0..targets).map(|i| format!("t{i}")).collect(),
+        dtype,
+        seed: 7,
+    }
+}
+
+/// Generate pivot + targets under `dir`; returns (pivot, targets).
+pub fn model_set(dir: &Path, targets: usize, dtype: DType) -> (PathBuf, Vec<PathBuf>) {
+    let set = fusechat::core::miniature::generate(&spec(targets, dtype), dir).unwrap();
+    (set.pivot, set.targets)
+}
+
+/// Write a model directory with explicit tensors.
+pub fn write_model(dir: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], dtype: DType) {
+    let t: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), s.clone(), v.clone()))
+        .collect();
+    let config = serde_json::json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "num_hidden_layers": 1});
+    write_model_dir(dir, &config, &t, dtype, 5_000_000_000).unwrap();
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+pub fn request(method: &str, base: Option<&Path>, models: &[&Path], out: &Path) -> MergeRequest {
+    let mut r = MergeRequest::new(method, out);
+    r.base = base.map(ModelInput::new);
+    r.models = models.iter().map(|m| ModelInput::new(*m)).collect();
+    r
+}
+
+pub fn set(r: &mut MergeRequest, key: &str, v: serde_json::Value) {
+    r.params.insert(key.into(), Setting::from_json(&v).unwrap());
+}
+
+pub fn set_model(r: &mut MergeRequest, i: usize, key: &str, v: serde_json::Value) {
+    let s: &mut Settings = &mut r.models[i].params;
+    s.insert(key.into(), Setting::from_json(&v).unwrap());
+}
+
+pub fn merge(r: &MergeRequest) -> MergeReport {
+    merge_with(
+        r,
+        &ExecOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+}
+
+pub fn merge_with(r: &MergeRequest, opts: &ExecOptions) -> MergeReport {
+    fusechat::core::engine::merge(r, &fusechat::registry(), opts).unwrap()
+}
+
+/// Every tensor of a model dir, as f32.
+pub fn tensors(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let m = ModelDir::open(dir).unwrap();
+    m.tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape.clone(), m.read_f32(n).unwrap()))
+        .collect()
+}
+
+pub fn tensor(dir: &Path, name: &str) -> Vec<f32> {
+    ModelDir::open(dir).unwrap().read_f32(name).unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Distance in bf16 ulps after rounding both values to bf16.
+pub fn bf16_ulps(a: f32, b: f32) -> i32 {
+    let r = |x: f32| half::bf16::from_f32(x).to_bits() as i16 as i32;
+    (r(a) - r(b)).abs()
+}
+
+/// The bytes of every file with this extension under a dir, sorted by name.
+pub fn weight_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
