@@ -60,8 +60,9 @@ pub struct ExecArgs {
     /// Worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Working memory the merge may use at once, e.g. 4GiB. A tensor larger than this runs alone.
-    #[arg(long, default_value = "4GiB", value_parser = size_arg)]
+    /// Working memory the merge may use at once, e.g. 4GiB; a tensor larger than this runs alone.
+    /// Default (auto): the largest tensor's inputs in f32, so memory stays bounded by one tensor.
+    #[arg(long, default_value = "auto", value_parser = budget_arg)]
     pub memory_budget: u64,
     /// No progress bar.
     #[arg(long)]
@@ -75,6 +76,14 @@ impl ExecArgs {
             memory_budget: self.memory_budget,
             progress: !self.no_progress && std::io::stderr().is_terminal(),
         }
+    }
+}
+
+fn budget_arg(s: &str) -> std::result::Result<u64, String> {
+    if s == "auto" {
+        Ok(0)
+    } else {
+        size_arg(s)
     }
 }
 
@@ -232,16 +241,26 @@ fn model_input(reference: &str, cwd: &Path) -> ModelInput {
     }
 }
 
-fn print_report(r: &MergeReport) {
+fn print_report(r: &MergeReport) -> Result<()> {
     let gbs = r.input_bytes as f64 / 1e9 / r.seconds.max(1e-9);
-    println!(
-        "merged {} tensors ({:.3} GB of input) into {} in {:.2}s ({gbs:.2} GB/s); files: {}",
+    emit(&format!(
+        "merged {} tensors ({:.3} GB of input) into {} in {:.2}s ({gbs:.2} GB/s); files: {}\n",
         r.tensors,
         r.input_bytes as f64 / 1e9,
         r.out.display(),
         r.seconds,
         r.files.join(", ")
-    );
+    ))
+}
+
+/// Write to stdout. A closed pipe (`fusechat plugins | head`) comes back as a
+/// BrokenPipe error, which `main` turns into a quiet, successful exit.
+fn emit(s: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())?;
+    out.flush()?;
+    Ok(())
 }
 
 /// A short per-tensor table of the weights the method gave each model.
@@ -251,21 +270,11 @@ pub fn weight_summary(r: &MergeReport, labels: &[String]) -> String {
     if r.weights.is_empty() {
         return s;
     }
-    let _ = writeln!(
-        s,
-        "{:<48} {}",
-        "tensor",
-        labels
-            .iter()
-            .map(|l| format!("{l:>16}"))
-            .collect::<String>()
-    );
+    let header: String = labels.iter().map(|l| format!("{l:>16}")).collect();
+    let _ = writeln!(s, "{:<48} {header}", "tensor");
     for (name, w) in &r.weights {
-        let _ = writeln!(
-            s,
-            "{name:<48} {}",
-            w.iter().map(|x| format!("{x:>16.4}")).collect::<String>()
-        );
+        let row: String = w.iter().map(|x| format!("{x:>16.4}")).collect();
+        let _ = writeln!(s, "{name:<48} {row}");
     }
     s
 }
@@ -275,48 +284,50 @@ fn cmd_merge(args: &MergeArgs, registry: &Registry) -> Result<()> {
     let opts = args.exec.options();
     let plan = fusechat_core::plan::plan(&req, registry)?;
     if args.dry_run {
-        print!("{}", plan.describe(opts.threads(), opts.memory_budget));
-        println!("dry run: nothing written");
-        return Ok(());
+        emit(&plan.describe(opts.threads(), opts.memory_budget))?;
+        return emit("dry run: nothing written\n");
     }
     let report = engine::execute(&plan, &opts)?;
-    print_report(&report);
-    Ok(())
+    print_report(&report)
+}
+
+/// Short display names of the `[merge]` models, for the weight table.
+fn model_labels(cfg: &Config, n: usize) -> Vec<String> {
+    let labels: Vec<String> = cfg
+        .merge
+        .iter()
+        .flat_map(|m| m.models.iter())
+        .map(|e| match e {
+            fusechat_core::config::ModelEntry::Path(p) => p.clone(),
+            fusechat_core::config::ModelEntry::Table { path, .. } => path.clone(),
+        })
+        .map(|p| {
+            Path::new(&p)
+                .file_name()
+                .map_or(p.clone(), |f| f.to_string_lossy().into_owned())
+        })
+        .collect();
+    if labels.len() == n {
+        labels
+    } else {
+        (0..n).map(|i| format!("model {i}")).collect()
+    }
 }
 
 fn cmd_run(args: &RunArgs, registry: &Registry) -> Result<()> {
     let cfg = Config::load(&args.config)?;
     let outcome = crate::run::run(&cfg, registry, &args.exec.options(), args.force)?;
     if outcome.merge_skipped {
-        println!("merge: up to date (use --force to redo it)");
+        emit("merge: up to date (use --force to redo it)\n")?;
     }
     if let Some(r) = &outcome.merge {
-        print_report(r);
+        print_report(r)?;
         let n = r.weights.first().map_or(0, |(_, w)| w.len());
-        let labels: Vec<String> = cfg
-            .merge
-            .as_ref()
-            .map(|m| {
-                m.models
-                    .iter()
-                    .map(|e| match e {
-                        fusechat_core::config::ModelEntry::Path(p) => p.clone(),
-                        fusechat_core::config::ModelEntry::Table { path, .. } => path.clone(),
-                    })
-                    .map(|p| {
-                        Path::new(&p)
-                            .file_name()
-                            .map_or(p.clone(), |f| f.to_string_lossy().into_owned())
-                    })
-                    .collect()
-            })
-            .filter(|l: &Vec<String>| l.len() == n)
-            .unwrap_or_else(|| (0..n).map(|i| format!("model {i}")).collect());
-        println!(
-            "\nper-tensor weights ({}):",
-            cfg.merge.as_ref().map_or("", |m| m.method.as_str())
-        );
-        print!("{}", weight_summary(r, &labels));
+        let method = cfg.merge.as_ref().map_or("", |m| m.method.as_str());
+        emit(&format!(
+            "\nper-tensor weights ({method}):\n{}",
+            weight_summary(r, &model_labels(&cfg, n))
+        ))?;
     }
     Ok(())
 }
@@ -339,27 +350,23 @@ fn cmd_plugins(args: &PluginsArgs, registry: &Registry) -> Result<()> {
             Some(m) => format!("{}-{m} models", c.min_models),
             None => format!("{}+ models", c.min_models),
         };
-        println!(
-            "{} {}  [{}; {base}; {models}]",
-            e.info.kind, e.info.name, e.origin
+        let mut s = format!(
+            "{} {}  [{}; {base}; {models}]\n    {}\n",
+            e.info.kind, e.info.name, e.origin, e.info.description
         );
-        println!("    {}", e.info.description);
         for p in &e.info.params {
             let default = match (&p.default, p.required) {
                 (_, true) => "required".to_string(),
                 (Some(d), _) => format!("default {d}"),
                 (None, _) => "optional".to_string(),
             };
-            println!(
-                "    - {:<12} {:<28} {:<9} {:<14} {}",
-                p.name,
-                p.ty.to_string(),
-                p.scope.to_string(),
-                default,
-                p.help
-            );
+            s.push_str(&format!(
+                "    - {} ({}, {}, {default})\n        {}\n",
+                p.name, p.ty, p.scope, p.help
+            ));
         }
-        println!();
+        s.push('\n');
+        emit(&s)?;
     }
     if !found {
         registry.merger(args.name.as_deref().unwrap_or_default())?;
@@ -398,6 +405,12 @@ pub fn main() -> ExitCode {
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -26,7 +26,9 @@ pub const MERGE_RECORD: &str = "fusechat_merge.json";
 pub struct ExecOptions {
     /// Worker threads (0: one per core).
     pub threads: usize,
-    /// Bytes of working memory the concurrent jobs may use together.
+    /// Bytes of working memory the concurrent jobs may use together; 0 (the
+    /// default) means the largest tensor's job, so that peak memory is bounded
+    /// by one job of the largest tensor whatever the model size.
     pub memory_budget: u64,
     /// Show a progress bar on stderr.
     pub progress: bool,
@@ -36,7 +38,7 @@ impl Default for ExecOptions {
     fn default() -> Self {
         ExecOptions {
             threads: 0,
-            memory_budget: 4 << 30,
+            memory_budget: 0,
             progress: false,
         }
     }
@@ -276,8 +278,13 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
         .num_threads(threads)
         .build()
         .map_err(|e| Error::msg(format!("cannot start {threads} worker threads: {e}")))?;
+    let cap = if opts.memory_budget == 0 {
+        plan.largest_job()
+    } else {
+        opts.memory_budget
+    };
     let budget = Budget {
-        cap: opts.memory_budget.max(1),
+        cap: cap.max(1),
         used: Mutex::new(0),
         freed: Condvar::new(),
     };
@@ -316,7 +323,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
                             data[k]
                         )));
                     }
-                    writer.write(&t.name, &t.out_dtype.encode(&data))?;
+                    writer.write_f32(&t.name, t.out_dtype, &data)?;
                     Ok(weights)
                 });
                 budget.release(held);

@@ -24,6 +24,9 @@ pub const TOKENIZER_FILES: &[&str] = &[
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// Bytes decoded (and released from the mapping) at a time.
+const DECODE_CHUNK: usize = 8 << 20;
+
 /// Where one tensor lives.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
@@ -255,9 +258,17 @@ impl ModelDir {
             )
         })?;
         let shard = &self.shards[t.file];
-        let bytes = &shard.map[t.start..t.end];
-        let values = dtype.decode(bytes);
-        self.release(t);
+        // Decode in chunks, releasing each chunk's pages as soon as it is decoded, so
+        // the mapped bytes of a tensor never sit in memory next to its f32 copy.
+        let mut values = Vec::with_capacity(t.numel());
+        let step = DECODE_CHUNK - DECODE_CHUNK % dtype.size();
+        let mut at = t.start;
+        while at < t.end {
+            let stop = (at + step).min(t.end);
+            dtype.decode_into(&shard.map[at..stop], &mut values);
+            self.release(at, stop - at, t.file);
+            at = stop;
+        }
         if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFinite {
                 tensor: name.to_string(),
@@ -269,24 +280,20 @@ impl ModelDir {
         Ok(values)
     }
 
-    /// Drop a tensor's pages from this process's resident set (they stay in the
-    /// page cache). Purely an optimisation: errors are ignored.
-    fn release(&self, t: &TensorEntry) {
+    /// Drop a byte range's pages from this process's resident set (they stay in
+    /// the page cache). Purely an optimisation: errors are ignored.
+    fn release(&self, start: usize, len: usize, file: usize) {
         #[cfg(unix)]
         {
-            let map = &self.shards[t.file].map;
+            let map = &self.shards[file].map;
             // SAFETY: the mapping is a read-only, file-backed private map: after
             // DONTNEED the next access re-reads the same bytes from the file.
             unsafe {
-                let _ = map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    t.start,
-                    t.end - t.start,
-                );
+                let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
             }
         }
         #[cfg(not(unix))]
-        let _ = t;
+        let _ = (start, len, file);
     }
 }
 

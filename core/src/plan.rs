@@ -161,11 +161,11 @@ impl PlannedTensor {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Working memory of this tensor's job: every input in f32, plus the output bytes.
+    /// Working memory of this tensor's job: every input in f32. Kernels merge
+    /// into one of the input buffers and the output is encoded in small chunks.
     pub fn job_bytes(&self) -> u64 {
-        let n = self.numel() as u64;
         let inputs = self.inputs.len() as u64 + self.base.is_some() as u64;
-        n * 4 * inputs + n * self.out_dtype.size() as u64
+        self.numel() as u64 * 4 * inputs
     }
 }
 
@@ -755,13 +755,29 @@ impl Plan {
         self.tensors.iter().map(|t| t.input_bytes).sum()
     }
 
-    /// Estimated peak working memory with `threads` workers under `budget` bytes.
+    /// The working memory of the largest tensor's job: the default memory budget,
+    /// under which no other job runs next to the largest one.
+    pub fn largest_job(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.job_bytes())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Estimated peak working memory with `threads` workers under `budget` bytes
+    /// (0: the default, [`Plan::largest_job`]).
     pub fn peak_memory_estimate(&self, threads: usize, budget: u64) -> u64 {
         let mut jobs: Vec<u64> = self.tensors.iter().map(|t| t.job_bytes()).collect();
         jobs.sort_unstable_by(|a, b| b.cmp(a));
         let largest = jobs.first().copied().unwrap_or(0);
+        let budget = if budget == 0 {
+            largest
+        } else {
+            budget.max(largest)
+        };
         let concurrent: u64 = jobs.iter().take(threads.max(1)).sum();
-        concurrent.min(budget.max(largest))
+        concurrent.min(budget)
     }
 
     /// A human-readable listing of the plan: per tensor, the method and resolved parameters.
@@ -823,11 +839,11 @@ impl Plan {
         }
         let _ = writeln!(
             s,
-            "inputs: {:.3} GB; estimated peak working memory: {:.3} GB ({} threads, budget {:.3} GB)",
+            "inputs: {:.3} GB; estimated peak working memory: {:.3} GB ({} threads, budget {:.3} GB), plus the mapped pages of the chunk being read",
             self.input_bytes() as f64 / 1e9,
             self.peak_memory_estimate(threads, budget) as f64 / 1e9,
             threads,
-            budget as f64 / 1e9
+            if budget == 0 { self.largest_job() } else { budget } as f64 / 1e9
         );
         s
     }

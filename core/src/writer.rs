@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Default `--max-shard-size`: 5 GB, as transformers' `save_pretrained`.
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
+/// Elements encoded and written at a time.
+const ENCODE_CHUNK: usize = 1 << 20;
+
 /// Parse sizes such as `5GB`, `500MB`, `2GiB`, `1000000`.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -275,6 +278,31 @@ impl ShardedWriter {
         }
         let (fname, file) = &self.files[slot.file];
         write_at(file, bytes, slot.offset).map_err(|e| Error::io(self.dir.join(fname), e))?;
+        slot.written.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Encode f32 values to `dtype` and write them, a chunk at a time (no
+    /// full-size encoded copy is ever held).
+    pub fn write_f32(&self, name: &str, dtype: DType, values: &[f32]) -> Result<()> {
+        let slot = self
+            .slots
+            .get(name)
+            .ok_or_else(|| Error::msg(format!("tensor `{name}` is not in the output plan")))?;
+        if (values.len() * dtype.size()) as u64 != slot.len {
+            return Err(Error::msg(format!(
+                "tensor `{name}`: {} values computed, {} planned",
+                values.len(),
+                slot.len / dtype.size() as u64
+            )));
+        }
+        let (fname, file) = &self.files[slot.file];
+        let mut offset = slot.offset;
+        for chunk in values.chunks(ENCODE_CHUNK) {
+            let bytes = dtype.encode(chunk);
+            write_at(file, &bytes, offset).map_err(|e| Error::io(self.dir.join(fname), e))?;
+            offset += bytes.len() as u64;
+        }
         slot.written.store(true, Ordering::Release);
         Ok(())
     }

@@ -76,25 +76,54 @@ pub fn params(default_normalize: bool, sparsify: Sparsify) -> Vec<ParamSpec> {
     p
 }
 
-/// Keep the `int(density·N)` largest |δ| (by selection, not a full sort); ties at
-/// the threshold are kept in index order until the count is reached.
-pub fn magnitude(delta: &mut [f32], density: f64) {
-    let n = delta.len();
-    if density >= 1.0 || n == 0 {
+/// The k-th largest |x| (1-based), by selection without copying the data.
+///
+/// For finite f32 values, the bit pattern of |x| orders like an unsigned
+/// integer, so two passes of 16-bit histograms (high half, then low half within
+/// the chosen bucket) find the exact value in O(N) time and 512 KiB of memory.
+pub fn kth_largest_abs(data: &[f32], k: usize) -> f32 {
+    assert!(
+        k >= 1 && k <= data.len(),
+        "k = {k} out of 1..={}",
+        data.len()
+    );
+    let key = |x: &f32| x.to_bits() & 0x7FFF_FFFF;
+    let mut hist = vec![0usize; 1 << 16];
+    let pick = |hist: &[usize], remaining: &mut usize| -> u32 {
+        for b in (0..hist.len()).rev() {
+            if hist[b] >= *remaining {
+                return b as u32;
+            }
+            *remaining -= hist[b];
+        }
+        0
+    };
+    data.iter().for_each(|x| hist[(key(x) >> 16) as usize] += 1);
+    let mut remaining = k;
+    let hi = pick(&hist, &mut remaining);
+    hist.iter_mut().for_each(|h| *h = 0);
+    data.iter()
+        .map(key)
+        .filter(|kk| kk >> 16 == hi)
+        .for_each(|kk| hist[(kk & 0xFFFF) as usize] += 1);
+    let lo = pick(&hist, &mut remaining);
+    f32::from_bits((hi << 16) | lo)
+}
+
+/// Keep exactly the `k` largest |x|: zero the rest. Values equal to the
+/// threshold are kept in index order until the count is reached.
+pub fn keep_top_k(data: &mut [f32], k: usize) {
+    if k >= data.len() {
         return;
     }
-    let k = ((density.max(0.0)) * n as f64) as usize;
     if k == 0 {
-        delta.iter_mut().for_each(|x| *x = 0.0);
+        data.iter_mut().for_each(|x| *x = 0.0);
         return;
     }
-    let mut mags: Vec<f32> = delta.iter().map(|x| x.abs()).collect();
-    let (_, thr, _) = mags.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
-    let thr = *thr;
-    drop(mags);
-    let above = delta.iter().filter(|x| x.abs() > thr).count();
+    let thr = kth_largest_abs(data, k);
+    let above = data.iter().filter(|x| x.abs() > thr).count();
     let mut ties_left = k - above;
-    for x in delta.iter_mut() {
+    for x in data.iter_mut() {
         let a = x.abs();
         if a > thr {
             continue;
@@ -105,6 +134,15 @@ pub fn magnitude(delta: &mut [f32], density: f64) {
         }
         *x = 0.0;
     }
+}
+
+/// TIES trimming: keep the `int(density·N)` largest |δ| (by selection, not a sort).
+pub fn magnitude(delta: &mut [f32], density: f64) {
+    if density >= 1.0 {
+        return;
+    }
+    let k = (density.max(0.0) * delta.len() as f64) as usize;
+    keep_top_k(delta, k);
 }
 
 /// The counter-based uniform draw for DARE: a pure function of (seed, tensor,
@@ -231,6 +269,25 @@ impl Gta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn radix_selection_agrees_with_sorting() {
+        let mut rng = fusechat_core::miniature::SplitMix64(5);
+        let data: Vec<f32> = (0..5000)
+            .map(|i| {
+                if i % 7 == 0 {
+                    0.0
+                } else {
+                    rng.normal() as f32 * 1e-3
+                }
+            })
+            .collect();
+        let mut sorted: Vec<f32> = data.iter().map(|x| x.abs()).collect();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        for k in [1, 2, 17, 2500, 4285, 4286, 5000] {
+            assert_eq!(kth_largest_abs(&data, k), sorted[k - 1], "k = {k}");
+        }
+    }
 
     #[test]
     fn magnitude_keeps_exactly_k_largest() {

@@ -42,25 +42,11 @@ fn variance_mask(deltas: &[Vec<f32>], topk: f64) -> Vec<bool> {
         .collect();
     let nonzero = var.iter().filter(|v| **v != 0.0).count();
     let keep = (nonzero as f64 * topk) as usize;
-    if keep == 0 {
-        return vec![false; n];
-    }
-    let mut sorted = var.clone();
-    let (_, thr, _) = sorted.select_nth_unstable_by(n - keep, |a, b| a.total_cmp(b));
-    let thr = *thr;
-    let mut ties_left = keep - var.iter().filter(|v| **v > thr).count();
-    var.iter()
-        .map(|v| {
-            if *v > thr {
-                true
-            } else if *v == thr && ties_left > 0 {
-                ties_left -= 1;
-                true
-            } else {
-                false
-            }
-        })
-        .collect()
+    let mut kept = var;
+    super::gta::keep_top_k(&mut kept, keep);
+    // Ties at the threshold are resolved in index order; a kept zero-variance
+    // element (only possible when keep > nonzero, which cannot happen) stays out.
+    kept.iter().map(|v| *v != 0.0).collect()
 }
 
 impl Merger for Sce {

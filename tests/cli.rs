@@ -1,0 +1,560 @@
+//! End to end through the `fusechat` binary: the three ways of asking for a
+//! merge, FuseChat's mergekit configs as written, `run`, `plugins`, and bad input.
+
+mod common;
+use common::*;
+use fusechat::core::dtype::DType;
+use fusechat::core::miniature::{generate, MiniatureSpec};
+use std::path::Path;
+use std::process::Output;
+
+fn fusechat(cwd: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fusechat"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .env("HF_HUB_CACHE", cwd.join("no-hf-cache"))
+        .env_remove("HF_HOME")
+        .env("HOME", cwd)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "failed: {err}");
+    format!("{}{err}", String::from_utf8_lossy(&o.stdout))
+}
+
+/// Runs, fails with exit code 1, and returns stderr.
+fn fails(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected failure; stdout: {}\nstderr: {err}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// No output directory and no temporary directory left in `dir`.
+fn nothing_left(dir: &Path, out: &str) {
+    assert!(!dir.join(out).exists(), "{out} was left behind");
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        assert!(!n.contains("fusechat-tmp"), "temporary {n} left behind");
+    }
+}
+
+#[test]
+fn the_three_ways_of_asking_give_the_same_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    model_set(&d.join("set"), 2, DType::BF16);
+    ok(&fusechat(
+        d,
+        &[
+            "merge",
+            "--method",
+            "ties",
+            "--base",
+            "set/pivot",
+            "--model",
+            "set/t0",
+            "--model",
+            "set/t1",
+            "--weight",
+            "0.25",
+            "--weight",
+            "0.5",
+            "--set",
+            "density=0.5",
+            "--set",
+            "normalize=true",
+            "--out",
+            "o1",
+        ],
+    ));
+    std::fs::write(d.join("cfg.toml"), r#"
+[merge]
+method = "ties"
+base = "set/pivot"
+models = [{ path = "set/t0", parameters = { weight = 0.25 } }, { path = "set/t1", parameters = { weight = 0.5 } }]
+out = "o2"
+[merge.parameters]
+density = 0.5
+normalize = true
+"#).unwrap();
+    ok(&fusechat(d, &["merge", "--config", "cfg.toml"]));
+    std::fs::write(d.join("cfg.yml"), "models:\n  - model: set/pivot\n  - model: set/t0\n    parameters:\n      weight: 0.25\n  - model: set/t1\n    parameters:\n      weight: 0.5\nmerge_method: ties\nbase_model: set/pivot\nparameters:\n  density: 0.5\n  normalize: true\n").unwrap();
+    ok(&fusechat(
+        d,
+        &["merge", "--mergekit", "cfg.yml", "--out", "o3"],
+    ));
+    let a = weight_bytes(&d.join("o1"));
+    assert_eq!(a, weight_bytes(&d.join("o2")));
+    assert_eq!(a, weight_bytes(&d.join("o3")));
+    assert_ne!(tensors(&d.join("o1")), tensors(&d.join("set/pivot")));
+    for f in ["config.json", "README.md", "fusechat_merge.json"] {
+        assert!(d.join("o1").join(f).is_file(), "{f}");
+    }
+}
+
+/// The FuseChat models' names as local directories: 32 layers, tiny widths.
+fn fusechat_models(root: &Path) {
+    let spec = MiniatureSpec {
+        vocab_size: 16,
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_layers: 32,
+        num_heads: 2,
+        num_kv_heads: 1,
+        targets: vec![
+            "FuseAI/OpenChat-3.5-7B-Mixtral".into(),
+            "FuseAI/OpenChat-3.5-7B-Solar".into(),
+        ],
+        dtype: DType::BF16,
+        seed: 3,
+    };
+    let set = generate(&spec, &root.join("gen")).unwrap();
+    copy_dir(&set.pivot, &root.join("openchat/openchat_3.5"));
+    for (t, name) in set.targets.iter().zip(&spec.targets) {
+        copy_dir(t, &root.join(name));
+    }
+    for m in [
+        "openchat/openchat_3.5",
+        "FuseAI/OpenChat-3.5-7B-Mixtral",
+        "FuseAI/OpenChat-3.5-7B-Solar",
+    ] {
+        std::fs::write(
+            root.join(m).join("tokenizer_config.json"),
+            "{\"chat_template\": \"x\"}",
+        )
+        .unwrap();
+    }
+}
+
+fn config(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/mergekit-configs")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn fusechat_mergekit_configs_run_as_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fusechat_models(d);
+    for c in [
+        "fusechat-slerp.yml",
+        "fusechat-ta.yml",
+        "fusechat-ties.yml",
+        "fusechat-dare.yml",
+    ] {
+        std::fs::write(d.join(c), config(c)).unwrap();
+        let out = format!("out-{c}");
+        let log = ok(&fusechat(d, &["merge", "--mergekit", c, "--out", &out]));
+        assert!(
+            d.join(&out).join("tokenizer_config.json").is_file(),
+            "{c}: tokenizer files copied"
+        );
+        if c == "fusechat-slerp.yml" {
+            assert!(
+                log.contains("not one of its slice sources")
+                    && log.contains("base_model: FuseAI/OpenChat-3.5-7B-Mixtral"),
+                "{log}"
+            );
+        }
+    }
+    let (mix, sol, base) = (
+        d.join("FuseAI/OpenChat-3.5-7B-Mixtral"),
+        d.join("FuseAI/OpenChat-3.5-7B-Solar"),
+        d.join("openchat/openchat_3.5"),
+    );
+    // SLERP: the first source is the base; t = 0 on layer 0's attention, 1 on its MLP.
+    let s = d.join("out-fusechat-slerp.yml");
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_eq!(tensor(&s, q), tensor(&mix, q));
+    let up = "model.layers.0.mlp.up_proj.weight";
+    assert!(max_abs_diff(&tensor(&s, up), &tensor(&sol, up)) < 1e-2);
+    // TA: θ⁰ + (0.25·δ₁ + 0.5·δ₂) / 0.75, in bf16.
+    let ta = d.join("out-fusechat-ta.yml");
+    for name in [q, up, "lm_head.weight"] {
+        let (b, m, s2) = (tensor(&base, name), tensor(&mix, name), tensor(&sol, name));
+        let got = tensor(&ta, name);
+        for i in 0..b.len() {
+            let want = b[i] + (0.25 * (m[i] - b[i]) + 0.5 * (s2[i] - b[i])) / 0.75;
+            assert!(
+                bf16_ulps(got[i], want) <= 1,
+                "{name}[{i}]: {} vs {want}",
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn hf_ids_resolve_from_the_local_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fusechat_models(&d.join("src"));
+    for id in [
+        "openchat/openchat_3.5",
+        "FuseAI/OpenChat-3.5-7B-Mixtral",
+        "FuseAI/OpenChat-3.5-7B-Solar",
+    ] {
+        let repo = d
+            .join("no-hf-cache")
+            .join(format!("models--{}", id.replace('/', "--")));
+        copy_dir(&d.join("src").join(id), &repo.join("snapshots/0123abc"));
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "0123abc").unwrap();
+    }
+    std::fs::write(d.join("ties.yml"), config("fusechat-ties.yml")).unwrap();
+    ok(&fusechat(
+        d,
+        &["merge", "--mergekit", "ties.yml", "--out", "merged"],
+    ));
+    assert!(d.join("merged/model.safetensors").is_file());
+    // An id that is in neither place says so, and how to fix it.
+    std::fs::write(
+        d.join("bad.yml"),
+        config("fusechat-ties.yml").replace("FuseAI/OpenChat-3.5-7B-Solar", "FuseAI/Nope"),
+    )
+    .unwrap();
+    let err = fails(&fusechat(
+        d,
+        &["merge", "--mergekit", "bad.yml", "--out", "x"],
+    ));
+    assert!(
+        err.contains("FuseAI/Nope")
+            && err.contains("HF cache")
+            && err.contains("huggingface-cli download"),
+        "{err}"
+    );
+    nothing_left(d, "x");
+}
+
+#[test]
+fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let repo_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusechat.toml");
+    std::fs::copy(repo_cfg, d.join("fusechat.toml")).unwrap();
+    let log = ok(&fusechat(d, &["run"]));
+    assert!(
+        log.contains("per-tensor weights (varm)")
+            && log.contains("target_mixtral")
+            && log.contains("lm_head.weight"),
+        "{log}"
+    );
+    assert!(d.join("runs/default/merged/model.safetensors").is_file());
+    let log = ok(&fusechat(d, &["run"]));
+    assert!(log.contains("up to date"), "{log}");
+    ok(&fusechat(d, &["run", "--force"]));
+}
+
+#[test]
+fn plugins_lists_every_method_with_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = ok(&fusechat(tmp.path(), &["plugins"]));
+    for m in [
+        "varm",
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "sce",
+    ] {
+        assert!(out.contains(&format!("merger {m} ")), "{m} missing:\n{out}");
+    }
+    assert!(
+        out.contains("granularity")
+            && out.contains("one of tensor|layer|model")
+            && out.contains("built-in")
+    );
+    let err = fails(&fusechat(tmp.path(), &["plugins", "nope"]));
+    assert!(
+        err.contains("known methods") && err.contains("varm"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    model_set(&d.join("set"), 2, DType::BF16);
+    let out = ok(&fusechat(
+        d,
+        &[
+            "merge",
+            "--method",
+            "slerp",
+            "--base",
+            "set/pivot",
+            "--model",
+            "set/t0",
+            "--set",
+            "t=[0,1]",
+            "--out",
+            "o",
+            "--dry-run",
+        ],
+    ));
+    assert!(
+        out.contains("model.layers.1.mlp.up_proj.weight")
+            && out.contains("t=1")
+            && out.contains("estimated peak"),
+        "{out}"
+    );
+    nothing_left(d, "o");
+}
+
+#[test]
+fn help_is_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = ok(&fusechat(tmp.path(), &["merge", "--help"]));
+    assert!(out.contains("--mergekit") && out.contains("--dry-run") && out.contains("KEY=VALUE"));
+}
+
+// ---------------------------------------------------------------- bad input
+
+fn bad_setup() -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_path_buf();
+    model_set(&d.join("set"), 2, DType::F32);
+    (tmp, d)
+}
+
+fn merge_cli(d: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        "set/pivot",
+        "--model",
+        "set/t0",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--out", "o"]);
+    fusechat(d, &args)
+}
+
+#[test]
+fn missing_dirs_and_bad_parameters_are_reported_together() {
+    let (_t, d) = bad_setup();
+    let err = fails(&merge_cli(
+        &d,
+        &[
+            "--model",
+            "set/nope",
+            "--set",
+            "frobnicate=1",
+            "--set",
+            "normalize=3",
+        ],
+    ));
+    assert!(
+        err.contains("set/nope") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unknown parameter `frobnicate`") && err.contains("known: weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("parameter `normalize`: expected bool"),
+        "{err}"
+    );
+    assert!(err.contains("3 problem(s)"), "{err}");
+    nothing_left(&d, "o");
+}
+
+#[test]
+fn shape_mismatch_and_missing_tensor_name_the_tensor() {
+    let (_t, d) = bad_setup();
+    let mut ts = tensors(&d.join("set/t1"));
+    ts.retain(|(n, _, _)| n != "model.norm.weight");
+    for (n, s, v) in ts.iter_mut() {
+        if n == "lm_head.weight" {
+            s[0] -= 1;
+            v.truncate(s.iter().product());
+        }
+    }
+    let cfg = serde_json::json!({"num_hidden_layers": 2});
+    fusechat::core::miniature::write_model_dir(&d.join("broken"), &cfg, &ts, DType::F32, 1 << 30)
+        .unwrap();
+    let err = fails(&merge_cli(&d, &["--model", "broken"]));
+    assert!(
+        err.contains("shape mismatch for `lm_head.weight`")
+            && err.contains("[32, 16]")
+            && err.contains("[31, 16]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("tensor `model.norm.weight` is missing from `broken`"),
+        "{err}"
+    );
+    nothing_left(&d, "o");
+}
+
+#[test]
+fn a_broken_input_contract_is_explained() {
+    let (_t, d) = bad_setup();
+    let err = fails(&fusechat(
+        &d,
+        &[
+            "merge",
+            "--method",
+            "slerp",
+            "--base",
+            "set/pivot",
+            "--model",
+            "set/t0",
+            "--model",
+            "set/t1",
+            "--set",
+            "t=0.5",
+            "--out",
+            "o",
+        ],
+    ));
+    assert!(
+        err.contains("exactly 1 model(s) besides the base; this request has 2"),
+        "{err}"
+    );
+    let err = fails(&fusechat(
+        &d,
+        &[
+            "merge", "--method", "ties", "--model", "set/t0", "--out", "o",
+        ],
+    ));
+    assert!(err.contains("needs a base model"), "{err}");
+    let err = fails(&fusechat(
+        &d,
+        &[
+            "merge",
+            "--method",
+            "slerp",
+            "--base",
+            "set/pivot",
+            "--model",
+            "set/t0",
+            "--out",
+            "o",
+        ],
+    ));
+    assert!(err.contains("required parameter `t`"), "{err}");
+    let err = fails(&fusechat(
+        &d,
+        &[
+            "merge", "--method", "nope", "--model", "set/t0", "--out", "o",
+        ],
+    ));
+    assert!(
+        err.contains("unknown merge method `nope`") && err.contains("varm"),
+        "{err}"
+    );
+    nothing_left(&d, "o");
+}
+
+#[test]
+fn a_nan_weight_aborts_cleanly_naming_the_tensor() {
+    let (_t, d) = bad_setup();
+    let mut ts = tensors(&d.join("set/t1"));
+    for (n, _, v) in ts.iter_mut() {
+        if n == "model.layers.1.mlp.down_proj.weight" {
+            v[5] = f32::NAN;
+        }
+    }
+    let cfg = serde_json::json!({"num_hidden_layers": 2});
+    fusechat::core::miniature::write_model_dir(&d.join("nan"), &cfg, &ts, DType::F32, 1 << 30)
+        .unwrap();
+    let err = fails(&merge_cli(&d, &["--model", "nan"]));
+    assert!(
+        err.contains("model.layers.1.mlp.down_proj.weight")
+            && err.contains("non-finite")
+            && err.contains("element 5"),
+        "{err}"
+    );
+    nothing_left(&d, "o");
+}
+
+#[test]
+fn a_truncated_safetensors_file_is_reported() {
+    let (_t, d) = bad_setup();
+    copy_dir(&d.join("set/t1"), &d.join("trunc"));
+    let f = d.join("trunc/model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let err = fails(&merge_cli(&d, &["--model", "trunc"]));
+    assert!(
+        err.contains("trunc/model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+    nothing_left(&d, "o");
+}
+
+#[test]
+fn malformed_configs_name_the_file_and_place() {
+    let (_t, d) = bad_setup();
+    std::fs::write(
+        d.join("bad.toml"),
+        "[merge]\nmethod = \"varm\"\nout = 'o'\nbase = [1,\n",
+    )
+    .unwrap();
+    let err = fails(&fusechat(&d, &["merge", "--config", "bad.toml"]));
+    assert!(err.contains("bad.toml") && err.contains("line"), "{err}");
+    std::fs::write(
+        d.join("typo.toml"),
+        "[merge]\nmethod = \"varm\"\nout = 'o'\nmodles = []\n",
+    )
+    .unwrap();
+    let err = fails(&fusechat(&d, &["merge", "--config", "typo.toml"]));
+    assert!(err.contains("typo.toml") && err.contains("modles"), "{err}");
+    std::fs::write(
+        d.join("bad.yml"),
+        "models:\n  - model: a\n   bad indent: [\n",
+    )
+    .unwrap();
+    let err = fails(&fusechat(
+        &d,
+        &["merge", "--mergekit", "bad.yml", "--out", "o"],
+    ));
+    assert!(
+        err.contains("bad.yml") && err.contains("invalid YAML"),
+        "{err}"
+    );
+    let err = fails(&fusechat(&d, &["run", "--config", "missing.toml"]));
+    assert!(err.contains("missing.toml"), "{err}");
+    nothing_left(&d, "o");
+}
+
+#[test]
+fn an_existing_output_is_kept_unless_forced() {
+    let (_t, d) = bad_setup();
+    std::fs::create_dir(d.join("o")).unwrap();
+    std::fs::write(d.join("o/keep.txt"), "mine").unwrap();
+    let err = fails(&merge_cli(&d, &[]));
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(d.join("o/keep.txt").exists());
+    ok(&merge_cli(&d, &["--force"]));
+    assert!(!d.join("o/keep.txt").exists() && d.join("o/model.safetensors").exists());
+}
