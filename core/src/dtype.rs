@@ -11,7 +11,9 @@
 //! assert_eq!(DType::BF16.decode(&bytes), vec![1.0, -2.5]);
 //! ```
 
-use half::{bf16, f16};
+#[cfg(test)]
+use half::bf16;
+use half::f16;
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,23 +74,26 @@ impl DType {
 
     /// Decode little-endian bytes of this dtype into f32 (appending to `out`).
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
-        out.reserve(bytes.len() / self.size());
+        let old = out.len();
+        let n = bytes.len() / self.size();
+        out.resize(old + n, 0.0);
+        let dst = &mut out[old..];
         match self {
-            DType::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            DType::F16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-            DType::BF16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
+            DType::F32 => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            DType::F16 => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(o, c)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            // bf16 is the top half of an f32: widening is a shift.
+            DType::BF16 => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(o, c)| {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
+                }),
         }
     }
 
@@ -108,26 +113,40 @@ impl DType {
                 .for_each(|v| *v = f16::from_f32(*v).to_f32()),
             DType::BF16 => values
                 .iter_mut()
-                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+                .for_each(|v| *v = f32::from_bits((f32_to_bf16_bits(*v) as u32) << 16)),
         }
     }
 
     /// Encode f32 values as little-endian bytes of this dtype.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size());
+        let mut out = vec![0u8; values.len() * self.size()];
         match self {
-            DType::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            DType::F32 => out
+                .chunks_exact_mut(4)
+                .zip(values)
+                .for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes())),
+            DType::F16 => out
+                .chunks_exact_mut(2)
+                .zip(values)
+                .for_each(|(o, v)| o.copy_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => out
+                .chunks_exact_mut(2)
+                .zip(values)
+                .for_each(|(o, v)| o.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes())),
         }
         out
     }
+}
+
+/// f32 → bf16 bits, rounding to nearest with ties to even; NaN stays a (quiet) NaN.
+#[inline]
+pub fn f32_to_bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) as u16) | 0x0040;
+    }
+    let rounding = 0x7FFF + ((b >> 16) & 1);
+    (b.wrapping_add(rounding) >> 16) as u16
 }
 
 impl fmt::Display for DType {
@@ -154,6 +173,28 @@ mod tests {
         assert_eq!(
             DType::BF16.decode(&DType::BF16.encode(&[y])),
             vec![1.0 + 2f32.powi(-6)]
+        );
+    }
+
+    #[test]
+    fn bf16_bit_conversions_agree_with_the_half_crate() {
+        let mut rng = crate::miniature::SplitMix64(11);
+        for _ in 0..100_000 {
+            let x = f32::from_bits(rng.next_u64() as u32);
+            let ours = f32_to_bf16_bits(x);
+            let theirs = bf16::from_f32(x).to_bits();
+            if x.is_nan() {
+                assert!(bf16::from_bits(ours).is_nan());
+            } else {
+                assert_eq!(ours, theirs, "{x:e}");
+            }
+        }
+        let v = [1.5f32, -0.0, f32::INFINITY, 3.0e38, 1.0e-40];
+        assert_eq!(
+            DType::BF16.decode(&DType::BF16.encode(&v)),
+            v.iter()
+                .map(|x| bf16::from_f32(*x).to_f32())
+                .collect::<Vec<_>>()
         );
     }
 

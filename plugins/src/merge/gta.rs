@@ -121,18 +121,27 @@ pub fn keep_top_k(data: &mut [f32], k: usize) {
         return;
     }
     let thr = kth_largest_abs(data, k);
-    let above = data.iter().filter(|x| x.abs() > thr).count();
-    let mut ties_left = k - above;
-    for x in data.iter_mut() {
+    let (mut above, mut equal) = (0usize, 0usize);
+    for x in data.iter() {
         let a = x.abs();
-        if a > thr {
-            continue;
+        above += (a > thr) as usize;
+        equal += (a == thr) as usize;
+    }
+    let ties_kept = k - above;
+    // Keep everything at or above the threshold (branch-free, vectorises) ...
+    data.iter_mut()
+        .for_each(|x| *x = if x.abs() >= thr { *x } else { 0.0 });
+    // ... then drop the surplus of values equal to it, keeping the first in index order.
+    if ties_kept < equal {
+        let mut seen = 0usize;
+        for x in data.iter_mut() {
+            if x.abs() == thr {
+                seen += 1;
+                if seen > ties_kept {
+                    *x = 0.0;
+                }
+            }
         }
-        if a == thr && ties_left > 0 {
-            ties_left -= 1;
-            continue;
-        }
-        *x = 0.0;
     }
 }
 
@@ -237,32 +246,88 @@ impl Gta {
         }
         let w: Vec<f32> = weights.iter().map(|w| *w as f32).collect();
         let mut out = g.base.take().expect("deltas_in_place checked the base");
-        let wsum: f32 = w.iter().sum();
-        for (i, o) in out.iter_mut().enumerate() {
-            let (mixed, divisor) = if self.consensus {
-                let total: f32 = g.models.iter().zip(&w).map(|(d, w)| d[i] * w).sum();
-                let s = elected_sign(total);
-                let mut mixed = 0f32;
-                let mut div = 0f32;
-                for (d, w) in g.models.iter().zip(&w) {
-                    let u = d[i] * w;
-                    if agrees(u, s) {
-                        mixed += u;
-                        div += w;
-                    }
-                }
-                (mixed, if div == 0.0 { 1.0 } else { div })
-            } else {
-                let mixed: f32 = g.models.iter().zip(&w).map(|(d, w)| d[i] * w).sum();
-                (mixed, if wsum.abs() < 1e-8 { 1.0 } else { wsum })
-            };
-            let delta = if normalize { mixed / divisor } else { mixed };
-            *o += lambda * delta;
-        }
+        combine(&mut out, &g.models, &w, self.consensus, normalize, lambda);
         Ok(Merged {
             data: out,
             weights: Some(weights),
         })
+    }
+}
+
+/// Elements per block of the combine loop: small enough for L1, large enough
+/// for the contiguous inner loops to vectorise.
+const BLOCK: usize = 2048;
+
+/// `out += λ·mixed / divisor` (see the module docs), block by block so that
+/// every inner loop runs over contiguous slices without branches.
+pub fn combine(
+    out: &mut [f32],
+    deltas: &[Vec<f32>],
+    w: &[f32],
+    consensus: bool,
+    normalize: bool,
+    lambda: f32,
+) {
+    let wsum: f32 = w.iter().sum();
+    let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+    let mut total = [0f32; BLOCK];
+    let mut mixed = [0f32; BLOCK];
+    let mut div = [0f32; BLOCK];
+    for start in (0..out.len()).step_by(BLOCK) {
+        let end = (start + BLOCK).min(out.len());
+        let n = end - start;
+        let (total, mixed, div) = (&mut total[..n], &mut mixed[..n], &mut div[..n]);
+        mixed.fill(0.0);
+        if consensus {
+            total.fill(0.0);
+            for (d, wj) in deltas.iter().zip(w) {
+                total
+                    .iter_mut()
+                    .zip(&d[start..end])
+                    .for_each(|(t, x)| *t += x * wj);
+            }
+            // elected sign: + when the sum is >= 0
+            total
+                .iter_mut()
+                .for_each(|t| *t = if *t >= 0.0 { 1.0 } else { -1.0 });
+            div.fill(0.0);
+            for (d, wj) in deltas.iter().zip(w) {
+                for ((m, dv), (x, s)) in mixed
+                    .iter_mut()
+                    .zip(div.iter_mut())
+                    .zip(d[start..end].iter().zip(total.iter()))
+                {
+                    let u = x * wj;
+                    // u·s > 0 exactly when u is non-zero and has the elected sign (s = ±1)
+                    let agree = u * s > 0.0;
+                    *m += if agree { u } else { 0.0 };
+                    *dv += if agree { *wj } else { 0.0 };
+                }
+            }
+            div.iter_mut().for_each(|v| {
+                if *v == 0.0 {
+                    *v = 1.0
+                }
+            });
+        } else {
+            for (d, wj) in deltas.iter().zip(w) {
+                mixed
+                    .iter_mut()
+                    .zip(&d[start..end])
+                    .for_each(|(m, x)| *m += x * wj);
+            }
+            div.fill(plain_div);
+        }
+        let o = &mut out[start..end];
+        if normalize {
+            o.iter_mut()
+                .zip(mixed.iter().zip(div.iter()))
+                .for_each(|(o, (m, d))| *o += lambda * (m / d));
+        } else {
+            o.iter_mut()
+                .zip(mixed.iter())
+                .for_each(|(o, m)| *o += lambda * m);
+        }
     }
 }
 
