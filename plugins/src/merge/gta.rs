@@ -43,37 +43,52 @@ impl Rescale {
     }
 }
 
-/// The shared parameters of the family.
+/// The shared parameters of the family. `rescale` defaults to `l1` for DARE
+/// and to `none` (mergekit's `false`) for the others, as in mergekit.
 pub fn params(default_normalize: bool, sparsify: Sparsify) -> Vec<ParamSpec> {
-    let mut p = vec![
+    vec![
         super::weight_param(),
-        ParamSpec::float("density", Scope::PerModel)
-            .default(1.0)
-            .help(match sparsify {
-                Sparsify::None => {
-                    "accepted for mergekit compatibility; task arithmetic keeps every element"
-                }
-                Sparsify::Magnitude => "fraction of δ kept, by magnitude (top int(density·N))",
-                Sparsify::Bernoulli => "probability of keeping each element of δ",
-            }),
+        ParamSpec::float("density", Scope::PerModel).default(1.0).help(match sparsify {
+            Sparsify::None => "accepted for mergekit compatibility; task arithmetic keeps every element",
+            Sparsify::Magnitude => "fraction of δ kept, by magnitude (top int(density·N))",
+            Sparsify::Bernoulli => "probability of keeping each element of δ",
+        }),
         ParamSpec::bool("normalize", Scope::Shared)
             .default(default_normalize)
             .help("divide the combined delta by the sum of the (kept) weights"),
         ParamSpec::float("lambda", Scope::Shared)
             .default(1.0)
             .help("scale of the combined delta"),
+        ParamSpec::choice("rescale", &["l1", "inverse_p", "none", "true", "false"], Scope::Shared)
+            .default(if sparsify == Sparsify::Bernoulli { "l1" } else { "none" })
+            .help("after sparsifying: l1 = match ‖δ‖₁ (mergekit's true); inverse_p = divide by density (DARE paper); none (false)"),
         ParamSpec::bool("int8_mask", Scope::Shared)
             .default(false)
             .help("accepted for mergekit compatibility (masks are exact here)"),
-    ];
-    if sparsify == Sparsify::Bernoulli {
-        p.push(
-            ParamSpec::choice("rescale", &["l1", "inverse_p", "none", "true", "false"], Scope::Shared)
-                .default("l1")
-                .help("l1: match ‖δ‖₁ (mergekit; true = l1); inverse_p: divide by density (DARE paper); none"),
-        );
-    }
-    p
+    ]
+}
+
+/// Restore the scale of a sparsified delta whose L1 norm was `before`.
+fn rescale_delta(delta: &mut [f32], before: f64, density: f64, rescale: Rescale) {
+    let factor = match rescale {
+        Rescale::None => return,
+        Rescale::InverseP if density > 0.0 => 1.0 / density,
+        Rescale::InverseP => return,
+        Rescale::L1 => {
+            let after: f64 = delta.iter().map(|x| x.abs() as f64).sum();
+            // mergekit leaves the tensor as is when either norm is below 1e-7
+            if before < 1e-7 || after < 1e-7 {
+                return;
+            }
+            before / after
+        }
+    };
+    let f = factor as f32;
+    delta.iter_mut().for_each(|x| *x *= f);
+}
+
+fn l1(delta: &[f32]) -> f64 {
+    delta.iter().map(|x| x.abs() as f64).sum()
 }
 
 /// The k-th largest |x| (1-based), by selection without copying the data.
@@ -178,26 +193,13 @@ pub fn bernoulli(delta: &mut [f32], density: f64, rescale: Rescale, key: u64) {
     if density >= 1.0 {
         return;
     }
-    let mut before = 0f64;
-    let mut after = 0f64;
+    let before = l1(delta);
     for (i, x) in delta.iter_mut().enumerate() {
-        before += x.abs() as f64;
-        if dare_uniform(key, i as u64) < density {
-            after += x.abs() as f64;
-        } else {
+        if dare_uniform(key, i as u64) >= density {
             *x = 0.0;
         }
     }
-    let factor = match rescale {
-        Rescale::None => return,
-        Rescale::InverseP if density > 0.0 => 1.0 / density,
-        Rescale::InverseP => return,
-        // mergekit leaves the tensor as is when either norm is below 1e-7.
-        Rescale::L1 if before < 1e-7 || after < 1e-7 => return,
-        Rescale::L1 => before / after,
-    };
-    let f = factor as f32;
-    delta.iter_mut().for_each(|x| *x *= f);
+    rescale_delta(delta, before, density, rescale);
 }
 
 /// `sign(Σ uⱼ)` per element, + on ties: the elected sign of TIES.
@@ -230,15 +232,17 @@ impl Gta {
         let density = p.model_f64("density")?;
         let normalize = p.bool("normalize")?;
         let lambda = p.f64("lambda")? as f32;
-        let rescale = match p.get("rescale").and_then(|v| v.as_str()) {
-            Some(s) => Rescale::parse(s),
-            None => Rescale::None,
-        };
+        let rescale = Rescale::parse(p.str("rescale")?);
         super::deltas_in_place(&mut g)?;
         for (j, d) in g.models.iter_mut().enumerate() {
             match self.sparsify {
                 Sparsify::None => {}
-                Sparsify::Magnitude => magnitude(d, density[j]),
+                Sparsify::Magnitude if density[j] < 1.0 => {
+                    let before = l1(d);
+                    magnitude(d, density[j]);
+                    rescale_delta(d, before, density[j], rescale);
+                }
+                Sparsify::Magnitude => {}
                 Sparsify::Bernoulli => {
                     bernoulli(d, density[j], rescale, dare_key(g.seed, g.name, j))
                 }

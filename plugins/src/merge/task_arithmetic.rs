@@ -8,6 +8,7 @@
 //! let mut p = ResolvedParams::default();
 //! p.shared.insert("normalize".into(), Scalar::Bool(true));
 //! p.shared.insert("lambda".into(), Scalar::Float(1.0));
+//! p.shared.insert("rescale".into(), Scalar::Str("none".into()));
 //! for w in [1.0, 3.0] {
 //!     p.per_model.push([("weight".to_string(), Scalar::Float(w)), ("density".to_string(), Scalar::Float(1.0))].into());
 //! }

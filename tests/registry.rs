@@ -1,0 +1,59 @@
+//! The built-in plugin registry.
+
+use fusechat::core::registry::{BuiltinMerger, PluginKind};
+
+#[test]
+fn every_builtin_is_registered_once_with_a_description() {
+    let r = fusechat::registry();
+    let names: Vec<&str> = r.mergers().iter().map(|e| e.info.name.as_str()).collect();
+    for m in [
+        "varm",
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "sce",
+    ] {
+        assert!(names.contains(&m), "{m} is not registered: {names:?}");
+    }
+    // No two built-ins share a name (the registry would have dropped one).
+    assert_eq!(
+        inventory::iter::<BuiltinMerger>.into_iter().count(),
+        names.len()
+    );
+    for e in r.mergers() {
+        assert_eq!(e.info.kind, PluginKind::Merger);
+        assert!(!e.info.description.is_empty(), "{}", e.info.name);
+        for p in &e.info.params {
+            assert!(!p.help.is_empty(), "{}.{} has no help", e.info.name, p.name);
+            if let Some(d) = &p.default {
+                assert!(
+                    d.coerce(&p.ty).is_ok(),
+                    "{}.{}: default {d} is not a {}",
+                    e.info.name,
+                    p.name,
+                    p.ty
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_name_clash_is_an_error_naming_both_origins() {
+    let mut r = fusechat::registry();
+    let varm = r.merger("varm").unwrap().merger.clone();
+    let err = r
+        .add_merger(
+            varm,
+            fusechat::core::registry::Origin::Library("libx.so".into()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("varm") && err.contains("libx.so") && err.contains("built-in"),
+        "{err}"
+    );
+}
