@@ -8,16 +8,6 @@ use fusechat::core::engine::ExecOptions;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-const ALL: &[&str] = &[
-    "linear",
-    "slerp",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "sce",
-    "varm",
-];
 
 fn setup(targets: usize) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>) {
     let tmp = tempfile::tempdir().unwrap();
@@ -47,7 +37,7 @@ fn merging_identical_models_returns_them() {
     let b = tmp.path().join("b");
     copy_dir(&pivot, &a);
     copy_dir(&pivot, &b);
-    for method in ALL {
+    for method in METHODS {
         let out = tmp.path().join(format!("out-{method}"));
         let models: Vec<&Path> = if *method == "slerp" {
             vec![&b]

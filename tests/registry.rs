@@ -1,5 +1,7 @@
 //! The built-in plugin registry.
 
+mod common;
+use common::METHODS;
 use fusechat::core::registry::{BuiltinMerger, PluginKind};
 
 #[test]

@@ -577,65 +577,47 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
         });
     };
 
-    // Non-layer tensors (embeddings, final norm, lm_head) from the first slice's sources, t = 0.
-    let first = &slices[0];
-    let lead_of = |s: &Vec<(Option<usize>, (usize, usize))>| -> usize {
-        s.iter()
-            .find(|(d, _)| *d == base && base.is_some())
-            .or(s.first())
-            .and_then(|(d, _)| *d)
-            .expect("slices have sources")
+    // Each slice's sources as (dir, first layer), its lead (the base, else the
+    // first source) first: the lead is the reference for names and shapes.
+    let lead_first = |s: &Vec<(Option<usize>, (usize, usize))>| -> Vec<(usize, usize)> {
+        let mut v: Vec<(usize, usize)> =
+            s.iter().filter_map(|(d, r)| d.map(|d| (d, r.0))).collect();
+        if let Some(p) = v.iter().position(|(d, _)| Some(*d) == base) {
+            let x = v.remove(p);
+            v.insert(0, x);
+        }
+        v
     };
-    let lead0 = lead_of(first);
+
+    // Non-layer tensors (embeddings, final norm, lm_head) come from the first
+    // slice's sources, at t = 0; embeddings first, the rest after the layers.
+    let first = lead_first(&slices[0]);
+    let lead0 = first[0].0;
     let mut non_layer: Vec<&String> = dirs[lead0]
         .tensors()
         .keys()
         .filter(|n| layer_index(n).is_none())
         .collect();
     non_layer.sort_by(|a, b| natural_order(a, b));
-    let ordered_first: Vec<(usize, usize)> = {
-        // lead first, so srcs[0] is the reference for shapes
-        let mut v: Vec<(usize, usize)> = first
-            .iter()
-            .filter_map(|(d, r)| d.map(|d| (d, r.0)))
-            .collect();
-        if let Some(p) = v.iter().position(|(d, _)| *d == lead0) {
-            let x = v.remove(p);
-            v.insert(0, x);
-        }
-        v
+    let (pre, post): (Vec<&String>, Vec<&String>) = non_layer
+        .into_iter()
+        .partition(|n| n.contains("embed") || n.contains("wte") || n.contains("wpe"));
+    let non_layer_srcs = |name: &String| -> Vec<(usize, String)> {
+        first.iter().map(|(d, _)| (*d, name.clone())).collect()
     };
-    let mut pre: Vec<&String> = Vec::new();
-    let mut post: Vec<&String> = Vec::new();
-    for n in non_layer {
-        if n.contains("embed") || n.contains("wte") || n.contains("wpe") {
-            pre.push(n)
-        } else {
-            post.push(n)
-        }
-    }
     for name in &pre {
-        let srcs: Vec<(usize, String)> = ordered_first
-            .iter()
-            .map(|(d, _)| (*d, (*name).clone()))
-            .collect();
         plan_tensor(
             (*name).clone(),
             None,
             0.0,
-            &srcs,
+            &non_layer_srcs(name),
             &mut tensors,
             &mut problems,
         );
     }
     for s in &slices {
-        let lead = lead_of(s);
-        let mut srcs_order: Vec<(usize, usize)> =
-            s.iter().filter_map(|(d, r)| d.map(|d| (d, r.0))).collect();
-        if let Some(p) = srcs_order.iter().position(|(d, _)| *d == lead) {
-            let x = srcs_order.remove(p);
-            srcs_order.insert(0, x);
-        }
+        let srcs_order = lead_first(s);
+        let lead = srcs_order[0].0;
         let len = s.iter().map(|(_, r)| r.1 - r.0).min().unwrap_or(0);
         for k in 0..len {
             let t = if len > 1 {
@@ -675,15 +657,11 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
         }
     }
     for name in &post {
-        let srcs: Vec<(usize, String)> = ordered_first
-            .iter()
-            .map(|(d, _)| (*d, (*name).clone()))
-            .collect();
         plan_tensor(
             (*name).clone(),
             None,
             0.0,
-            &srcs,
+            &non_layer_srcs(name),
             &mut tensors,
             &mut problems,
         );

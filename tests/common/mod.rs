@@ -9,6 +9,18 @@ use fusechat::core::params::{Setting, Settings};
 use fusechat::core::plan::{MergeRequest, ModelInput};
 use std::path::{Path, PathBuf};
 
+/// Every built-in merge method.
+pub const METHODS: &[&str] = &[
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "sce",
+    "varm",
+];
+
 /// A small Mistral-shaped spec (2 layers, hidden 16) with `targets` targets.
 pub fn spec(targets: usize, dtype: DType) -> MiniatureSpec {
     MiniatureSpec {

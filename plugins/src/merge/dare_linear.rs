@@ -4,36 +4,16 @@
 //! arithmetic. The mask is drawn from a counter-based generator keyed by
 //! (seed, tensor, model, element): bit-reproducible whatever the threads.
 
-use super::gta::{self, Gta, Sparsify};
-use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
-use fusechat_core::registry::{BuiltinMerger, PluginInfo, PluginKind};
+use super::gta::{Gta, Sparsify};
+use fusechat_core::registry::BuiltinMerger;
 use std::sync::Arc;
 
-pub struct DareLinear;
+pub const DARE_LINEAR: Gta = Gta {
+    name: "dare_linear",
+    description: "DARE: random drop of δ with rescale, then a linear combination",
+    sparsify: Sparsify::Bernoulli,
+    consensus: false,
+    default_normalize: false,
+};
 
-impl Merger for DareLinear {
-    fn info(&self) -> PluginInfo {
-        PluginInfo {
-            kind: PluginKind::Merger,
-            name: "dare_linear".into(),
-            description: "DARE: random drop of δ with rescale, then a linear combination".into(),
-            params: gta::params(false, Sparsify::Bernoulli),
-        }
-    }
-    fn contract(&self) -> InputContract {
-        InputContract {
-            base: BaseUse::Required,
-            min_models: 1,
-            max_models: None,
-        }
-    }
-    fn merge(&self, g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
-        Gta {
-            sparsify: Sparsify::Bernoulli,
-            consensus: false,
-        }
-        .merge(g)
-    }
-}
-
-inventory::submit! { BuiltinMerger(|| Arc::new(DareLinear)) }
+inventory::submit! { BuiltinMerger(|| Arc::new(DARE_LINEAR)) }

@@ -8,9 +8,9 @@
 //!
 //! then `θ = θ⁰ + λ·mixed / divisor` when normalising, else `θ⁰ + λ·mixed`.
 
-use fusechat_core::merge::{Merged, TensorGroup};
+use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
 use fusechat_core::miniature::{fnv1a, mix64};
-use fusechat_core::registry::{ParamSpec, Scope};
+use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
 use fusechat_core::Result;
 
 /// How task vectors are thinned before they are combined.
@@ -218,15 +218,35 @@ pub fn agrees(x: f32, sign: f32) -> bool {
     (x > 0.0 && sign > 0.0) || (x < 0.0 && sign < 0.0)
 }
 
-/// One method of the family.
+/// One method of the family, declared as data by its plugin file.
 #[derive(Debug, Clone, Copy)]
 pub struct Gta {
+    pub name: &'static str,
+    pub description: &'static str,
     pub sparsify: Sparsify,
     pub consensus: bool,
+    pub default_normalize: bool,
 }
 
-impl Gta {
-    pub fn merge(&self, mut g: TensorGroup<'_>) -> Result<Merged> {
+impl Merger for Gta {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            kind: PluginKind::Merger,
+            name: self.name.into(),
+            description: self.description.into(),
+            params: params(self.default_normalize, self.sparsify),
+        }
+    }
+
+    fn contract(&self) -> InputContract {
+        InputContract {
+            base: BaseUse::Required,
+            min_models: 1,
+            max_models: None,
+        }
+    }
+
+    fn merge(&self, mut g: TensorGroup<'_>) -> Result<Merged> {
         let p = g.params;
         let weights = p.model_f64("weight")?;
         let density = p.model_f64("density")?;

@@ -49,13 +49,7 @@ impl Merger for Linear {
                 "the weights sum to 0, so they cannot be normalised; set normalize = false or change them",
             ));
         }
-        let mut out = std::mem::take(&mut g.models[0]);
-        let w0 = weights[0] as f32;
-        out.iter_mut().for_each(|x| *x *= w0);
-        for (m, w) in g.models.iter().zip(&weights).skip(1) {
-            let w = *w as f32;
-            out.iter_mut().zip(m).for_each(|(o, x)| *o += w * x);
-        }
+        let mut out = super::weighted_sum(&mut g.models, &weights);
         if normalize {
             let s = wsum as f32;
             out.iter_mut().for_each(|o| *o /= s);

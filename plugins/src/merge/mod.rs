@@ -27,6 +27,18 @@ pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Res
     Ok(())
 }
 
+/// `Σ wⱼ·θʲ` accumulated in f32 in model order, into the first model's buffer.
+pub(crate) fn weighted_sum(models: &mut [Vec<f32>], weights: &[f64]) -> Vec<f32> {
+    let mut out = std::mem::take(&mut models[0]);
+    let w0 = weights[0] as f32;
+    out.iter_mut().for_each(|x| *x *= w0);
+    for (m, w) in models.iter().zip(weights).skip(1) {
+        let w = *w as f32;
+        out.iter_mut().zip(m).for_each(|(o, x)| *o += w * x);
+    }
+    out
+}
+
 /// The per-model `weight` parameter most methods share.
 pub(crate) fn weight_param() -> ParamSpec {
     ParamSpec::float("weight", Scope::PerModel)

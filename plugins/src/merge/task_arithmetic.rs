@@ -4,7 +4,7 @@
 //! ```
 //! use fusechat_core::merge::{Merger, TensorGroup};
 //! use fusechat_core::params::{ResolvedParams, Scalar};
-//! use fusechat_plugins::merge::task_arithmetic::TaskArithmetic;
+//! use fusechat_plugins::merge::task_arithmetic::TASK_ARITHMETIC;
 //! let mut p = ResolvedParams::default();
 //! p.shared.insert("normalize".into(), Scalar::Bool(true));
 //! p.shared.insert("lambda".into(), Scalar::Float(1.0));
@@ -15,39 +15,19 @@
 //! let g = TensorGroup { name: "w", layer: None, shape: &[2], base: Some(vec![1.0, 1.0]),
 //!     models: vec![vec![2.0, 1.0], vec![1.0, 5.0]], params: &p, seed: 0, scope_stats: None };
 //! // θ⁰ + (1·[1,0] + 3·[0,4]) / 4 = [1.25, 4.0]
-//! assert_eq!(TaskArithmetic.merge(g).unwrap().data, vec![1.25, 4.0]);
+//! assert_eq!(TASK_ARITHMETIC.merge(g).unwrap().data, vec![1.25, 4.0]);
 //! ```
 
-use super::gta::{self, Gta, Sparsify};
-use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
-use fusechat_core::registry::{BuiltinMerger, PluginInfo, PluginKind};
+use super::gta::{Gta, Sparsify};
+use fusechat_core::registry::BuiltinMerger;
 use std::sync::Arc;
 
-pub struct TaskArithmetic;
+pub const TASK_ARITHMETIC: Gta = Gta {
+    name: "task_arithmetic",
+    description: "θ⁰ + λ·Σ wⱼ(θʲ − θ⁰), normalised by Σ wⱼ on request",
+    sparsify: Sparsify::None,
+    consensus: false,
+    default_normalize: false,
+};
 
-impl Merger for TaskArithmetic {
-    fn info(&self) -> PluginInfo {
-        PluginInfo {
-            kind: PluginKind::Merger,
-            name: "task_arithmetic".into(),
-            description: "θ⁰ + λ·Σ wⱼ(θʲ − θ⁰), normalised by Σ wⱼ on request".into(),
-            params: gta::params(false, Sparsify::None),
-        }
-    }
-    fn contract(&self) -> InputContract {
-        InputContract {
-            base: BaseUse::Required,
-            min_models: 1,
-            max_models: None,
-        }
-    }
-    fn merge(&self, g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
-        Gta {
-            sparsify: Sparsify::None,
-            consensus: false,
-        }
-        .merge(g)
-    }
-}
-
-inventory::submit! { BuiltinMerger(|| Arc::new(TaskArithmetic)) }
+inventory::submit! { BuiltinMerger(|| Arc::new(TASK_ARITHMETIC)) }

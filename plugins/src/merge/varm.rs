@@ -100,13 +100,7 @@ impl Merger for Varm {
                 .collect(),
         };
         let w = varm_weights(&v);
-        let mut out = std::mem::take(&mut g.models[0]);
-        let w0 = w[0] as f32;
-        out.iter_mut().for_each(|x| *x *= w0);
-        for (m, wj) in g.models.iter().zip(&w).skip(1) {
-            let wj = *wj as f32;
-            out.iter_mut().zip(m).for_each(|(o, x)| *o += wj * x);
-        }
+        let out = super::weighted_sum(&mut g.models, &w);
         Ok(Merged {
             data: out,
             weights: Some(w),
