@@ -8,7 +8,6 @@ use fusechat::core::engine::ExecOptions;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-
 fn setup(targets: usize) -> (tempfile::TempDir, PathBuf, Vec<PathBuf>) {
     let tmp = tempfile::tempdir().unwrap();
     let (pivot, t) = model_set(&tmp.path().join("set"), targets, DType::F32);

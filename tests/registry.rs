@@ -8,16 +8,7 @@ use fusechat::core::registry::{BuiltinMerger, PluginKind};
 fn every_builtin_is_registered_once_with_a_description() {
     let r = fusechat::registry();
     let names: Vec<&str> = r.mergers().iter().map(|e| e.info.name.as_str()).collect();
-    for m in [
-        "varm",
-        "linear",
-        "slerp",
-        "task_arithmetic",
-        "ties",
-        "dare_linear",
-        "dare_ties",
-        "sce",
-    ] {
+    for m in METHODS {
         assert!(names.contains(&m), "{m} is not registered: {names:?}");
     }
     // No two built-ins share a name (the registry would have dropped one).

@@ -6,7 +6,7 @@
 //! alone. Each merged tensor is encoded and written at its place in the
 //! output shards at once, so peak memory is a few tensors, not a model.
 
-use crate::merge::{Merged, StatScope, TensorGroup};
+use crate::merge::{Merged, StatScope, TensorBuf, TensorGroup};
 use crate::model_dir::TOKENIZER_FILES;
 use crate::plan::{MergeRequest, Plan, PlannedTensor};
 use crate::registry::Registry;
@@ -103,12 +103,12 @@ fn load_group<'a>(
     t: &'a PlannedTensor,
     scope_stats: Option<Vec<f64>>,
 ) -> Result<TensorGroup<'a>> {
-    let read = |model: usize, name: &str| -> Result<Vec<f32>> {
+    let read = |model: usize, name: &str| -> Result<TensorBuf> {
         let mut v = plan.models[model].read_f32(name)?;
         if let Some(d) = plan.load_dtype {
             d.round_trip(&mut v);
         }
-        Ok(v)
+        Ok(v.into())
     };
     let base = match &t.base {
         Some(b) => Some(read(b.model, &b.name)?),

@@ -9,6 +9,145 @@
 use crate::params::ResolvedParams;
 use crate::registry::PluginInfo;
 use crate::Result;
+use std::ops::{Deref, DerefMut};
+
+/// A flat f32 tensor buffer that a kernel may read, overwrite in place and
+/// return as its output. It derefs to `[f32]`.
+///
+/// In fusechat it owns its memory (a `Vec`). Inside a plugin loaded at run
+/// time it may instead borrow the host's buffer (so nothing is copied across
+/// the boundary), or hold memory the host must give back to the plugin.
+#[derive(Default)]
+pub struct TensorBuf(BufInner);
+
+#[derive(Default)]
+enum BufInner {
+    Owned(Vec<f32>),
+    /// Memory owned by someone else for the duration of one kernel call.
+    Borrowed {
+        ptr: *mut f32,
+        len: usize,
+    },
+    /// Memory from another allocator, released by `free` on drop.
+    Foreign {
+        ptr: *mut f32,
+        len: usize,
+        cap: usize,
+        free: unsafe extern "C" fn(*mut f32, usize, usize),
+    },
+    #[default]
+    Empty,
+}
+
+// SAFETY: a TensorBuf is the only handle to its memory while it exists (the
+// constructors of the non-owned forms require that), so moving it to another
+// thread moves that exclusive access.
+unsafe impl Send for TensorBuf {}
+
+impl TensorBuf {
+    /// Borrow `len` floats at `ptr` for the buffer's lifetime.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` f32 values, and not be
+    /// accessed through any other path, for as long as the buffer lives.
+    pub unsafe fn borrowed(ptr: *mut f32, len: usize) -> TensorBuf {
+        TensorBuf(BufInner::Borrowed { ptr, len })
+    }
+
+    /// Take ownership of memory that must be released by `free(ptr, len, cap)`.
+    ///
+    /// # Safety
+    /// As for [`TensorBuf::borrowed`], and `free` must accept these arguments once.
+    pub unsafe fn foreign(
+        ptr: *mut f32,
+        len: usize,
+        cap: usize,
+        free: unsafe extern "C" fn(*mut f32, usize, usize),
+    ) -> TensorBuf {
+        TensorBuf(BufInner::Foreign {
+            ptr,
+            len,
+            cap,
+            free,
+        })
+    }
+
+    /// The start of the data (for identity checks across the plugin boundary).
+    pub fn as_ptr(&self) -> *const f32 {
+        self.deref().as_ptr()
+    }
+
+    /// The owned vector, when this buffer owns one (`Err(self)` otherwise).
+    pub fn into_vec(mut self) -> std::result::Result<Vec<f32>, TensorBuf> {
+        match std::mem::take(&mut self.0) {
+            BufInner::Owned(v) => Ok(v),
+            BufInner::Empty => Ok(Vec::new()),
+            other => Err(TensorBuf(other)),
+        }
+    }
+}
+
+impl From<Vec<f32>> for TensorBuf {
+    fn from(v: Vec<f32>) -> Self {
+        TensorBuf(BufInner::Owned(v))
+    }
+}
+
+impl Deref for TensorBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &self.0 {
+            BufInner::Owned(v) => v,
+            // SAFETY: guaranteed by the constructors' contracts.
+            BufInner::Borrowed { ptr, len } | BufInner::Foreign { ptr, len, .. } => unsafe {
+                std::slice::from_raw_parts(*ptr, *len)
+            },
+            BufInner::Empty => &[],
+        }
+    }
+}
+
+impl DerefMut for TensorBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match &mut self.0 {
+            BufInner::Owned(v) => v,
+            // SAFETY: guaranteed by the constructors' contracts.
+            BufInner::Borrowed { ptr, len } | BufInner::Foreign { ptr, len, .. } => unsafe {
+                std::slice::from_raw_parts_mut(*ptr, *len)
+            },
+            BufInner::Empty => &mut [],
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a TensorBuf {
+    type Item = &'a f32;
+    type IntoIter = std::slice::Iter<'a, f32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl Drop for TensorBuf {
+    fn drop(&mut self) {
+        if let BufInner::Foreign {
+            ptr,
+            len,
+            cap,
+            free,
+        } = self.0
+        {
+            // SAFETY: guaranteed by `TensorBuf::foreign`'s contract.
+            unsafe { free(ptr, len, cap) }
+        }
+    }
+}
+
+impl std::fmt::Debug for TensorBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorBuf({} values)", self.len())
+    }
+}
 
 /// How a method uses the base model (θ⁰).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,9 +187,9 @@ pub struct TensorGroup<'a> {
     pub layer: Option<usize>,
     pub shape: &'a [usize],
     /// θ⁰, when the method uses a base.
-    pub base: Option<Vec<f32>>,
+    pub base: Option<TensorBuf>,
     /// θ¹..θⁿ in the order the request lists them (the base excluded).
-    pub models: Vec<Vec<f32>>,
+    pub models: Vec<TensorBuf>,
     pub params: &'a ResolvedParams,
     /// The merge seed, for methods that draw random masks.
     pub seed: u64,
@@ -77,14 +216,14 @@ impl TensorGroup<'_> {
 /// A merged tensor, and optionally the effective weight of each input model
 /// (reported in the merge summary, e.g. VaRM's per-tensor weights).
 pub struct Merged {
-    pub data: Vec<f32>,
+    pub data: TensorBuf,
     pub weights: Option<Vec<f64>>,
 }
 
 impl Merged {
-    pub fn new(data: Vec<f32>) -> Self {
+    pub fn new(data: impl Into<TensorBuf>) -> Self {
         Merged {
-            data,
+            data: data.into(),
             weights: None,
         }
     }

@@ -8,7 +8,7 @@
 //!
 //! then `θ = θ⁰ + λ·mixed / divisor` when normalising, else `θ⁰ + λ·mixed`.
 
-use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
+use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorBuf, TensorGroup};
 use fusechat_core::miniature::{fnv1a, mix64};
 use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
 use fusechat_core::Result;
@@ -286,7 +286,7 @@ const BLOCK: usize = 2048;
 /// every inner loop runs over contiguous slices without branches.
 pub fn combine(
     out: &mut [f32],
-    deltas: &[Vec<f32>],
+    deltas: &[TensorBuf],
     w: &[f32],
     consensus: bool,
     normalize: bool,

@@ -9,8 +9,8 @@
 //! p.shared.insert("normalize".into(), Scalar::Bool(true));
 //! p.per_model = vec![[("weight".to_string(), Scalar::Float(1.0))].into(), [("weight".to_string(), Scalar::Float(3.0))].into()];
 //! let g = TensorGroup { name: "w", layer: None, shape: &[2], base: None,
-//!     models: vec![vec![0.0, 4.0], vec![4.0, 0.0]], params: &p, seed: 0, scope_stats: None };
-//! assert_eq!(Linear.merge(g).unwrap().data, vec![3.0, 1.0]);
+//!     models: vec![vec![0.0, 4.0].into(), vec![4.0, 0.0].into()], params: &p, seed: 0, scope_stats: None };
+//! assert_eq!(&*Linear.merge(g).unwrap().data, &[3.0, 1.0]);
 //! ```
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};

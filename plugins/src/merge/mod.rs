@@ -12,7 +12,7 @@ pub mod task_arithmetic;
 pub mod ties;
 pub mod varm;
 
-use fusechat_core::merge::TensorGroup;
+use fusechat_core::merge::{TensorBuf, TensorGroup};
 use fusechat_core::registry::{ParamSpec, Scope};
 
 /// θʲ − θ⁰ for every model, computed in place in the model buffers.
@@ -28,7 +28,7 @@ pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Res
 }
 
 /// `Σ wⱼ·θʲ` accumulated in f32 in model order, into the first model's buffer.
-pub(crate) fn weighted_sum(models: &mut [Vec<f32>], weights: &[f64]) -> Vec<f32> {
+pub(crate) fn weighted_sum(models: &mut [TensorBuf], weights: &[f64]) -> TensorBuf {
     let mut out = std::mem::take(&mut models[0]);
     let w0 = weights[0] as f32;
     out.iter_mut().for_each(|x| *x *= w0);

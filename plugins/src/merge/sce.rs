@@ -14,14 +14,14 @@
 //! the deltas that are erased and summed.
 
 use super::gta::{agrees, elected_sign};
-use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
+use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorBuf, TensorGroup};
 use fusechat_core::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
 use std::sync::Arc;
 
 pub struct Sce;
 
 /// The top-`int(nonzero(var)·topk)` mask over the elementwise variance of the deltas.
-fn variance_mask(deltas: &[Vec<f32>], topk: f64) -> Vec<bool> {
+fn variance_mask(deltas: &[TensorBuf], topk: f64) -> Vec<bool> {
     let n = deltas[0].len();
     if topk >= 1.0 {
         return vec![true; n];

@@ -13,8 +13,8 @@
 //! let mut p = ResolvedParams::default();
 //! p.shared.insert("t".into(), Scalar::Float(0.5));
 //! p.per_model.push(Default::default());
-//! let g = TensorGroup { name: "w", layer: None, shape: &[2], base: Some(vec![1.0, 0.0]),
-//!     models: vec![vec![0.0, 1.0]], params: &p, seed: 0, scope_stats: None };
+//! let g = TensorGroup { name: "w", layer: None, shape: &[2], base: Some(vec![1.0, 0.0].into()),
+//!     models: vec![vec![0.0, 1.0].into()], params: &p, seed: 0, scope_stats: None };
 //! let r = Slerp.merge(g).unwrap().data;
 //! // halfway along the quarter circle: (cos 45°, sin 45°)
 //! assert!((r[0] - 0.70710677).abs() < 1e-6 && (r[1] - 0.70710677).abs() < 1e-6);

@@ -12,10 +12,10 @@
 //! for w in [1.0, 3.0] {
 //!     p.per_model.push([("weight".to_string(), Scalar::Float(w)), ("density".to_string(), Scalar::Float(1.0))].into());
 //! }
-//! let g = TensorGroup { name: "w", layer: None, shape: &[2], base: Some(vec![1.0, 1.0]),
-//!     models: vec![vec![2.0, 1.0], vec![1.0, 5.0]], params: &p, seed: 0, scope_stats: None };
+//! let g = TensorGroup { name: "w", layer: None, shape: &[2], base: Some(vec![1.0, 1.0].into()),
+//!     models: vec![vec![2.0, 1.0].into(), vec![1.0, 5.0].into()], params: &p, seed: 0, scope_stats: None };
 //! // θ⁰ + (1·[1,0] + 3·[0,4]) / 4 = [1.25, 4.0]
-//! assert_eq!(TASK_ARITHMETIC.merge(g).unwrap().data, vec![1.25, 4.0]);
+//! assert_eq!(&*TASK_ARITHMETIC.merge(g).unwrap().data, &[1.25, 4.0]);
 //! ```
 
 use super::gta::{Gta, Sparsify};
