@@ -6,7 +6,6 @@ use fusechat_core::config::{parse_dtype, Config};
 use fusechat_core::engine::{self, ExecOptions, MergeReport};
 use fusechat_core::params::Setting;
 use fusechat_core::plan::{MergeRequest, ModelInput};
-use fusechat_core::registry::Registry;
 use fusechat_core::writer::parse_size;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -29,6 +28,9 @@ pub struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Load a plugin library (a merge method built with fusechat_core::export_plugin!). Repeatable.
+    #[arg(long = "plugin", value_name = "PATH", global = true)]
+    pub plugins: Vec<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -144,6 +146,9 @@ pub struct MergeArgs {
 pub struct PluginsArgs {
     /// Only this plugin.
     pub name: Option<String>,
+    /// Also list the plugin libraries of this config's [plugins] table (default: ./fusechat.toml if present).
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
 }
 
 /// Parse `KEY=VALUE`, the value as TOML (a bare word is a string).
@@ -279,7 +284,9 @@ pub fn weight_summary(r: &MergeReport, labels: &[String]) -> String {
     s
 }
 
-fn cmd_merge(args: &MergeArgs, registry: &Registry) -> Result<()> {
+fn cmd_merge(args: &MergeArgs, plugins: &[PathBuf]) -> Result<()> {
+    let cfg = args.config.as_deref().map(Config::load).transpose()?;
+    let registry = &crate::registry_with(cfg.as_ref(), plugins)?;
     let req = merge_request(args)?;
     let opts = args.exec.options();
     let plan = fusechat_core::plan::plan(&req, registry)?;
@@ -314,8 +321,9 @@ fn model_labels(cfg: &Config, n: usize) -> Vec<String> {
     }
 }
 
-fn cmd_run(args: &RunArgs, registry: &Registry) -> Result<()> {
+fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
     let cfg = Config::load(&args.config)?;
+    let registry = &crate::registry_with(Some(&cfg), plugins)?;
     let outcome = crate::run::run(&cfg, registry, &args.exec.options(), args.force)?;
     if outcome.merge_skipped {
         emit("merge: up to date (use --force to redo it)\n")?;
@@ -332,7 +340,14 @@ fn cmd_run(args: &RunArgs, registry: &Registry) -> Result<()> {
     Ok(())
 }
 
-fn cmd_plugins(args: &PluginsArgs, registry: &Registry) -> Result<()> {
+fn cmd_plugins(args: &PluginsArgs, plugins: &[PathBuf]) -> Result<()> {
+    let default = Path::new("fusechat.toml");
+    let cfg = match &args.config {
+        Some(p) => Some(Config::load(p)?),
+        None if default.is_file() => Some(Config::load(default)?),
+        None => None,
+    };
+    let registry = &crate::registry_with(cfg.as_ref(), plugins)?;
     let mut found = false;
     for e in registry.mergers() {
         if args.name.as_deref().is_some_and(|n| n != e.info.name) {
@@ -397,11 +412,10 @@ fn init_logging(verbose: u8, quiet: bool) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
-    let registry = crate::registry();
     let r = match &cli.command {
-        Command::Run(a) => cmd_run(a, &registry),
-        Command::Merge(a) => cmd_merge(a, &registry),
-        Command::Plugins(a) => cmd_plugins(a, &registry),
+        Command::Run(a) => cmd_run(a, &cli.plugins),
+        Command::Merge(a) => cmd_merge(a, &cli.plugins),
+        Command::Plugins(a) => cmd_plugins(a, &cli.plugins),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

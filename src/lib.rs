@@ -17,3 +17,19 @@ pub fn registry() -> Registry {
     fusechat_plugins::link();
     Registry::builtin()
 }
+
+/// The built-ins plus the plugin libraries of `cfg`'s `[plugins]` table and `extra`
+/// (e.g. `--plugin` flags). A name clash is an error unless `[plugins.prefer]` settles it.
+pub fn registry_with(
+    cfg: Option<&fusechat_core::config::Config>,
+    extra: &[std::path::PathBuf],
+) -> fusechat_core::Result<Registry> {
+    let mut r = registry();
+    let (mut paths, prefer) = cfg.map(|c| c.plugins()).unwrap_or_default();
+    paths.extend(extra.iter().cloned());
+    for p in &paths {
+        let names = r.load_library(p, &prefer)?;
+        tracing::debug!("loaded {} from {}", names.join(", "), p.display());
+    }
+    Ok(r)
+}

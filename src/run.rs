@@ -46,10 +46,17 @@ fn stage_key(req: &fusechat_core::plan::MergeRequest) -> String {
     format!("{:016x}", fnv1a(s.as_bytes()))
 }
 
-fn recorded_key(out: &Path) -> Option<String> {
+/// The stage key recorded in a merge output: `None` when `out` is not a
+/// fusechat merge output at all, `Some(None)` when it is one without a key
+/// (written by `fusechat merge`).
+fn recorded_key(out: &Path) -> Option<Option<String>> {
     let text = std::fs::read_to_string(out.join(MERGE_RECORD)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("stage_key")?.as_str().map(str::to_string)
+    Some(
+        v.get("stage_key")
+            .and_then(|k| k.as_str())
+            .map(str::to_string),
+    )
 }
 
 /// Run every stage of `cfg`.
@@ -109,7 +116,7 @@ pub fn run(
     if cfg.merge.is_some() {
         let mut req = cfg.merge_request()?;
         let key = stage_key(&req);
-        if !force && recorded_key(&req.out).as_deref() == Some(key.as_str()) {
+        if !force && recorded_key(&req.out).flatten().as_deref() == Some(key.as_str()) {
             tracing::info!("merge: {} is up to date, skipped", req.out.display());
             outcome.merge_skipped = true;
             return Ok(outcome);

@@ -144,11 +144,16 @@ pub struct MergeSection {
     pub max_shard_size: Option<String>,
 }
 
+/// `[plugins]`: shared libraries to load, and who wins a name clash.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsSection {
+    /// Plugin libraries (relative to the config file).
     #[serde(default)]
     pub paths: Vec<PathBuf>,
+    /// Method name → the origin that wins a clash: "built-in" or a library path.
+    #[serde(default)]
+    pub prefer: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -175,6 +180,25 @@ impl Config {
         cfg.file = path.to_path_buf();
         cfg.root = PathBuf::from(".");
         Ok(cfg)
+    }
+
+    /// The plugin libraries and clash preferences, with paths resolved.
+    pub fn plugins(&self) -> (Vec<PathBuf>, BTreeMap<String, String>) {
+        let paths = self.plugins.paths.iter().map(|p| self.resolve(p)).collect();
+        let prefer = self
+            .plugins
+            .prefer
+            .iter()
+            .map(|(k, v)| {
+                let v = if v == "built-in" || v == "builtin" {
+                    v.clone()
+                } else {
+                    self.resolve(Path::new(v)).display().to_string()
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        (paths, prefer)
     }
 
     pub fn resolve(&self, p: &Path) -> PathBuf {

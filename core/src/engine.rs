@@ -140,12 +140,20 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 
 /// Run a kernel call, turning an error or a panic into an error naming the method and tensor.
 fn guarded<T>(plan: &Plan, tensor: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let method = plan.method.info.name.clone();
+    let method = match &plan.method.origin {
+        crate::registry::Origin::BuiltIn => plan.method.info.name.clone(),
+        crate::registry::Origin::Library(p) => {
+            format!("plugin `{}` ({})", plan.method.info.name, p.display())
+        }
+    };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e @ Error::NonFinite { .. }))
-        | Ok(Err(e @ Error::Io { .. }))
-        | Ok(Err(e @ Error::Model { .. })) => Err(e),
+        Ok(Err(
+            e @ (Error::NonFinite { .. }
+            | Error::Io { .. }
+            | Error::Model { .. }
+            | Error::Kernel { .. }),
+        )) => Err(e),
         Ok(Err(e)) => Err(Error::Kernel {
             method,
             tensor: tensor.into(),

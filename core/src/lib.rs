@@ -4,8 +4,10 @@
 //! It knows no concrete model, loss or merge method: those are plugins
 //! (`fusechat-plugins` for the built-ins, shared libraries for third parties).
 
+pub mod abi;
 pub mod config;
 pub mod dtype;
+pub mod dynamic;
 pub mod engine;
 pub mod error;
 pub mod hub;
@@ -16,6 +18,7 @@ pub mod model_dir;
 pub mod params;
 pub mod plan;
 pub mod registry;
+pub mod sdk;
 pub mod writer;
 
 pub use error::{Error, Result};

@@ -220,6 +220,18 @@ impl Registry {
         Ok(())
     }
 
+    /// Replace the merger of the same name (the configured winner of a clash).
+    pub fn replace_merger(&mut self, merger: Arc<dyn Merger>, origin: Origin) {
+        let info = merger.info();
+        self.mergers.retain(|e| e.info.name != info.name);
+        self.mergers.push(MergerEntry {
+            merger,
+            info,
+            origin,
+        });
+        self.mergers.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+    }
+
     pub fn mergers(&self) -> &[MergerEntry] {
         &self.mergers
     }

@@ -1,0 +1,111 @@
+//! `model_stock`: Model Stock (Jang, Yun and Han, "Model Stock: All we need is
+//! just a few fine-tuned models", ECCV 2024), as a fusechat plugin.
+//!
+//! For N ≥ 2 fine-tuned models θ¹..θᴺ of one pretrained θ⁰, with δⱼ = θʲ − θ⁰,
+//! let cos φ be the mean pairwise cosine similarity of the δⱼ (each norm
+//! clamped to at least 1e-6, each cosine to [−1, 1]). Then
+//!
+//! `t = N·cos φ / (1 + (N − 1)·cos φ)` and `θ = t·mean(θʲ) + (1 − t)·θ⁰`.
+//!
+//! With `filter_wise = true` the angle, and so `t`, is computed per row (over
+//! the last dimension) instead of over the whole tensor.
+//!
+//! The kernel writes its result into the base buffer, which inside fusechat is
+//! the host's own memory: nothing is copied across the plugin boundary.
+
+use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
+use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::{Error, Result};
+
+pub struct ModelStock;
+
+/// The interpolation factor for one row: `N·c / (1 + (N−1)·c)`.
+pub fn model_stock_t(deltas: &[&[f32]]) -> std::result::Result<f64, String> {
+    let n = deltas.len();
+    let norm = |d: &[f32]| {
+        d.iter()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-6)
+    };
+    let mut sum = 0.0;
+    let mut pairs = 0usize;
+    for i in 0..n {
+        for j in i + 1..n {
+            let dot: f64 = deltas[i]
+                .iter()
+                .zip(deltas[j])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            sum += (dot / (norm(deltas[i]) * norm(deltas[j]))).clamp(-1.0, 1.0);
+            pairs += 1;
+        }
+    }
+    let cos = sum / pairs as f64;
+    let denom = 1.0 + (n as f64 - 1.0) * cos;
+    if denom.abs() < 1e-12 {
+        return Err(format!(
+            "the deltas' mean cosine is {cos:.6}, where t = N·cos/(1+(N−1)·cos) is undefined"
+        ));
+    }
+    Ok(n as f64 * cos / denom)
+}
+
+impl Merger for ModelStock {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            kind: PluginKind::Merger,
+            name: "model_stock".into(),
+            description: "Model Stock: move the fine-tunes' average toward the base by the angle between their deltas".into(),
+            params: vec![ParamSpec::bool("filter_wise", Scope::Shared)
+                .default(false)
+                .help("compute the angle per row (last dimension) instead of per tensor")],
+        }
+    }
+
+    fn contract(&self) -> InputContract {
+        InputContract {
+            base: BaseUse::Required,
+            min_models: 2,
+            max_models: None,
+        }
+    }
+
+    fn merge(&self, mut g: TensorGroup<'_>) -> Result<Merged> {
+        let filter_wise = g.params.bool("filter_wise")?;
+        let numel = g.numel();
+        let cols = match (filter_wise, g.shape.last()) {
+            (true, Some(&c)) if c > 0 && g.shape.len() >= 2 => c,
+            _ => numel.max(1),
+        };
+        let n = g.models.len();
+        let mut base = g
+            .base
+            .take()
+            .ok_or_else(|| Error::msg("model_stock needs a base model"))?;
+        // δⱼ in place in the model buffers.
+        for m in g.models.iter_mut() {
+            m.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
+        }
+        let mut ts = Vec::new();
+        for (r, row) in base.chunks_mut(cols).enumerate() {
+            let span = r * cols..r * cols + row.len();
+            let deltas: Vec<&[f32]> = g.models.iter().map(|m| &m[span.clone()]).collect();
+            let t = model_stock_t(&deltas).map_err(Error::msg)?;
+            // θ = t·(θ⁰ + mean δ) + (1 − t)·θ⁰ = θ⁰ + t·mean δ
+            for (i, b) in row.iter_mut().enumerate() {
+                let mean: f64 = deltas.iter().map(|d| d[i] as f64).sum::<f64>() / n as f64;
+                *b = (*b as f64 + t * mean) as f32;
+            }
+            ts.push(t);
+        }
+        let t_mean = ts.iter().sum::<f64>() / ts.len().max(1) as f64;
+        Ok(Merged {
+            data: base,
+            weights: Some(vec![t_mean / n as f64; n]),
+        })
+    }
+}
+
+fusechat_core::export_plugin!(ModelStock);

@@ -1,0 +1,32 @@
+//! Test fixture: a merge method whose kernel panics on MLP tensors.
+
+use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
+use fusechat_core::registry::{PluginInfo, PluginKind};
+
+pub struct Panicky;
+
+impl Merger for Panicky {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            kind: PluginKind::Merger,
+            name: "panicky".into(),
+            description: "panics on mlp tensors".into(),
+            params: vec![],
+        }
+    }
+    fn contract(&self) -> InputContract {
+        InputContract {
+            base: BaseUse::Ignored,
+            min_models: 1,
+            max_models: None,
+        }
+    }
+    fn merge(&self, mut g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+        if g.name.contains("mlp") {
+            panic!("deliberate failure in {}", g.name);
+        }
+        Ok(Merged::new(std::mem::take(&mut g.models[0])))
+    }
+}
+
+fusechat_core::export_plugin!(Panicky);

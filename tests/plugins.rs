@@ -1,0 +1,450 @@
+//! Plugins loaded at run time: the example Model Stock plugin against an
+//! independent computation, its snapshot, zero-copy crossing, configuration
+//! and clashes, and every kind of bad plugin.
+
+mod common;
+use common::*;
+use fusechat::core::dtype::DType;
+use fusechat::core::merge::{Merger, TensorGroup};
+use fusechat::core::params::{ResolvedParams, Scalar};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+/// Build the example plugin and the fixtures once, with the profile of this test binary.
+fn lib(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
+        let release = profile_dir.file_name().unwrap() == "release";
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("build")
+            .arg("--quiet");
+        for p in [
+            "fusechat-model-stock",
+            "fixture-bad-abi",
+            "fixture-no-entry",
+            "fixture-panics",
+            "fixture-wrong-shape",
+        ] {
+            cmd.args(["-p", p]);
+        }
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("run cargo build for the plugins");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        profile_dir
+    });
+    dir.join(format!(
+        "{}{name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+fn fusechat(cwd: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fusechat"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "failed: {err}");
+    format!("{}{err}", String::from_utf8_lossy(&o.stdout))
+}
+
+fn fails(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "expected failure; stderr: {err}");
+    assert!(!err.contains("panicked at"), "a panic escaped: {err}");
+    err
+}
+
+fn nothing_left(dir: &Path, out: &str) {
+    assert!(!dir.join(out).exists(), "{out} was left behind");
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        assert!(
+            !e.file_name().to_string_lossy().contains("fusechat-tmp"),
+            "temporary dir left behind"
+        );
+    }
+}
+
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_path_buf();
+    model_set(&d.join("set"), 3, DType::F32);
+    (tmp, d)
+}
+
+/// Model Stock written out independently: t from the mean pairwise cosine of the deltas.
+fn model_stock_reference(base: &[f32], models: &[Vec<f32>], rows: usize) -> Vec<f32> {
+    let n = models.len() as f64;
+    let cols = base.len() / rows;
+    let mut out = vec![0f32; base.len()];
+    for r in 0..rows {
+        let span = r * cols..(r + 1) * cols;
+        let deltas: Vec<Vec<f64>> = models
+            .iter()
+            .map(|m| {
+                m[span.clone()]
+                    .iter()
+                    .zip(&base[span.clone()])
+                    .map(|(x, b)| *x as f64 - *b as f64)
+                    .collect()
+            })
+            .collect();
+        let mut cos = Vec::new();
+        for i in 0..deltas.len() {
+            for j in i + 1..deltas.len() {
+                let dot: f64 = deltas[i].iter().zip(&deltas[j]).map(|(a, b)| a * b).sum();
+                let ni = deltas[i].iter().map(|a| a * a).sum::<f64>().sqrt();
+                let nj = deltas[j].iter().map(|a| a * a).sum::<f64>().sqrt();
+                cos.push(dot / (ni * nj));
+            }
+        }
+        let c = cos.iter().sum::<f64>() / cos.len() as f64;
+        let t = n * c / (1.0 + (n - 1.0) * c);
+        for k in span.clone() {
+            let avg = models.iter().map(|m| m[k] as f64).sum::<f64>() / n;
+            out[k] = (t * avg + (1.0 - t) * base[k] as f64) as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn example_plugin_merges_like_the_formula() {
+    let (_t, d) = setup();
+    let plugin = lib("fusechat_model_stock");
+    for filter_wise in [false, true] {
+        let out = format!("out-{filter_wise}");
+        ok(&fusechat(
+            &d,
+            &[
+                "--plugin",
+                plugin.to_str().unwrap(),
+                "merge",
+                "--method",
+                "model_stock",
+                "--base",
+                "set/pivot",
+                "--model",
+                "set/t0",
+                "--model",
+                "set/t1",
+                "--model",
+                "set/t2",
+                "--set",
+                &format!("filter_wise={filter_wise}"),
+                "--out",
+                &out,
+            ],
+        ));
+        let models: Vec<PathBuf> = (0..3).map(|i| d.join(format!("set/t{i}"))).collect();
+        for (name, shape, base) in tensors(&d.join("set/pivot")) {
+            let ms: Vec<Vec<f32>> = models.iter().map(|m| tensor(m, &name)).collect();
+            let rows = if filter_wise && shape.len() >= 2 {
+                base.len() / shape[shape.len() - 1]
+            } else {
+                1
+            };
+            let want = model_stock_reference(&base, &ms, rows);
+            let got = tensor(&d.join(&out), &name);
+            assert!(
+                max_abs_diff(&got, &want) < 1e-6,
+                "filter_wise={filter_wise} {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn example_plugin_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    model_set(&d.join("set"), 2, DType::BF16);
+    let plugin = lib("fusechat_model_stock");
+    ok(&fusechat(
+        d,
+        &[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "merge",
+            "--method",
+            "model_stock",
+            "--base",
+            "set/pivot",
+            "--model",
+            "set/t0",
+            "--model",
+            "set/t1",
+            "--out",
+            "out",
+        ],
+    ));
+    let m = fusechat::core::model_dir::ModelDir::open(&d.join("out")).unwrap();
+    let mut names: Vec<&String> = m.tensors().keys().collect();
+    names.sort_by(|a, b| fusechat::core::model_dir::natural_order(a, b));
+    let rows: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| {
+            let v = m.read_f32(n).unwrap();
+            serde_json::json!({
+                "name": n,
+                "shape": m.tensor(n).unwrap().shape,
+                "dtype": m.tensor(n).unwrap().raw_dtype,
+                "fnv1a": format!("{:016x}", fusechat::core::miniature::fnv1a(m.raw(n).unwrap())),
+                "first": v.iter().take(4).map(|x| format!("{x:.5e}")).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    insta::assert_yaml_snapshot!("plugin_model_stock", rows);
+}
+
+/// Crossing the boundary does not copy: the result comes back in the host's own buffer.
+#[test]
+fn contiguous_f32_tensors_cross_without_a_copy() {
+    let mergers = fusechat::core::dynamic::load_library(&lib("fusechat_model_stock")).unwrap();
+    let m = &mergers[0];
+    let mut p = ResolvedParams::default();
+    p.shared.insert("filter_wise".into(), Scalar::Bool(false));
+    p.per_model = vec![Default::default(); 2];
+    let base: Vec<f32> = (0..64).map(|i| i as f32 * 0.01).collect();
+    let base_ptr = base.as_ptr();
+    let a: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + (i % 3) as f32 * 0.1)
+        .collect();
+    let b: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + (i % 5) as f32 * 0.1)
+        .collect();
+    let want = model_stock_reference(&base, &[a.clone(), b.clone()], 1);
+    let g = TensorGroup {
+        name: "w",
+        layer: None,
+        shape: &[64],
+        base: Some(base.into()),
+        models: vec![a.into(), b.into()],
+        params: &p,
+        seed: 0,
+        scope_stats: None,
+    };
+    let merged = m.merge(g).unwrap();
+    assert_eq!(
+        merged.data.as_ptr(),
+        base_ptr,
+        "the plugin's result should be the host's base buffer"
+    );
+    assert!(max_abs_diff(&merged.data, &want) < 1e-6);
+    assert_eq!(merged.data.into_vec().unwrap().len(), 64);
+}
+
+#[test]
+fn plugins_come_from_the_config_and_are_listed_with_their_origin() {
+    let (_t, d) = setup();
+    let plugin = lib("fusechat_model_stock");
+    std::fs::write(d.join("fusechat.toml"), format!(
+        "[plugins]\npaths = [\"{}\"]\n\n[merge]\nmethod = \"model_stock\"\nbase = \"set/pivot\"\nmodels = [\"set/t0\", \"set/t1\"]\nout = \"merged\"\n",
+        plugin.display()
+    )).unwrap();
+    let listing = ok(&fusechat(&d, &["plugins", "model_stock"]));
+    assert!(
+        listing.contains(&plugin.display().to_string()) && listing.contains("filter_wise"),
+        "{listing}"
+    );
+    ok(&fusechat(&d, &["merge", "--config", "fusechat.toml"]));
+    assert!(d.join("merged/model.safetensors").is_file());
+    ok(&fusechat(&d, &["run"]));
+}
+
+#[test]
+fn plugin_parameters_are_validated_before_compute() {
+    let (_t, d) = setup();
+    let plugin = lib("fusechat_model_stock");
+    let base = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "merge",
+        "--method",
+        "model_stock",
+        "--base",
+        "set/pivot",
+        "--model",
+        "set/t0",
+        "--model",
+        "set/t1",
+        "--out",
+        "o",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--set", "filter_wize=true"]);
+    let err = fails(&fusechat(&d, &args));
+    assert!(
+        err.contains("unknown parameter `filter_wize`") && err.contains("known: filter_wise"),
+        "{err}"
+    );
+    let mut args = base.to_vec();
+    args.extend(["--set", "filter_wise=3"]);
+    let err = fails(&fusechat(&d, &args));
+    assert!(
+        err.contains("parameter `filter_wise`: expected bool"),
+        "{err}"
+    );
+    let err = fails(&fusechat(
+        &d,
+        &[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "merge",
+            "--method",
+            "model_stock",
+            "--base",
+            "set/pivot",
+            "--model",
+            "set/t0",
+            "--out",
+            "o",
+        ],
+    ));
+    assert!(
+        err.contains("at least 2 model(s) besides the base"),
+        "{err}"
+    );
+    nothing_left(&d, "o");
+}
+
+#[test]
+fn a_name_clash_is_an_error_unless_the_config_says_which_wins() {
+    let (_t, d) = setup();
+    let plugin = lib("fusechat_model_stock");
+    let copy = d.join(plugin.file_name().unwrap());
+    std::fs::copy(&plugin, &copy).unwrap();
+    let cfg = |prefer: &str| {
+        format!(
+            "[plugins]\npaths = [\"{}\", \"{}\"]\n{prefer}",
+            plugin.display(),
+            copy.display()
+        )
+    };
+    std::fs::write(d.join("fusechat.toml"), cfg("")).unwrap();
+    let err = fails(&fusechat(&d, &["plugins"]));
+    assert!(
+        err.contains("clashes") && err.contains("[plugins.prefer]") && err.contains("model_stock"),
+        "{err}"
+    );
+    std::fs::write(
+        d.join("fusechat.toml"),
+        cfg(&format!(
+            "[plugins.prefer]\nmodel_stock = \"{}\"\n",
+            copy.display()
+        )),
+    )
+    .unwrap();
+    let listing = ok(&fusechat(&d, &["plugins", "model_stock"]));
+    assert!(listing.contains(&copy.display().to_string()), "{listing}");
+}
+
+fn bad_plugin(name: &str, method: &str) -> String {
+    let (_t, d) = setup();
+    let err = fails(&fusechat(
+        &d,
+        &[
+            "--plugin",
+            lib(name).to_str().unwrap(),
+            "merge",
+            "--method",
+            method,
+            "--model",
+            "set/t0",
+            "--out",
+            "o",
+        ],
+    ));
+    nothing_left(&d, "o");
+    err
+}
+
+#[test]
+fn a_plugin_with_the_wrong_abi_version_is_refused() {
+    let err = bad_plugin("fixture_bad_abi", "x");
+    assert!(
+        err.contains("ABI version 999")
+            && err.contains("speaks version 1")
+            && err.contains("libfixture_bad_abi"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_plugin_without_the_entry_symbol_is_refused() {
+    let err = bad_plugin("fixture_no_entry", "x");
+    assert!(
+        err.contains("no `fusechat_plugin_register` entry point")
+            && err.contains("libfixture_no_entry"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_panicking_plugin_gives_an_error_naming_plugin_and_tensor() {
+    let err = bad_plugin("fixture_panics", "panicky");
+    assert!(
+        err.contains("plugin `panicky`")
+            && err.contains("the kernel panicked: deliberate failure")
+            && err.contains(".mlp."),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_plugin_returning_the_wrong_shape_is_refused() {
+    let err = bad_plugin("fixture_wrong_shape", "short");
+    assert!(
+        err.contains("plugin `short`") && err.contains("values for shape"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_files_and_foreign_libraries_are_clear_errors() {
+    let (_t, d) = setup();
+    let err = fails(&fusechat(&d, &["--plugin", "nope.so", "plugins"]));
+    assert!(
+        err.contains("nope.so") && err.contains("file not found"),
+        "{err}"
+    );
+    std::fs::write(d.join("text.so"), "not a library").unwrap();
+    let err = fails(&fusechat(&d, &["--plugin", "text.so", "plugins"]));
+    assert!(
+        err.contains("text.so")
+            && err.contains("cannot be loaded as a shared library for this platform"),
+        "{err}"
+    );
+    // The example plugin with its ELF machine patched to AArch64.
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        let mut bytes = std::fs::read(lib("fusechat_model_stock")).unwrap();
+        bytes[18] = 0xB7;
+        bytes[19] = 0x00;
+        std::fs::write(d.join("arm.so"), bytes).unwrap();
+        let err = fails(&fusechat(&d, &["--plugin", "arm.so", "plugins"]));
+        assert!(
+            err.contains("arm.so") && err.contains("x86_64-linux"),
+            "{err}"
+        );
+    }
+}
