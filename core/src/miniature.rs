@@ -156,6 +156,19 @@ pub fn write_model_dir(
     dtype: DType,
     max_shard_size: u64,
 ) -> Result<()> {
+    write_hf_dir(dir, config, tensors, dtype, max_shard_size, None)
+}
+
+/// Write an HF model directory atomically: config.json (with `torch_dtype`),
+/// sharded safetensors, and the tokenizer files of `tokenizer_from` if given.
+pub fn write_hf_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: DType,
+    max_shard_size: u64,
+    tokenizer_from: Option<&Path>,
+) -> Result<()> {
     let out = OutputDir::create(dir, true)?;
     let specs: Vec<TensorSpec> = tensors
         .iter()
@@ -186,6 +199,14 @@ pub fn write_model_dir(
             .expect("JSON")
             .as_bytes(),
     )?;
+    if let Some(src) = tokenizer_from {
+        for f in crate::model_dir::TOKENIZER_FILES {
+            let from = src.join(f);
+            if from.is_file() {
+                std::fs::copy(&from, out.path().join(f)).map_err(|e| Error::io(&from, e))?;
+            }
+        }
+    }
     out.commit()?;
     Ok(())
 }

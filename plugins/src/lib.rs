@@ -3,6 +3,7 @@
 //! to add one.
 
 pub mod merge;
+pub mod models;
 
 /// Call once from a binary so the linker keeps this crate (and its
 /// `inventory` registrations) even though nothing else names it.
