@@ -43,6 +43,54 @@ pub enum Command {
     Merge(MergeArgs),
     /// List the available plugins and their parameters.
     Plugins(PluginsArgs),
+    /// Generate a reply to one prompt with a model directory.
+    Generate(GenerateArgs),
+    /// Chat with a model directory in the terminal (multi-turn; tokens stream as they come).
+    Chat(ChatArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Model family (llama, mistral, mixtral); default: detected from config.json.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// cpu, or cuda:N in a build with the cuda feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Chat template applied to the prompt.
+    #[arg(long, value_enum, default_value = "openchat")]
+    pub template: crate::chat::Template,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The user's message.
+    #[arg(long)]
+    pub prompt: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 #[derive(Args, Debug)]
@@ -383,8 +431,95 @@ fn cmd_plugins(args: &PluginsArgs, plugins: &[PathBuf]) -> Result<()> {
         s.push('\n');
         emit(&s)?;
     }
+    for e in registry.models() {
+        if args.name.as_deref().is_some_and(|n| n != e.info.name) {
+            continue;
+        }
+        found = true;
+        emit(&format!(
+            "{} {}  [{}]\n    {}\n\n",
+            e.info.kind, e.info.name, e.origin, e.info.description
+        ))?;
+    }
     if !found {
         registry.merger(args.name.as_deref().unwrap_or_default())?;
+    }
+    Ok(())
+}
+
+fn load_for_generation(
+    a: &ModelArgs,
+    plugins: &[PathBuf],
+) -> Result<(
+    Box<dyn fusechat_core::model::CausalLm>,
+    tokenizers::Tokenizer,
+    fusechat_core::generate::GenOptions,
+)> {
+    let registry = crate::registry_with(None, plugins)?;
+    let opts = fusechat_core::model::LoadOptions {
+        device: fusechat_core::model::parse_device(&a.device)?,
+        ..Default::default()
+    };
+    let model = fusechat_core::model::load_model(&registry, &a.model, a.family.as_deref(), &opts)?;
+    let tok = crate::chat::load_tokenizer(&a.model)?;
+    let gen = fusechat_core::generate::GenOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        stop: crate::chat::stops(model.as_ref(), &tok, a.template),
+    };
+    Ok((model, tok, gen))
+}
+
+fn cmd_generate(args: &GenerateArgs, plugins: &[PathBuf]) -> Result<()> {
+    let (model, tok, gen) = load_for_generation(&args.model, plugins)?;
+    let mut out = std::io::stdout();
+    crate::chat::reply(
+        model.as_ref(),
+        &tok,
+        args.model.template,
+        &[args.prompt.clone()],
+        &gen,
+        &mut out,
+    )?;
+    emit("\n")
+}
+
+fn cmd_chat(args: &ChatArgs, plugins: &[PathBuf]) -> Result<()> {
+    use std::io::BufRead;
+    let (model, tok, gen) = load_for_generation(&args.model, plugins)?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {} ({}); an empty line or Ctrl-D ends",
+            args.model.model.display(),
+            model.family()
+        );
+    }
+    let mut turns: Vec<String> = Vec::new();
+    let mut out = std::io::stdout();
+    let stdin = std::io::stdin();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        turns.push(line.trim().to_string());
+        let answer = crate::chat::reply(
+            model.as_ref(),
+            &tok,
+            args.model.template,
+            &turns,
+            &gen,
+            &mut out,
+        )?;
+        emit("\n")?;
+        turns.push(answer);
     }
     Ok(())
 }
@@ -416,6 +551,8 @@ pub fn main() -> ExitCode {
         Command::Run(a) => cmd_run(a, &cli.plugins),
         Command::Merge(a) => cmd_merge(a, &cli.plugins),
         Command::Plugins(a) => cmd_plugins(a, &cli.plugins),
+        Command::Generate(a) => cmd_generate(a, &cli.plugins),
+        Command::Chat(a) => cmd_chat(a, &cli.plugins),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

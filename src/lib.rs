@@ -4,6 +4,7 @@
 //! stage drivers) and [`fusechat_plugins`] (the built-ins). The `fusechat`
 //! binary is a thin layer over [`cli`].
 
+pub mod chat;
 pub mod cli;
 pub mod run;
 

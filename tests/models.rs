@@ -4,7 +4,8 @@ use candle_core::{DType as CDType, Device, Tensor, D};
 use candle_nn::Optimizer;
 use fusechat::core::dtype::DType;
 use fusechat::core::miniature::{write_model_dir, SplitMix64};
-use fusechat::plugins::models::decoder::{Decoder, DecoderConfig, Flavour, KvCache, LoadOptions};
+use fusechat::core::model::{KvCache, LoadOptions};
+use fusechat::plugins::models::decoder::{Decoder, DecoderConfig, Flavour};
 use serde_json::json;
 use std::path::Path;
 
@@ -60,7 +61,7 @@ fn make(dir: &Path, cfg: &serde_json::Value, seed: u64) {
 }
 
 fn load(dir: &Path) -> Decoder {
-    Decoder::load(dir, &LoadOptions::default()).unwrap()
+    Decoder::load(dir, &LoadOptions::default(), None).unwrap()
 }
 
 fn ids(v: &[u32]) -> Tensor {
@@ -265,6 +266,7 @@ fn every_trainable_weight_gets_a_gradient() {
                 trainable: true,
                 ..Default::default()
             },
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -306,7 +308,7 @@ fn a_few_adamw_steps_fit_one_sequence_and_frozen_weights_stay() {
         freeze: vec!["embed_tokens".into(), "layers.0.".into()],
         ..Default::default()
     };
-    let m = Decoder::load(&d, &opts).unwrap();
+    let m = Decoder::load(&d, &opts, None).unwrap();
     assert!(m
         .vars()
         .iter()
@@ -390,7 +392,7 @@ fn sharded_and_unsharded_checkpoints_load_the_same() {
 fn bad_checkpoints_name_the_field_or_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let err = |dir: &Path| {
-        Decoder::load(dir, &LoadOptions::default())
+        Decoder::load(dir, &LoadOptions::default(), None)
             .err()
             .unwrap()
             .to_string()

@@ -50,3 +50,32 @@ fn a_name_clash_is_an_error_naming_both_origins() {
         "{err}"
     );
 }
+
+#[test]
+fn the_three_decoder_families_are_registered_and_detected() {
+    let r = fusechat::registry();
+    let names: Vec<&str> = r.models().iter().map(|e| e.info.name.as_str()).collect();
+    assert_eq!(names, ["llama", "mistral", "mixtral"]);
+    let detect = |arch: &str, ty: &str| {
+        let cfg = serde_json::json!({"architectures": [arch], "model_type": ty});
+        r.detect_model(&cfg).map(|e| e.info.name.clone())
+    };
+    assert_eq!(
+        detect("MistralForCausalLM", "mistral").as_deref(),
+        Some("mistral")
+    );
+    assert_eq!(
+        detect("MixtralForCausalLM", "mixtral").as_deref(),
+        Some("mixtral")
+    );
+    assert_eq!(
+        detect("LlamaForCausalLM", "llama").as_deref(),
+        Some("llama")
+    );
+    assert_eq!(detect("GPT2LMHeadModel", "gpt2"), None);
+    let err = match r.model("gpt2") {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("gpt2 is not a known family"),
+    };
+    assert!(err.contains("llama, mistral, mixtral"), "{err}");
+}

@@ -10,10 +10,14 @@ pub mod dtype;
 pub mod dynamic;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "candle")]
+pub mod generate;
 pub mod hub;
 pub mod merge;
 pub mod mergekit;
 pub mod miniature;
+#[cfg(feature = "candle")]
+pub mod model;
 pub mod model_dir;
 pub mod params;
 pub mod plan;

@@ -184,10 +184,21 @@ pub struct MergerEntry {
     pub origin: Origin,
 }
 
+/// A registered model family.
+#[cfg(feature = "candle")]
+#[derive(Clone)]
+pub struct ModelEntry {
+    pub model: Arc<dyn crate::model::SourceModel>,
+    pub info: PluginInfo,
+    pub origin: Origin,
+}
+
 /// All plugins known to this process.
 #[derive(Clone, Default)]
 pub struct Registry {
     mergers: Vec<MergerEntry>,
+    #[cfg(feature = "candle")]
+    models: Vec<ModelEntry>,
 }
 
 impl Registry {
@@ -200,7 +211,49 @@ impl Registry {
             let _ = r.add_merger(merger, Origin::BuiltIn);
         }
         r.mergers.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        #[cfg(feature = "candle")]
+        for b in inventory::iter::<crate::model::BuiltinModel> {
+            let model = (b.0)();
+            let info = model.info();
+            r.models.push(ModelEntry {
+                model,
+                info,
+                origin: Origin::BuiltIn,
+            });
+        }
+        #[cfg(feature = "candle")]
+        r.models.sort_by(|a, b| a.info.name.cmp(&b.info.name));
         r
+    }
+
+    /// The model families.
+    #[cfg(feature = "candle")]
+    pub fn models(&self) -> &[ModelEntry] {
+        &self.models
+    }
+
+    /// A model family by name; an unknown name lists the known ones.
+    #[cfg(feature = "candle")]
+    pub fn model(&self, name: &str) -> Result<&ModelEntry> {
+        self.models
+            .iter()
+            .find(|e| e.info.name == name)
+            .ok_or_else(|| {
+                Error::Plugin(format!(
+                    "unknown model family `{name}`; known families: {}",
+                    self.models
+                        .iter()
+                        .map(|e| e.info.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    /// The first family that recognises a config.json.
+    #[cfg(feature = "candle")]
+    pub fn detect_model(&self, config: &serde_json::Value) -> Option<&ModelEntry> {
+        self.models.iter().find(|e| e.model.detects(config))
     }
 
     /// Add a merger; a name already taken is an error naming both origins.

@@ -17,7 +17,9 @@
 //! their memory but keeps candle's fast f32 matmul.
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use fusechat_core::model::{CausalLm, KvCache, LoadOptions, SourceModel};
 use fusechat_core::model_dir::ModelDir;
+use fusechat_core::registry::{PluginInfo, PluginKind};
 use fusechat_core::{Error, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -201,29 +203,6 @@ impl DecoderConfig {
     }
 }
 
-/// How to load a model.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub device: Device,
-    /// Make the weights trainable candle `Var`s.
-    pub trainable: bool,
-    /// With `trainable`: weights whose name contains any of these stay frozen.
-    pub freeze: Vec<String>,
-    /// Override the family detected from config.json.
-    pub flavour: Option<Flavour>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            device: Device::Cpu,
-            trainable: false,
-            freeze: Vec::new(),
-            flavour: None,
-        }
-    }
-}
-
 fn ce(e: candle_core::Error) -> Error {
     Error::msg(format!("tensor computation failed: {e}"))
 }
@@ -239,29 +218,11 @@ pub struct Decoder {
     vars: Vec<(String, Var)>,
 }
 
-/// Per-layer key/value cache for generation: (k, v) after RoPE, `[1, kv_heads, S, d]`.
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 impl Decoder {
-    /// Load an HF model directory.
-    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Decoder> {
+    /// Load an HF model directory; `flavour` overrides detection from config.json.
+    pub fn load(dir: &Path, opts: &LoadOptions, flavour: Option<Flavour>) -> Result<Decoder> {
         let md = ModelDir::open(dir)?;
-        let cfg = DecoderConfig::from_json(&md.config, &dir.join("config.json"), opts.flavour)?;
+        let cfg = DecoderConfig::from_json(&md.config, &dir.join("config.json"), flavour)?;
         let mut weights = std::collections::HashMap::new();
         let mut vars = Vec::new();
         let mut names = Vec::new();
@@ -623,4 +584,54 @@ fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> candle_core::Re
     // silu(g) = g / (1 + e^-g), from differentiable ops
     let silu = g.broadcast_div(&(g.neg()?.exp()? + 1.0)?)?;
     linear(&(silu * linear(x, up)?)?, down)
+}
+
+impl CausalLm for Decoder {
+    fn family(&self) -> &str {
+        self.cfg.flavour.name()
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        Decoder::forward(self, input_ids, attention_mask)
+    }
+    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Decoder::forward_cached(self, input_ids, cache)
+    }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.vars.clone()
+    }
+    fn save(&self, out: &Path, dtype: fusechat_core::dtype::DType) -> Result<()> {
+        Decoder::save(self, out, dtype)
+    }
+}
+
+/// A flavour of the decoder as a `SourceModel` plugin (declared by mistral.rs, mixtral.rs, llama.rs).
+pub struct Family {
+    pub flavour: Flavour,
+    pub description: &'static str,
+}
+
+impl SourceModel for Family {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            kind: PluginKind::Model,
+            name: self.flavour.name().into(),
+            description: self.description.into(),
+            params: Vec::new(),
+        }
+    }
+    fn detects(&self, config: &Value) -> bool {
+        Flavour::detect(config) == Some(self.flavour)
+    }
+    fn load(&self, dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(Decoder::load(dir, opts, Some(self.flavour))?))
+    }
 }

@@ -1,0 +1,133 @@
+//! The `SourceModel` extension point: a causal-LM family that loads an HF
+//! model directory into a [`CausalLm`], which gives logits for every position
+//! of a padded batch, trains (its weights are candle `Var`s), and generates
+//! with a KV cache.
+
+use crate::registry::PluginInfo;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor, Var};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Make the weights trainable `Var`s.
+    pub trainable: bool,
+    /// With `trainable`: weights whose name contains any of these stay frozen.
+    pub freeze: Vec<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            trainable: false,
+            freeze: Vec::new(),
+        }
+    }
+}
+
+/// Parse a device name: `cpu`, or `cuda:N` in a build with the `cuda` feature.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            #[cfg(feature = "cuda")]
+            {
+                let n: usize = s
+                    .strip_prefix("cuda:")
+                    .unwrap_or("0")
+                    .parse()
+                    .map_err(|_| Error::msg(format!("bad device `{s}` (use cuda:N)")))?;
+                Device::new_cuda(n).map_err(|e| Error::msg(format!("cannot open {s}: {e}")))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(Error::msg(format!("device `{s}`: this fusechat was built without the `cuda` feature (cargo build --features cuda)")))
+        }
+        other => Err(Error::msg(format!(
+            "unknown device `{other}` (use cpu or cuda:N)"
+        ))),
+    }
+}
+
+/// Per-layer key/value cache: (k, v) after RoPE, `[1, kv_heads, S, head_dim]`.
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A loaded causal language model.
+pub trait CausalLm: Send + Sync {
+    /// The family name (`llama`, `mistral`, `mixtral`, ...).
+    fn family(&self) -> &str;
+    fn vocab_size(&self) -> usize;
+    fn device(&self) -> &Device;
+    /// The directory it was loaded from (config, tokenizer and generation files).
+    fn dir(&self) -> &Path;
+    /// Logits `[B, L, V]` in f32 for every position; `attention_mask` `[B, L]` is 1
+    /// for tokens and 0 for right padding.
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+    /// Logits `[1, T, V]` for `input_ids` `[1, T]` after the cached positions; extends the cache.
+    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// The trainable weights, by checkpoint name.
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// Save the current weights as an HF model directory (atomically).
+    fn save(&self, out: &Path, dtype: crate::dtype::DType) -> Result<()>;
+}
+
+/// A model family plugin.
+pub trait SourceModel: Send + Sync {
+    fn info(&self) -> PluginInfo;
+    /// Whether this family reads a checkpoint with this config.json.
+    fn detects(&self, config: &serde_json::Value) -> bool;
+    fn load(&self, dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>>;
+}
+
+/// A built-in model family: `inventory::submit! { BuiltinModel(|| Arc::new(Mistral)) }`.
+pub struct BuiltinModel(pub fn() -> Arc<dyn SourceModel>);
+inventory::collect!(BuiltinModel);
+
+/// Load a model directory with the family named `family`, or the one that
+/// recognises its config.json.
+pub fn load_model(
+    registry: &crate::registry::Registry,
+    dir: &Path,
+    family: Option<&str>,
+    opts: &LoadOptions,
+) -> Result<Box<dyn CausalLm>> {
+    let entry = match family {
+        Some(f) => registry.model(f)?,
+        None => {
+            let cfg_path = dir.join("config.json");
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let cfg: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&cfg_path, format!("not valid JSON: {e}")))?;
+            registry.detect_model(&cfg).ok_or_else(|| {
+                Error::config(
+                    &cfg_path,
+                    format!(
+                        "no model family recognises architectures = {}, model_type = {} (known: {}); pass the family explicitly if it is one of them",
+                        cfg["architectures"], cfg["model_type"],
+                        registry.models().iter().map(|m| m.info.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?
+        }
+    };
+    entry.model.load(dir, opts)
+}
