@@ -547,6 +547,9 @@ fn init_logging(verbose: u8, quiet: bool) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
+    if matches!(cli.command, Command::Generate(_) | Command::Chat(_)) {
+        crate::tune_allocator_for_compute();
+    }
     let r = match &cli.command {
         Command::Run(a) => cmd_run(a, &cli.plugins),
         Command::Merge(a) => cmd_merge(a, &cli.plugins),

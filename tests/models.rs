@@ -438,3 +438,29 @@ fn bad_checkpoints_name_the_field_or_tensor() {
         "{e}"
     );
 }
+
+#[test]
+fn fused_inference_kernels_match_the_differentiable_forms() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in FLAVOURS {
+        let d = tmp.path().join(f.name());
+        make(&d, &config(f), 10);
+        let seq = [3u32, 1, 4, 1, 5, 9, 2, 6, 5, 3];
+        let fused = load(&d).forward(&ids(&seq), &ones(10)).unwrap();
+        let trainable = Decoder::load(
+            &d,
+            &LoadOptions {
+                trainable: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        let plain = trainable.forward(&ids(&seq), &ones(10)).unwrap();
+        assert!(
+            max_diff(&fused, &plain) <= 1e-5,
+            "{f:?}: {}",
+            max_diff(&fused, &plain)
+        );
+    }
+}

@@ -36,7 +36,11 @@ impl Default for GenOptions {
 }
 
 fn ce(e: candle_core::Error) -> Error {
-    Error::msg(format!("tensor computation failed: {e}"))
+    let text = e.to_string();
+    Error::msg(format!(
+        "tensor computation failed: {}",
+        text.lines().next().unwrap_or_default()
+    ))
 }
 
 /// Pick the next token from one position's logits.

@@ -11,8 +11,11 @@
 //! padding. RoPE rotates the two halves of each head (`rotate_half`), with
 //! frequencies `rope_theta^(−2i/d)`.
 //!
-//! Every op here has a backward in candle (no fused `rms_norm`, `rope` or
-//! `softmax_last_dim`), so the same forward serves scoring and training.
+//! When any weight is trainable, every op used has a backward in candle: RMSNorm,
+//! RoPE and softmax are written out from differentiable ops (candle's fused
+//! `rms_norm`, `rope` and `softmax_last_dim` have no backward and would cut the
+//! graph). A model loaded for inference only uses the fused kernels, which are
+//! faster; a test checks both paths give the same logits.
 //! Weights are f32 on CPU: bf16 checkpoints are upcast at load, which doubles
 //! their memory but keeps candle's fast f32 matmul.
 
@@ -203,8 +206,13 @@ impl DecoderConfig {
     }
 }
 
+/// A candle error as ours, without the backtrace candle appends under RUST_BACKTRACE.
 fn ce(e: candle_core::Error) -> Error {
-    Error::msg(format!("tensor computation failed: {e}"))
+    let text = e.to_string();
+    Error::msg(format!(
+        "tensor computation failed: {}",
+        text.lines().next().unwrap_or_default()
+    ))
 }
 
 /// A loaded decoder: its weights by checkpoint name (trainable ones as `Var`s).
@@ -400,7 +408,9 @@ impl Decoder {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             x = self.layer(&p, &x, &cos, &sin, bias, kv).map_err(ce)?;
         }
-        let x = rms_norm(&x, self.w("model.norm.weight")?, cfg.rms_norm_eps).map_err(ce)?;
+        let x = self
+            .norm(&x, self.w("model.norm.weight")?, self.vars.is_empty())
+            .map_err(ce)?;
         linear(&x, self.lm_head()?).map_err(ce)
     }
 
@@ -421,7 +431,8 @@ impl Decoder {
         };
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let h = rms_norm(x, w("input_layernorm.weight")?, cfg.rms_norm_eps)?;
+        let fused = self.vars.is_empty();
+        let h = self.norm(x, w("input_layernorm.weight")?, fused)?;
         let q = linear(&h, w("self_attn.q_proj.weight")?)?
             .reshape((b, t, nh, d))?
             .transpose(1, 2)?;
@@ -431,8 +442,8 @@ impl Decoder {
         let v = linear(&h, w("self_attn.v_proj.weight")?)?
             .reshape((b, t, nkv, d))?
             .transpose(1, 2)?;
-        let q = rope(&q, cos, sin)?;
-        let mut k = rope(&k, cos, sin)?;
+        let q = self.rope(&q, cos, sin, fused)?;
+        let mut k = self.rope(&k, cos, sin, fused)?;
         let mut v = v.contiguous()?;
         if let Some(slot) = kv {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -445,11 +456,16 @@ impl Decoder {
         let k = repeat_kv(&k, rep)?;
         let v = repeat_kv(&v, rep)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(bias)?;
-        let att = softmax(&att)?;
+        // scale q (T·d values) rather than the scores (T·S values)
+        let att = (q * scale)?.matmul(&k.t()?)?.broadcast_add(bias)?;
+        let att = if fused {
+            candle_nn::ops::softmax_last_dim(&att)?
+        } else {
+            softmax(&att)?
+        };
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         let x = (x + linear(&o, w("self_attn.o_proj.weight")?)?)?;
-        let h = rms_norm(&x, w("post_attention_layernorm.weight")?, cfg.rms_norm_eps)?;
+        let h = self.norm(&x, w("post_attention_layernorm.weight")?, fused)?;
         let f = if cfg.flavour == Flavour::Mixtral {
             self.moe(p, &h)?
         } else {
@@ -463,6 +479,33 @@ impl Decoder {
         x + f
     }
 
+    fn norm(&self, x: &Tensor, w: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        if fused {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, self.cfg.rms_norm_eps as f32)
+        } else {
+            rms_norm(x, w, self.cfg.rms_norm_eps)
+        }
+    }
+
+    fn rope(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
+        if fused {
+            let half = self.cfg.head_dim / 2;
+            let (c, s) = (
+                cos.narrow(1, 0, half)?.contiguous()?,
+                sin.narrow(1, 0, half)?.contiguous()?,
+            );
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)
+        } else {
+            rope(x, cos, sin)
+        }
+    }
+
     /// Sparse MoE: each token goes to its top-k experts, weighted by the router's
     /// renormalised probabilities. Selection is discrete; the weights keep their gradient.
     fn moe(&self, p: &str, h: &Tensor) -> candle_core::Result<Tensor> {
@@ -470,7 +513,7 @@ impl Decoder {
         let (b, t, hd) = h.dims3()?;
         let x = h.reshape((b * t, hd))?;
         let gate = &self.weights[&format!("{p}.block_sparse_moe.gate.weight")];
-        let probs = softmax(&linear(&x, gate)?)?; // [N, E]
+        let probs = softmax(&linear(&x, gate)?)?; // [N, E]: small, always the differentiable form
         let pv: Vec<Vec<f32>> = probs.to_vec2()?;
         let k = cfg.experts_per_token;
         let mut chosen = Vec::with_capacity(b * t * k);
@@ -539,9 +582,17 @@ impl Decoder {
     }
 }
 
-/// `x · Wᵀ` for a weight `W` of shape `[out, in]`.
+/// `x · Wᵀ` for a weight `W` of shape `[out, in]`. The leading dimensions of `x`
+/// are flattened so that the whole batch is one GEMM (larger panels than one
+/// GEMM per sequence).
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_matmul(&w.t()?)
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    y.reshape(out)
 }
 
 /// RMSNorm from differentiable ops, accumulated in f32.
@@ -580,10 +631,8 @@ fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
 
 /// SiLU-gated MLP: `down(silu(gate x) ⊙ up x)`.
 fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> candle_core::Result<Tensor> {
-    let g = linear(x, gate)?;
-    // silu(g) = g / (1 + e^-g), from differentiable ops
-    let silu = g.broadcast_div(&(g.neg()?.exp()? + 1.0)?)?;
-    linear(&(silu * linear(x, up)?)?, down)
+    // candle's silu has a backward
+    linear(&(linear(x, gate)?.silu()? * linear(x, up)?)?, down)
 }
 
 impl CausalLm for Decoder {

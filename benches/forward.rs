@@ -1,0 +1,138 @@
+//! Scoring forward (B = 4, L = 512, logits for every position) and one
+//! training step (forward, cross-entropy, backward, AdamW update; B = 1,
+//! L = 512) on a ~100M-parameter Mistral-shaped model, f32 on CPU.
+//!
+//! Model: hidden 768, 8 layers, 12 heads / 4 KV heads, MLP 2048, vocab 32000
+//! (98M parameters), random weights generated into target/bench-data/forward.
+//!
+//!     cargo bench --bench forward
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::Optimizer;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fusechat::core::miniature::{write_model_dir, SplitMix64};
+use fusechat::core::model::LoadOptions;
+use fusechat::plugins::models::decoder::{Decoder, DecoderConfig};
+use std::path::Path;
+
+fn model_dir() -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/forward");
+    if dir.join("model.safetensors").exists() {
+        return dir;
+    }
+    let cfg = serde_json::json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+        "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
+    });
+    let dc = DecoderConfig::from_json(&cfg, Path::new("config.json"), None).unwrap();
+    let mut rng = SplitMix64(3);
+    let w: Vec<(String, Vec<usize>, Vec<f32>)> = dc
+        .weights()
+        .into_iter()
+        .map(|(n, s)| {
+            let k: usize = s.iter().product();
+            let v = (0..k)
+                .map(|_| {
+                    if n.contains("norm") {
+                        1.0
+                    } else {
+                        0.02 * rng.normal() as f32
+                    }
+                })
+                .collect();
+            (n, s, v)
+        })
+        .collect();
+    write_model_dir(
+        &dir,
+        &cfg,
+        &w,
+        fusechat::core::dtype::DType::BF16,
+        5_000_000_000,
+    )
+    .unwrap();
+    dir
+}
+
+fn tokens(b: usize, l: usize) -> Tensor {
+    let mut rng = SplitMix64(5);
+    let v: Vec<u32> = (0..b * l)
+        .map(|_| (rng.next_u64() % 32000) as u32)
+        .collect();
+    Tensor::from_vec(v, (b, l), &Device::Cpu).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    fusechat::tune_allocator_for_compute();
+    let dir = model_dir();
+    let mut g = c.benchmark_group("mistral_98M_f32_cpu");
+    g.sample_size(10);
+
+    let m = Decoder::load(&dir, &LoadOptions::default(), None).unwrap();
+    let (b, l) = (4, 512);
+    let x = tokens(b, l);
+    let mask = Tensor::ones((b, l), DType::U32, &Device::Cpu).unwrap();
+    g.throughput(Throughput::Elements((b * l) as u64));
+    g.bench_function("score_forward_b4_l512", |bench| {
+        bench.iter(|| m.forward(&x, &mask).unwrap())
+    });
+
+    let t = Decoder::load(
+        &dir,
+        &LoadOptions {
+            trainable: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let vars = t.vars().iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr: 5e-6,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let x1 = tokens(1, l);
+    let mask1 = Tensor::ones((1, l), DType::U32, &Device::Cpu).unwrap();
+    let targets = x1.narrow(1, 1, l - 1).unwrap().reshape((l - 1, 1)).unwrap();
+    g.throughput(Throughput::Elements(l as u64));
+    g.bench_function("train_step_b1_l512", |bench| {
+        bench.iter(|| {
+            let logits = t
+                .forward(&x1, &mask1)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .narrow(0, 0, l - 1)
+                .unwrap();
+            let max = logits.max_keepdim(D::Minus1).unwrap().detach();
+            let z = logits.broadcast_sub(&max).unwrap();
+            let lse = z
+                .exp()
+                .unwrap()
+                .sum_keepdim(D::Minus1)
+                .unwrap()
+                .log()
+                .unwrap();
+            let loss = z
+                .broadcast_sub(&lse)
+                .unwrap()
+                .gather(&targets, 1)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .neg()
+                .unwrap();
+            opt.backward_step(&loss).unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
