@@ -464,3 +464,55 @@ fn fused_inference_kernels_match_the_differentiable_forms() {
         );
     }
 }
+
+/// The bf16 compute path (the CUDA default) on CPU: logits close to f32's, in f32,
+/// and padding still does not leak into real positions.
+#[test]
+fn bf16_compute_tracks_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in FLAVOURS {
+        let d = tmp.path().join(f.name());
+        make(&d, &config(f), 11);
+        let seq = [3u32, 14, 15, 9, 26, 5, 35, 8];
+        let full = load(&d).forward(&ids(&seq), &ones(8)).unwrap();
+        let opts = LoadOptions {
+            dtype: Some(CDType::BF16),
+            ..Default::default()
+        };
+        let m = Decoder::load(&d, &opts, None).unwrap();
+        let half = m.forward(&ids(&seq), &ones(8)).unwrap();
+        assert_eq!(half.dtype(), CDType::F32);
+        let scale = full
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d_rel = max_diff(&full, &half) / scale;
+        assert!(
+            d_rel < 0.05,
+            "{f:?}: bf16 logits differ by {d_rel} of the largest logit"
+        );
+        // padded batch, bf16: real positions match the sequence alone
+        let mut batch = seq.to_vec();
+        batch.extend([7u32, 7, 7, 0, 0, 0, 0, 0]);
+        let mask: Vec<u32> = [1u32; 8]
+            .iter()
+            .chain([1u32, 1, 1, 0, 0, 0, 0, 0].iter())
+            .copied()
+            .collect();
+        let both = m
+            .forward(
+                &Tensor::from_vec(batch, (2, 8), &Device::Cpu).unwrap(),
+                &Tensor::from_vec(mask, (2, 8), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        assert!(
+            max_diff(&both.narrow(0, 0, 1).unwrap(), &half) <= 1e-3 * scale,
+            "{f:?}"
+        );
+    }
+}

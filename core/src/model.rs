@@ -17,6 +17,9 @@ pub struct LoadOptions {
     pub trainable: bool,
     /// With `trainable`: weights whose name contains any of these stay frozen.
     pub freeze: Vec<String>,
+    /// Weight and activation dtype; `None`: f32 on CPU, bf16 on CUDA. Softmax,
+    /// RMSNorm statistics and the returned logits are always f32.
+    pub dtype: Option<candle_core::DType>,
 }
 
 impl Default for LoadOptions {
@@ -25,7 +28,19 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             trainable: false,
             freeze: Vec::new(),
+            dtype: None,
         }
+    }
+}
+
+impl LoadOptions {
+    /// The compute dtype these options resolve to.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        self.dtype.unwrap_or(if self.device.is_cpu() {
+            candle_core::DType::F32
+        } else {
+            candle_core::DType::BF16
+        })
     }
 }
 

@@ -16,8 +16,10 @@
 //! `rms_norm`, `rope` and `softmax_last_dim` have no backward and would cut the
 //! graph). A model loaded for inference only uses the fused kernels, which are
 //! faster; a test checks both paths give the same logits.
-//! Weights are f32 on CPU: bf16 checkpoints are upcast at load, which doubles
-//! their memory but keeps candle's fast f32 matmul.
+//! Compute dtype: f32 on CPU by default (bf16 checkpoints are upcast at load,
+//! which doubles their memory but uses candle's fast f32 GEMM; candle's CPU
+//! bf16 GEMM is several times slower), bf16 on CUDA. Whatever the compute
+//! dtype, softmax and RMSNorm statistics run in f32 and logits come back in f32.
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use fusechat_core::model::{CausalLm, KvCache, LoadOptions, SourceModel};
@@ -246,7 +248,9 @@ impl Decoder {
                 )),
                 Some(_) => {
                     let values = md.read_f32(&name)?;
-                    let t = Tensor::from_vec(values, shape.as_slice(), &opts.device).map_err(ce)?;
+                    let t = Tensor::from_vec(values, shape.as_slice(), &opts.device)
+                        .and_then(|t| t.to_dtype(opts.compute_dtype()))
+                        .map_err(ce)?;
                     let t = if opts.trainable
                         && !opts.freeze.iter().any(|p| name.contains(p.as_str()))
                     {
@@ -364,6 +368,11 @@ impl Decoder {
         Tensor::from_vec(bias, (b, 1, t, s), &self.device).map_err(ce)
     }
 
+    /// The compute dtype (the embeddings' dtype).
+    fn dtype(&self) -> DType {
+        self.weights["model.embed_tokens.weight"].dtype()
+    }
+
     /// RoPE tables `[T, d]` for positions `past..past+T`.
     fn rope_tables(&self, past: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let d = self.cfg.head_dim;
@@ -379,8 +388,13 @@ impl Decoder {
                 sin.push(a.sin() as f32);
             }
         }
-        let cos = Tensor::from_vec(cos, (t, d), &self.device).map_err(ce)?;
-        let sin = Tensor::from_vec(sin, (t, d), &self.device).map_err(ce)?;
+        let dt = self.dtype();
+        let cos = Tensor::from_vec(cos, (t, d), &self.device)
+            .and_then(|c| c.to_dtype(dt))
+            .map_err(ce)?;
+        let sin = Tensor::from_vec(sin, (t, d), &self.device)
+            .and_then(|s| s.to_dtype(dt))
+            .map_err(ce)?;
         Ok((cos, sin))
     }
 
@@ -411,7 +425,9 @@ impl Decoder {
         let x = self
             .norm(&x, self.w("model.norm.weight")?, self.vars.is_empty())
             .map_err(ce)?;
-        linear(&x, self.lm_head()?).map_err(ce)
+        linear(&x, self.lm_head()?)
+            .and_then(|l| l.to_dtype(DType::F32))
+            .map_err(ce)
     }
 
     fn layer(
@@ -457,12 +473,17 @@ impl Decoder {
         let v = repeat_kv(&v, rep)?;
         let scale = 1.0 / (d as f64).sqrt();
         // scale q (T·d values) rather than the scores (T·S values)
-        let att = (q * scale)?.matmul(&k.t()?)?.broadcast_add(bias)?;
+        // scores and softmax in f32 whatever the compute dtype (the bias is f32)
+        let att = (q * scale)?
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(bias)?;
         let att = if fused {
             candle_nn::ops::softmax_last_dim(&att)?
         } else {
             softmax(&att)?
         };
+        let att = att.to_dtype(v.dtype())?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         let x = (x + linear(&o, w("self_attn.o_proj.weight")?)?)?;
         let h = self.norm(&x, w("post_attention_layernorm.weight")?, fused)?;
@@ -479,12 +500,16 @@ impl Decoder {
         x + f
     }
 
+    /// RMSNorm with its statistics in f32, returned in the compute dtype.
     fn norm(&self, x: &Tensor, w: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
-        if fused {
-            candle_nn::ops::rms_norm(&x.contiguous()?, w, self.cfg.rms_norm_eps as f32)
+        let dt = x.dtype();
+        let (x32, w32) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?);
+        let y = if fused {
+            candle_nn::ops::rms_norm(&x32.contiguous()?, &w32, self.cfg.rms_norm_eps as f32)?
         } else {
-            rms_norm(x, w, self.cfg.rms_norm_eps)
-        }
+            rms_norm(&x32, &w32, self.cfg.rms_norm_eps)?
+        };
+        y.to_dtype(dt)
     }
 
     fn rope(
@@ -513,7 +538,8 @@ impl Decoder {
         let (b, t, hd) = h.dims3()?;
         let x = h.reshape((b * t, hd))?;
         let gate = &self.weights[&format!("{p}.block_sparse_moe.gate.weight")];
-        let probs = softmax(&linear(&x, gate)?)?; // [N, E]: small, always the differentiable form
+        // [N, E] router probabilities in f32 (small: always the differentiable form)
+        let probs = softmax(&linear(&x, gate)?.to_dtype(DType::F32)?)?;
         let pv: Vec<Vec<f32>> = probs.to_vec2()?;
         let k = cfg.experts_per_token;
         let mut chosen = Vec::with_capacity(b * t * k);
@@ -547,7 +573,11 @@ impl Decoder {
                 &self.weights[&format!("{ex}.w3.weight")],
                 &self.weights[&format!("{ex}.w2.weight")],
             )?;
-            let we = top.flatten_all()?.index_select(&slots_t, 0)?.unsqueeze(1)?;
+            let we = top
+                .flatten_all()?
+                .index_select(&slots_t, 0)?
+                .unsqueeze(1)?
+                .to_dtype(ye.dtype())?;
             out = out.index_add(&rows_t, &ye.broadcast_mul(&we)?, 0)?;
         }
         out.reshape((b, t, hd))
@@ -561,6 +591,7 @@ impl Decoder {
                 let t = &self.weights[n];
                 let v = t
                     .flatten_all()
+                    .and_then(|x| x.to_dtype(DType::F32))
                     .and_then(|x| x.to_vec1::<f32>())
                     .map_err(ce)?;
                 Ok((n.clone(), t.dims().to_vec(), v))
