@@ -25,25 +25,9 @@ fn model_dir() -> std::path::PathBuf {
         "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
         "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
     });
-    let dc = DecoderConfig::from_json(&cfg, Path::new("config.json"), None).unwrap();
-    let mut rng = SplitMix64(3);
-    let w: Vec<(String, Vec<usize>, Vec<f32>)> = dc
-        .weights()
-        .into_iter()
-        .map(|(n, s)| {
-            let k: usize = s.iter().product();
-            let v = (0..k)
-                .map(|_| {
-                    if n.contains("norm") {
-                        1.0
-                    } else {
-                        0.02 * rng.normal() as f32
-                    }
-                })
-                .collect();
-            (n, s, v)
-        })
-        .collect();
+    let w = DecoderConfig::from_json(&cfg, Path::new("config.json"), None)
+        .unwrap()
+        .random_weights(3, 0.02, 0.0);
     write_model_dir(
         &dir,
         &cfg,

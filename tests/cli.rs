@@ -8,46 +8,6 @@ use fusechat::core::miniature::{generate, MiniatureSpec};
 use std::path::Path;
 use std::process::Output;
 
-fn fusechat(cwd: &Path, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_fusechat"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RUST_LOG")
-        .env("HF_HUB_CACHE", cwd.join("no-hf-cache"))
-        .env_remove("HF_HOME")
-        .env("HOME", cwd)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "failed: {err}");
-    format!("{}{err}", String::from_utf8_lossy(&o.stdout))
-}
-
-/// Runs, fails with exit code 1, and returns stderr.
-fn fails(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "expected failure; stdout: {}\nstderr: {err}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-/// No output directory and no temporary directory left in `dir`.
-fn nothing_left(dir: &Path, out: &str) {
-    assert!(!dir.join(out).exists(), "{out} was left behind");
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        assert!(!n.contains("fusechat-tmp"), "temporary {n} left behind");
-    }
-}
-
 #[test]
 fn the_three_ways_of_asking_give_the_same_output() {
     let tmp = tempfile::tempdir().unwrap();

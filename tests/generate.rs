@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 use fusechat::core::dtype::DType;
 use fusechat::core::generate::{generate, GenOptions};
-use fusechat::core::miniature::{write_hf_dir, SplitMix64};
+use fusechat::core::miniature::write_hf_dir;
 use fusechat::core::model::{CausalLm, LoadOptions};
 use fusechat::plugins::models::decoder::{Decoder, DecoderConfig};
 use std::collections::HashMap;
@@ -48,25 +48,9 @@ fn make_model(dir: &Path) {
         "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
         "eos_token_id": 2, "bos_token_id": 1,
     });
-    let dc = DecoderConfig::from_json(&cfg, Path::new("config.json"), None).unwrap();
-    let mut rng = SplitMix64(21);
-    let w: Vec<(String, Vec<usize>, Vec<f32>)> = dc
-        .weights()
-        .into_iter()
-        .map(|(n, s)| {
-            let k: usize = s.iter().product();
-            let v = (0..k)
-                .map(|_| {
-                    if n.contains("norm") {
-                        1.0
-                    } else {
-                        0.3 * rng.normal() as f32
-                    }
-                })
-                .collect();
-            (n, s, v)
-        })
-        .collect();
+    let w = DecoderConfig::from_json(&cfg, Path::new("config.json"), None)
+        .unwrap()
+        .random_weights(21, 0.3, 0.0);
     let vocab: HashMap<String, u32> = WORDS
         .iter()
         .enumerate()

@@ -3,7 +3,7 @@
 use candle_core::{DType as CDType, Device, Tensor, D};
 use candle_nn::Optimizer;
 use fusechat::core::dtype::DType;
-use fusechat::core::miniature::{write_model_dir, SplitMix64};
+use fusechat::core::miniature::write_model_dir;
 use fusechat::core::model::{KvCache, LoadOptions};
 use fusechat::plugins::models::decoder::{Decoder, DecoderConfig, Flavour};
 use serde_json::json;
@@ -38,22 +38,9 @@ fn config(flavour: Flavour) -> serde_json::Value {
 
 /// Random weights for a config, deterministic per seed.
 fn weights(cfg: &serde_json::Value, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let dc = DecoderConfig::from_json(cfg, Path::new("config.json"), None).unwrap();
-    let mut rng = SplitMix64(seed);
-    dc.weights()
-        .into_iter()
-        .map(|(n, s)| {
-            let numel = s.iter().product();
-            let v = if n.contains("norm") {
-                (0..numel)
-                    .map(|_| 1.0 + 0.1 * rng.normal() as f32)
-                    .collect()
-            } else {
-                (0..numel).map(|_| 0.2 * rng.normal() as f32).collect()
-            };
-            (n, s, v)
-        })
-        .collect()
+    DecoderConfig::from_json(cfg, Path::new("config.json"), None)
+        .unwrap()
+        .random_weights(seed, 0.2, 0.1)
 }
 
 fn make(dir: &Path, cfg: &serde_json::Value, seed: u64) {

@@ -7,8 +7,7 @@ use common::*;
 use fusechat::core::dtype::DType;
 use fusechat::core::merge::{Merger, TensorGroup};
 use fusechat::core::params::{ResolvedParams, Scalar};
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 /// Build the example plugin and the fixtures once, with the profile of this test binary.
@@ -47,38 +46,6 @@ fn lib(name: &str) -> PathBuf {
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ))
-}
-
-fn fusechat(cwd: &Path, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_fusechat"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "failed: {err}");
-    format!("{}{err}", String::from_utf8_lossy(&o.stdout))
-}
-
-fn fails(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(1), "expected failure; stderr: {err}");
-    assert!(!err.contains("panicked at"), "a panic escaped: {err}");
-    err
-}
-
-fn nothing_left(dir: &Path, out: &str) {
-    assert!(!dir.join(out).exists(), "{out} was left behind");
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        assert!(
-            !e.file_name().to_string_lossy().contains("fusechat-tmp"),
-            "temporary dir left behind"
-        );
-    }
 }
 
 fn setup() -> (tempfile::TempDir, PathBuf) {

@@ -8,6 +8,7 @@ use fusechat::core::model_dir::ModelDir;
 use fusechat::core::params::{Setting, Settings};
 use fusechat::core::plan::{MergeRequest, ModelInput};
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// Every built-in merge method.
 pub const METHODS: &[&str] = &[
@@ -132,4 +133,46 @@ pub fn weight_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .collect();
     v.sort();
     v
+}
+
+/// Run the `fusechat` binary in `cwd`, isolated from the user's HF cache and logging settings.
+pub fn fusechat(cwd: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fusechat"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .env("HF_HUB_CACHE", cwd.join("no-hf-cache"))
+        .env_remove("HF_HOME")
+        .env("HOME", cwd)
+        .output()
+        .unwrap()
+}
+
+/// Assert success; stdout and stderr together.
+pub fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "failed: {err}");
+    format!("{}{err}", String::from_utf8_lossy(&o.stdout))
+}
+
+/// Assert a clean failure (exit code 1, no panic of fusechat itself); returns stderr.
+pub fn fails(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected failure; stdout: {}\nstderr: {err}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(!err.contains("panicked at"), "a panic escaped: {err}");
+    err
+}
+
+/// No output directory and no temporary directory left in `dir`.
+pub fn nothing_left(dir: &Path, out: &str) {
+    assert!(!dir.join(out).exists(), "{out} was left behind");
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        assert!(!n.contains("fusechat-tmp"), "temporary {n} left behind");
+    }
 }

@@ -167,6 +167,30 @@ impl DecoderConfig {
         })
     }
 
+    /// Random weights for this config, deterministic per seed (tiny checkpoints
+    /// for tests, benches and demos): norms `1 + norm_std·N(0,1)`, the rest `std·N(0,1)`.
+    pub fn random_weights(
+        &self,
+        seed: u64,
+        std: f32,
+        norm_std: f32,
+    ) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut rng = fusechat_core::miniature::SplitMix64(seed);
+        self.weights()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let (base, scale) = if name.contains("norm") {
+                    (1.0, norm_std)
+                } else {
+                    (0.0, std)
+                };
+                let v = (0..n).map(|_| base + scale * rng.normal() as f32).collect();
+                (name, shape, v)
+            })
+            .collect()
+    }
+
     /// Every weight the checkpoint must hold, with its shape.
     pub fn weights(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
