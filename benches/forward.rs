@@ -7,12 +7,12 @@
 //!
 //!     cargo bench --bench forward
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fusechat::core::miniature::{write_model_dir, SplitMix64};
 use fusechat::core::model::LoadOptions;
-use fusechat::plugins::models::decoder::{Decoder, DecoderConfig};
+use fusechat::plugins::models::decoder::{cross_entropy, Decoder, DecoderConfig};
 use std::path::Path;
 
 fn model_dir() -> std::path::PathBuf {
@@ -83,7 +83,7 @@ fn bench(c: &mut Criterion) {
     .unwrap();
     let x1 = tokens(1, l);
     let mask1 = Tensor::ones((1, l), DType::U32, &Device::Cpu).unwrap();
-    let targets = x1.narrow(1, 1, l - 1).unwrap().reshape((l - 1, 1)).unwrap();
+    let targets = x1.narrow(1, 1, l - 1).unwrap().reshape(l - 1).unwrap();
     g.throughput(Throughput::Elements(l as u64));
     g.bench_function("train_step_b1_l512", |bench| {
         bench.iter(|| {
@@ -94,24 +94,7 @@ fn bench(c: &mut Criterion) {
                 .unwrap()
                 .narrow(0, 0, l - 1)
                 .unwrap();
-            let max = logits.max_keepdim(D::Minus1).unwrap().detach();
-            let z = logits.broadcast_sub(&max).unwrap();
-            let lse = z
-                .exp()
-                .unwrap()
-                .sum_keepdim(D::Minus1)
-                .unwrap()
-                .log()
-                .unwrap();
-            let loss = z
-                .broadcast_sub(&lse)
-                .unwrap()
-                .gather(&targets, 1)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .neg()
-                .unwrap();
+            let loss = cross_entropy(&logits, &targets).unwrap();
             opt.backward_step(&loss).unwrap();
         })
     });

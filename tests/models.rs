@@ -1,11 +1,11 @@
 //! The Llama-family decoder (llama, mistral, mixtral) on tiny generated checkpoints.
 
-use candle_core::{DType as CDType, Device, Tensor, D};
+use candle_core::{DType as CDType, Device, Tensor};
 use candle_nn::Optimizer;
 use fusechat::core::dtype::DType;
 use fusechat::core::miniature::write_model_dir;
 use fusechat::core::model::{KvCache, LoadOptions};
-use fusechat::plugins::models::decoder::{Decoder, DecoderConfig, Flavour};
+use fusechat::plugins::models::decoder::{cross_entropy, Decoder, DecoderConfig, Flavour};
 use serde_json::json;
 use std::path::Path;
 
@@ -218,23 +218,8 @@ fn mixtral_with_one_expert_equals_dense_mistral() {
 fn lm_loss(logits: &Tensor, seq: &[u32]) -> Tensor {
     let n = seq.len() - 1;
     let l = logits.squeeze(0).unwrap().narrow(0, 0, n).unwrap();
-    let max = l.max_keepdim(D::Minus1).unwrap().detach();
-    let shifted = l.broadcast_sub(&max).unwrap();
-    let lse = shifted
-        .exp()
-        .unwrap()
-        .sum_keepdim(D::Minus1)
-        .unwrap()
-        .log()
-        .unwrap();
-    let logp = shifted.broadcast_sub(&lse).unwrap();
-    let targets = Tensor::from_vec(seq[1..].to_vec(), (n, 1), &Device::Cpu).unwrap();
-    logp.gather(&targets, 1)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .neg()
-        .unwrap()
+    let targets = Tensor::from_vec(seq[1..].to_vec(), n, &Device::Cpu).unwrap();
+    cross_entropy(&l, &targets).unwrap()
 }
 
 #[test]
@@ -502,4 +487,18 @@ fn bf16_compute_tracks_f32() {
             "{f:?}"
         );
     }
+}
+
+#[test]
+fn cross_entropy_matches_a_direct_computation() {
+    let logits =
+        Tensor::from_vec(vec![1.0f32, 2.0, 0.5, -1.0, 0.0, 3.0], (2, 3), &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(vec![1u32, 2], 2, &Device::Cpu).unwrap();
+    let got = cross_entropy(&logits, &targets)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let row = |z: [f64; 3], t: usize| (z.iter().map(|x| x.exp()).sum::<f64>()).ln() - z[t];
+    let want = (row([1.0, 2.0, 0.5], 1) + row([-1.0, 0.0, 3.0], 2)) / 2.0;
+    assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
 }

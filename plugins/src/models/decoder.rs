@@ -663,6 +663,19 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32), from
+/// differentiable ops: `−mean(log_softmax(logits)[i, targets[i]])`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let z = logits.broadcast_sub(&max)?;
+    let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let n = targets.dim(0)?;
+    z.broadcast_sub(&lse)?
+        .gather(&targets.reshape((n, 1))?, 1)?
+        .mean_all()?
+        .neg()
+}
+
 /// Rotary embedding on `[B, H, T, d]` with `cos`/`sin` `[T, d]` (rotate_half form).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
