@@ -2,6 +2,7 @@
 //! Each registers itself with `inventory::submit!`; nothing else needs to change
 //! to add one.
 
+pub mod align;
 pub mod merge;
 pub mod models;
 
