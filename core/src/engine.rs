@@ -6,6 +6,7 @@
 //! alone. Each merged tensor is encoded and written at its place in the
 //! output shards at once, so peak memory is a few tensors, not a model.
 
+use crate::error::panic_message;
 use crate::merge::{Merged, StatScope, TensorBuf, TensorGroup};
 use crate::model_dir::TOKENIZER_FILES;
 use crate::plan::{MergeRequest, Plan, PlannedTensor};
@@ -129,13 +130,6 @@ fn load_group<'a>(
         seed: plan.seed,
         scope_stats,
     })
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
 }
 
 /// Run a kernel call, turning an error or a panic into an error naming the method and tensor.

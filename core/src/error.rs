@@ -54,6 +54,14 @@ pub enum Error {
     Msg(String),
 }
 
+/// The message of a caught panic.
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 fn format_problems(problems: &[String]) -> String {
     problems
         .iter()

@@ -2,7 +2,7 @@
 //! top-p, seed), stopping at the model's end-of-sequence tokens.
 
 use crate::miniature::SplitMix64;
-use crate::model::{CausalLm, KvCache};
+use crate::model::{candle_error as ce, CausalLm, KvCache};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::path::Path;
@@ -33,14 +33,6 @@ impl Default for GenOptions {
             stop: Vec::new(),
         }
     }
-}
-
-fn ce(e: candle_core::Error) -> Error {
-    let text = e.to_string();
-    Error::msg(format!(
-        "tensor computation failed: {}",
-        text.lines().next().unwrap_or_default()
-    ))
 }
 
 /// Pick the next token from one position's logits.

@@ -67,6 +67,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
+/// A candle error as ours, without the backtrace candle appends under RUST_BACKTRACE.
+pub fn candle_error(e: candle_core::Error) -> Error {
+    let text = e.to_string();
+    Error::msg(format!(
+        "tensor computation failed: {}",
+        text.lines().next().unwrap_or_default()
+    ))
+}
+
 /// Per-layer key/value cache: (k, v) after RoPE, `[1, kv_heads, S, head_dim]`.
 #[derive(Default)]
 pub struct KvCache {

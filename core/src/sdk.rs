@@ -133,13 +133,6 @@ fn set_error(err: *mut FcError, code: i32, msg: &str) -> i32 {
     code
 }
 
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
 thread_local! {
     /// Where the last panic on this thread happened (set by the plugin's panic hook).
     static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
@@ -172,7 +165,10 @@ fn guard(err: *mut FcError, f: impl FnOnce() -> Result<(), String>) -> i32 {
             set_error(
                 err,
                 FC_PANIC,
-                &format!("the kernel panicked: {}{at}", panic_text(p)),
+                &format!(
+                    "the kernel panicked: {}{at}",
+                    crate::error::panic_message(p)
+                ),
             )
         }
     }

@@ -22,7 +22,7 @@
 //! dtype, softmax and RMSNorm statistics run in f32 and logits come back in f32.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use fusechat_core::model::{CausalLm, KvCache, LoadOptions, SourceModel};
+use fusechat_core::model::{candle_error as ce, CausalLm, KvCache, LoadOptions, SourceModel};
 use fusechat_core::model_dir::ModelDir;
 use fusechat_core::registry::{PluginInfo, PluginKind};
 use fusechat_core::{Error, Result};
@@ -230,15 +230,6 @@ impl DecoderConfig {
         }
         w
     }
-}
-
-/// A candle error as ours, without the backtrace candle appends under RUST_BACKTRACE.
-fn ce(e: candle_core::Error) -> Error {
-    let text = e.to_string();
-    Error::msg(format!(
-        "tensor computation failed: {}",
-        text.lines().next().unwrap_or_default()
-    ))
 }
 
 /// A loaded decoder: its weights by checkpoint name (trainable ones as `Var`s).
