@@ -216,11 +216,12 @@ pub fn parse_set(s: &str) -> Result<(String, Setting)> {
     Ok((k.to_string(), setting))
 }
 
-/// Build the merge request from whichever way it was asked for.
-pub fn merge_request(args: &MergeArgs) -> Result<MergeRequest> {
+/// Build the merge request from whichever way it was asked for; `cfg` is the
+/// loaded `--config` file, when there is one.
+pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequest> {
     let cwd = PathBuf::from(".");
-    let mut req = if let Some(path) = &args.config {
-        Config::load(path)?.merge_request()?
+    let mut req = if let Some(cfg) = cfg {
+        cfg.merge_request()?
     } else if let Some(path) = &args.mergekit {
         let out = args
             .out
@@ -335,7 +336,7 @@ pub fn weight_summary(r: &MergeReport, labels: &[String]) -> String {
 fn cmd_merge(args: &MergeArgs, plugins: &[PathBuf]) -> Result<()> {
     let cfg = args.config.as_deref().map(Config::load).transpose()?;
     let registry = &crate::registry_with(cfg.as_ref(), plugins)?;
-    let req = merge_request(args)?;
+    let req = merge_request(args, cfg.as_ref())?;
     let opts = args.exec.options();
     let plan = fusechat_core::plan::plan(&req, registry)?;
     if args.dry_run {
