@@ -6,6 +6,8 @@
 
 pub mod abi;
 pub mod config;
+#[cfg(feature = "data")]
+pub mod conversation;
 pub mod dtype;
 pub mod dynamic;
 pub mod engine;
@@ -22,7 +24,13 @@ pub mod model_dir;
 pub mod params;
 pub mod plan;
 pub mod registry;
+#[cfg(feature = "data")]
+pub mod repr;
+#[cfg(all(feature = "candle", feature = "data"))]
+pub mod represent;
 pub mod sdk;
+#[cfg(feature = "data")]
+pub mod template;
 pub mod writer;
 
 pub use error::{Error, Result};

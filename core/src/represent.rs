@@ -1,0 +1,642 @@
+//! The `represent` stage (SPEC §2): run a source model over every record and
+//! keep, at each loss position, its top-k logits and ids, plus each record's
+//! `metric_ce` (the mean cross-entropy of its labels).
+//!
+//! Records are cut into output shards of `rows_per_shard` consecutive rows;
+//! `--shard i/n` computes the shards `c` with `c mod n = i`, so several
+//! processes can share one output directory. A shard file is written under a
+//! temporary name and renamed when complete; a rerun keeps the shards already
+//! there and computes the rest, and whichever run completes the set writes
+//! `manifest.json`. Within a shard, records are batched by similar length so
+//! that little compute goes to padding.
+//!
+//! Top-k is a single pass that keeps the k best in a small sorted buffer
+//! (selection, no sort of the vocabulary), ties going to the lower id.
+//!
+//! ```
+//! use fusechat_core::represent::{top_k, cross_entropy};
+//! let (ids, vals) = top_k(&[0.5, 3.0, -1.0, 3.0, 2.0], 3);
+//! assert_eq!(ids, vec![1, 3, 4]);
+//! assert_eq!(vals, vec![3.0, 3.0, 2.0]);
+//! let ce = cross_entropy(&[0.0, 0.0], 1);
+//! assert!((ce - std::f32::consts::LN_2).abs() < 1e-6);
+//! ```
+
+use crate::conversation::{self, Skipped};
+use crate::miniature::fnv1a;
+use crate::model::{load_model, CausalLm, LoadOptions};
+use crate::registry::Registry;
+use crate::repr::{loss_positions, shard_file, Manifest, RecordCounts, Shard, FORMAT, VERSION};
+use crate::template::{load_tokenizer, Encoded, Template};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use half::f16;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// What `represent` runs on and how.
+#[derive(Debug, Clone)]
+pub struct RepresentOptions {
+    pub model: PathBuf,
+    /// The model family; `None` detects it from config.json.
+    pub family: Option<String>,
+    /// Tokenizer directory; `None` uses the model's.
+    pub tokenizer: Option<PathBuf>,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub template: String,
+    pub top_k: usize,
+    pub max_length: usize,
+    /// Most rows in one forward pass.
+    pub batch_size: usize,
+    /// Most tokens (rows × padded length) in one forward pass.
+    pub batch_tokens: usize,
+    pub rows_per_shard: usize,
+    /// `(i, n)`: compute the output shards `c` with `c mod n = i`.
+    pub shard: (usize, usize),
+    pub device: String,
+    pub dtype: Option<candle_core::DType>,
+    /// Fail on the first bad record instead of skipping it.
+    pub strict: bool,
+    /// Replace an output made with other settings.
+    pub force: bool,
+    pub progress: bool,
+}
+
+impl RepresentOptions {
+    pub fn new(model: &Path, data: &Path, out: &Path) -> Self {
+        RepresentOptions {
+            model: model.to_path_buf(),
+            family: None,
+            tokenizer: None,
+            data: data.to_path_buf(),
+            out: out.to_path_buf(),
+            template: "openchat".into(),
+            top_k: 10,
+            max_length: 2048,
+            batch_size: 8,
+            batch_tokens: 8192,
+            rows_per_shard: 1024,
+            shard: (0, 1),
+            device: "cpu".into(),
+            dtype: None,
+            strict: false,
+            force: false,
+            progress: false,
+        }
+    }
+}
+
+/// What a `represent` call did.
+#[derive(Debug, Clone)]
+pub struct RepresentOutcome {
+    /// The manifest, once every shard is present.
+    pub manifest: Option<Manifest>,
+    /// Shards computed by this call, and shards found already written.
+    pub computed: Vec<usize>,
+    pub reused: Vec<usize>,
+    /// Shards that other `--shard` runs still have to compute.
+    pub pending: Vec<usize>,
+    pub tokens: u64,
+    pub seconds: f64,
+    /// Seconds spent in the model's forward pass (the rest: top-k, CE, writing).
+    pub forward_seconds: f64,
+    pub up_to_date: bool,
+}
+
+/// The k largest values, descending, with their indices (lower index first among equals).
+pub fn top_k(v: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut ids = vec![0u32; k];
+    let mut vals = vec![f32::NEG_INFINITY; k];
+    top_k_into(v, &mut ids, &mut vals);
+    (ids, vals)
+}
+
+/// [`top_k`] into caller buffers of length k. NaN values are never selected;
+/// with fewer than k finite candidates the rest stay −∞ with id 0.
+pub fn top_k_into(v: &[f32], ids: &mut [u32], vals: &mut [f32]) {
+    let k = ids.len();
+    vals.fill(f32::NEG_INFINITY);
+    ids.fill(0);
+    if k == 0 {
+        return;
+    }
+    let mut filled = 0usize;
+    for (i, &x) in v.iter().enumerate() {
+        // Strictly greater than the current k-th: equal later values lose to earlier ones.
+        if filled == k && !(x > vals[k - 1]) {
+            continue;
+        }
+        if x.is_nan() {
+            continue;
+        }
+        let mut j = filled.min(k - 1);
+        while j > 0 && x > vals[j - 1] {
+            vals[j] = vals[j - 1];
+            ids[j] = ids[j - 1];
+            j -= 1;
+        }
+        vals[j] = x;
+        ids[j] = i as u32;
+        filled = (filled + 1).min(k);
+    }
+}
+
+/// Cross-entropy of `label` under softmax(logits), computed stably in f64.
+pub fn cross_entropy(logits: &[f32], label: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    (max + sum.ln() - logits[label] as f64) as f32
+}
+
+/// Top-k and CE for one row's loss positions; `logits` is `[L, V]` for this row.
+fn row_outputs(logits: &[f32], vocab: usize, enc: &Encoded, k: usize) -> (Vec<u32>, Vec<f16>, f32) {
+    let pos: Vec<usize> = loss_positions(&enc.labels).collect();
+    let mut ids = vec![0u32; pos.len() * k];
+    let mut vals32 = vec![0f32; pos.len() * k];
+    let mut ce_sum = 0f64;
+    for (n, &t) in pos.iter().enumerate() {
+        let row = &logits[t * vocab..(t + 1) * vocab];
+        top_k_into(
+            row,
+            &mut ids[n * k..(n + 1) * k],
+            &mut vals32[n * k..(n + 1) * k],
+        );
+        ce_sum += cross_entropy(row, enc.ids[t + 1] as usize) as f64;
+    }
+    let metric = if pos.is_empty() {
+        f32::NAN
+    } else {
+        (ce_sum / pos.len() as f64) as f32
+    };
+    (ids, vals32.into_iter().map(f16::from_f32).collect(), metric)
+}
+
+/// Batches of row indices with similar lengths, longest first.
+fn batches(lens: &[usize], batch_size: usize, batch_tokens: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lens[i]), i));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        match out.last_mut() {
+            // Rows come longest first, so the first row of a batch sets its padded length.
+            Some(b) if b.len() < batch_size && (b.len() + 1) * lens[b[0]] <= batch_tokens => {
+                b.push(i)
+            }
+            _ => out.push(vec![i]),
+        }
+    }
+    out
+}
+
+/// Run the model over one output shard's records.
+fn compute_shard(
+    model: &dyn CausalLm,
+    rows: &[&(u64, Encoded)],
+    o: &RepresentOptions,
+    pb: &indicatif::ProgressBar,
+    forward_seconds: &mut f64,
+) -> Result<Shard> {
+    let vocab = model.vocab_size();
+    let lens: Vec<usize> = rows.iter().map(|r| r.1.ids.len()).collect();
+    let mut results: Vec<Option<(Vec<u32>, Vec<f16>, f32)>> = vec![None; rows.len()];
+    for batch in batches(&lens, o.batch_size.max(1), o.batch_tokens.max(1)) {
+        let l = lens[batch[0]].max(1);
+        let b = batch.len();
+        let mut ids = vec![0u32; b * l];
+        let mut mask = vec![0u32; b * l];
+        for (n, &r) in batch.iter().enumerate() {
+            ids[n * l..n * l + lens[r]].copy_from_slice(&rows[r].1.ids);
+            mask[n * l..n * l + lens[r]].fill(1);
+        }
+        let dev = model.device();
+        let err = crate::model::candle_error;
+        let t0 = std::time::Instant::now();
+        let ids_t = Tensor::from_vec(ids, (b, l), dev).map_err(err)?;
+        let mask_t = Tensor::from_vec(mask, (b, l), dev).map_err(err)?;
+        let logits = model.forward(&ids_t, &mask_t)?;
+        let logits: Vec<f32> = logits
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(err)?;
+        *forward_seconds += t0.elapsed().as_secs_f64();
+        let outs: Vec<_> = batch
+            .par_iter()
+            .enumerate()
+            .map(|(n, &r)| {
+                let row = &logits[n * l * vocab..(n * l + lens[r]) * vocab];
+                row_outputs(row, vocab, &rows[r].1, o.top_k)
+            })
+            .collect();
+        for (&r, out) in batch.iter().zip(outs) {
+            results[r] = Some(out);
+        }
+        pb.inc(batch.iter().map(|&r| lens[r] as u64).sum());
+    }
+    let mut shard = Shard::new(o.top_k);
+    for (r, res) in rows.iter().zip(results) {
+        let (ids, vals, metric) = res.expect("every row is in a batch");
+        shard.push(r.0, &r.1.ids, &r.1.labels, &ids, &vals, metric);
+    }
+    Ok(shard)
+}
+
+/// A key of everything that determines the output bytes.
+fn settings_key(
+    o: &RepresentOptions,
+    template: &Template,
+    tok_hash: u64,
+    data_hash: u64,
+) -> Result<(String, serde_json::Value)> {
+    let mut model_files: Vec<(String, u64)> = std::fs::read_dir(&o.model)
+        .map_err(|e| Error::io(&o.model, e))?
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().ok()?.len(),
+            ))
+        })
+        .collect();
+    model_files.sort();
+    let cfg = std::fs::read(o.model.join("config.json")).unwrap_or_default();
+    let hf_source = match template {
+        Template::Hf { source, .. } => fnv1a(source.as_bytes()),
+        _ => 0,
+    };
+    let settings = serde_json::json!({
+        "format": FORMAT, "version": VERSION,
+        "model": o.model, "model_files": model_files, "config": fnv1a(&cfg),
+        "family": o.family, "tokenizer": format!("{tok_hash:016x}"), "data": format!("{data_hash:016x}"),
+        "template": template.name(), "hf_template": hf_source,
+        "top_k": o.top_k, "max_length": o.max_length, "rows_per_shard": o.rows_per_shard,
+    });
+    Ok((
+        format!("{:016x}", fnv1a(settings.to_string().as_bytes())),
+        settings,
+    ))
+}
+
+const KEY_FILE: &str = "represent.key.json";
+
+/// Prepare the output directory: `Ok(true)` when it already holds a finished
+/// representation with this key.
+fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) -> Result<bool> {
+    let out = &o.out;
+    if out.join(crate::repr::MANIFEST).is_file() {
+        if let Ok(m) = Manifest::read(out) {
+            if m.key == key && !o.force {
+                return Ok(true);
+            }
+        }
+    }
+    let recorded = std::fs::read_to_string(out.join(KEY_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["key"].as_str().map(str::to_string));
+    let non_empty = out.is_dir()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+    match recorded {
+        Some(k) if k == key && !o.force => {}
+        Some(_) if o.force => clear(out)?,
+        Some(_) => {
+            return Err(Error::model(
+                out,
+                "holds a representation made with other inputs or settings; pass --force to replace it, or choose another --out",
+            ))
+        }
+        None if non_empty => {
+            return Err(Error::model(out, "exists and is not a fusechat representation directory; choose another --out"))
+        }
+        None => {}
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let text = serde_json::to_string_pretty(&serde_json::json!({"key": key, "settings": settings}))
+        .unwrap();
+    crate::writer::write_atomic(&out.join(KEY_FILE), text.as_bytes())?;
+    Ok(false)
+}
+
+/// Remove what a representation directory holds (and only that).
+fn clear(out: &Path) -> Result<()> {
+    for e in std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("shard-") || name == crate::repr::MANIFEST || name == KEY_FILE {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// Run the stage.
+pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentOutcome> {
+    let start = std::time::Instant::now();
+    let (si, sn) = o.shard;
+    if sn == 0 || si >= sn {
+        return Err(Error::msg(format!(
+            "--shard {si}/{sn}: use i/n with 0 ≤ i < n"
+        )));
+    }
+    if o.top_k == 0 || o.max_length < 2 || o.rows_per_shard == 0 {
+        return Err(Error::msg(
+            "top_k and rows_per_shard must be at least 1, and max_length at least 2",
+        ));
+    }
+    let tok_dir = o.tokenizer.clone().unwrap_or_else(|| o.model.clone());
+    let tokenizer = load_tokenizer(&tok_dir)?;
+    let tok_hash =
+        fnv1a(&std::fs::read(tok_dir.join("tokenizer.json")).map_err(|e| Error::io(&tok_dir, e))?);
+    let template = Template::load(&o.template, &tok_dir)?;
+    let data_bytes = std::fs::read(&o.data).map_err(|e| Error::io(&o.data, e))?;
+    let data_hash = fnv1a(&data_bytes);
+    let text =
+        String::from_utf8(data_bytes).map_err(|_| Error::model(&o.data, "is not UTF-8 text"))?;
+    let dataset = conversation::parse(&text, &o.data, o.strict)?;
+    drop(text);
+
+    let (key, settings) = settings_key(o, &template, tok_hash, data_hash)?;
+    let family_hint = o.family.clone();
+    let vocab_len = tokenizer.get_vocab_size(true);
+    if prepare_out(o, &key, &settings)? {
+        let manifest = Manifest::read(&o.out)?;
+        tracing::info!("represent: {} is up to date", o.out.display());
+        return Ok(RepresentOutcome {
+            reused: (0..manifest.shards.len()).collect(),
+            manifest: Some(manifest),
+            computed: vec![],
+            pending: vec![],
+            tokens: 0,
+            seconds: start.elapsed().as_secs_f64(),
+            forward_seconds: 0.0,
+            up_to_date: true,
+        });
+    }
+
+    // Render and tokenize every record (cheap next to the model; in parallel).
+    let encoded: Vec<std::result::Result<(u64, Encoded), Skipped>> = dataset
+        .records
+        .par_iter()
+        .map(|c| {
+            template
+                .encode(&tokenizer, c, o.max_length)
+                .map(|e| (c.row, e))
+                .map_err(|e| Skipped {
+                    row: c.row,
+                    id: c.id.clone(),
+                    reason: e.to_string(),
+                })
+        })
+        .collect();
+    let mut skipped = dataset.skipped.clone();
+    let mut rows: Vec<(u64, Encoded)> = Vec::with_capacity(encoded.len());
+    for e in encoded {
+        match e {
+            Ok(r) => rows.push(r),
+            Err(s) if o.strict => {
+                return Err(Error::model(
+                    &o.data,
+                    format!("record {}: {}", s.row, s.reason),
+                ))
+            }
+            Err(s) => skipped.push(s),
+        }
+    }
+    skipped.sort_by_key(|s| s.row);
+    if let Some(bad) = rows
+        .iter()
+        .flat_map(|r| r.1.ids.iter())
+        .find(|&&id| id as usize >= vocab_len.max(1))
+    {
+        return Err(Error::model(
+            &tok_dir,
+            format!("the tokenizer produced id {bad} beyond its own vocabulary ({vocab_len})"),
+        ));
+    }
+
+    let chunks: Vec<&[(u64, Encoded)]> = rows.chunks(o.rows_per_shard).collect();
+    let mine: Vec<usize> = (0..chunks.len()).filter(|c| c % sn == si).collect();
+    let (reused, todo): (Vec<usize>, Vec<usize>) = mine
+        .iter()
+        .partition(|&&c| o.out.join(shard_file(c)).is_file());
+    let mut outcome = RepresentOutcome {
+        manifest: None,
+        computed: vec![],
+        reused,
+        pending: vec![],
+        tokens: 0,
+        seconds: 0.0,
+        forward_seconds: 0.0,
+        up_to_date: false,
+    };
+    if !outcome.reused.is_empty() {
+        tracing::info!(
+            "represent: resuming, {} shard(s) already written",
+            outcome.reused.len()
+        );
+    }
+    let mut vocab_size = vocab_len;
+    let mut family = family_hint.clone().unwrap_or_default();
+    if !todo.is_empty() {
+        let opts = LoadOptions {
+            device: crate::model::parse_device(&o.device)?,
+            dtype: o.dtype,
+            ..LoadOptions::default()
+        };
+        let model = load_model(registry, &o.model, family_hint.as_deref(), &opts)?;
+        vocab_size = model.vocab_size();
+        family = model.family().to_string();
+        if vocab_len > vocab_size {
+            return Err(Error::model(
+                &o.model,
+                format!("the tokenizer has {vocab_len} tokens but the model only {vocab_size} logits; they do not belong together"),
+            ));
+        }
+        let total: u64 = todo
+            .iter()
+            .flat_map(|&c| chunks[c].iter())
+            .map(|r| r.1.ids.len() as u64)
+            .sum();
+        let pb = progress(total, o.progress);
+        for &c in &todo {
+            let refs: Vec<&(u64, Encoded)> = chunks[c].iter().collect();
+            let shard = compute_shard(model.as_ref(), &refs, o, &pb, &mut outcome.forward_seconds)?;
+            shard.write(&o.out.join(shard_file(c)), vocab_size)?;
+            outcome.computed.push(c);
+            outcome.tokens += shard.input_ids.len() as u64;
+        }
+        pb.finish_and_clear();
+    } else if family.is_empty() {
+        family = detect_family(registry, &o.model);
+    }
+    outcome.pending = (0..chunks.len())
+        .filter(|&c| !o.out.join(shard_file(c)).is_file())
+        .collect();
+    outcome.seconds = start.elapsed().as_secs_f64();
+    if !outcome.pending.is_empty() {
+        tracing::info!(
+            "represent: {} shard(s) still to be computed by other --shard runs; the manifest is written when all are present",
+            outcome.pending.len()
+        );
+        return Ok(outcome);
+    }
+    let shards = chunks
+        .iter()
+        .enumerate()
+        .map(|(c, rows)| {
+            let mut s = Shard::new(0);
+            for r in rows.iter() {
+                // Only the counts are needed for the manifest entry.
+                s.row_ids.push(r.0);
+                s.input_ids.extend_from_slice(&r.1.ids);
+                let p = loss_positions(&r.1.labels).count();
+                s.pos_offsets.push(s.pos_offsets.last().unwrap() + p);
+            }
+            s.entry(&shard_file(c))
+        })
+        .collect();
+    let no_label = rows
+        .iter()
+        .filter(|r| loss_positions(&r.1.labels).next().is_none())
+        .count() as u64;
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        model: o.model.clone(),
+        family,
+        tokenizer_hash: format!("{tok_hash:016x}"),
+        template: template.name().into(),
+        top_k: o.top_k,
+        max_length: o.max_length,
+        vocab_size,
+        index_dtype: if vocab_size <= 1 << 16 { "u16" } else { "u32" }.into(),
+        data: o.data.clone(),
+        key,
+        records: RecordCounts {
+            total: dataset.total,
+            rows: rows.len() as u64,
+            skipped: skipped.len() as u64,
+            no_label,
+        },
+        skipped,
+        shards,
+        aligned: None,
+        filtered: None,
+    };
+    manifest.write(&o.out)?;
+    outcome.manifest = Some(manifest);
+    Ok(outcome)
+}
+
+fn detect_family(registry: &Registry, dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| registry.detect_model(&c).map(|m| m.info.name.clone()))
+        .unwrap_or_default()
+}
+
+fn progress(total: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} represent [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        let mut rng = crate::miniature::SplitMix64(3);
+        for n in [1usize, 5, 37, 1000] {
+            let v: Vec<f32> = (0..n)
+                .map(|_| (rng.normal() * 2.0).round() as f32 / 2.0)
+                .collect();
+            for k in [1usize, 3, 10] {
+                let (ids, vals) = top_k(&v, k);
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap().then(a.cmp(&b)));
+                for j in 0..k.min(n) {
+                    assert_eq!(ids[j] as usize, order[j], "n={n} k={k} j={j}");
+                    assert_eq!(vals[j], v[order[j]]);
+                }
+                assert!(vals[k.min(n)..].iter().all(|x| *x == f32::NEG_INFINITY));
+            }
+        }
+        let (ids, _) = top_k(&[f32::NAN, 1.0, f32::NAN, 2.0], 2);
+        assert_eq!(ids, vec![3, 1]);
+    }
+
+    #[test]
+    fn golden_top_k_and_metric_ce() {
+        // ../shared/golden/fusechat_golden.json: `topk` (k=3) and `metric_ce` on logits [1, 6, 8].
+        let logits: [f32; 48] = [
+            -3.377, -3.457, -0.752, -1.3018, 2.5469, 2.0762, -0.9482, -6.3438, 0.9668, -3.7891,
+            1.0498, 0.9243, 0.3596, 3.7129, 3.3496, -0.7417, -4.0586, -5.0859, 1.7002, 2.3809,
+            1.7969, -4.6641, -1.0244, 5.5586, 2.25, -1.7568, -0.52, 0.5503, 4.168, 4.7578, 2.8398,
+            -2.5312, -1.8408, 0.0948, -1.4785, 0.7451, 1.3193, 0.3372, 1.9229, 1.3232, -0.3069,
+            2.377, -0.8691, 0.1575, 1.5684, 6.9062, -4.4062, -4.7617,
+        ];
+        let want: [[u32; 3]; 6] = [
+            [4, 5, 2],
+            [5, 6, 2],
+            [7, 3, 4],
+            [5, 4, 6],
+            [6, 7, 4],
+            [5, 1, 4],
+        ];
+        for (t, w) in want.iter().enumerate() {
+            assert_eq!(
+                top_k(&logits[t * 8..t * 8 + 8], 3).0,
+                w.to_vec(),
+                "position {t}"
+            );
+        }
+        // labels [-100, -100, -100, 5, 2, -100]: loss positions 2 and 3.
+        let enc = Encoded {
+            ids: vec![0, 0, 0, 5, 2, 0],
+            labels: vec![0, 0, 0, 1, 1, 0],
+            offsets: vec![(0, 0); 6],
+        };
+        let (_, _, metric) = row_outputs(&logits, 8, &enc, 3);
+        assert!((cross_entropy(&logits[16..24], 5) - 10.3047).abs() < 2e-3);
+        assert!((cross_entropy(&logits[24..32], 2) - 5.8672).abs() < 2e-3);
+        assert!((metric - 8.0859).abs() < 2e-3, "{metric}");
+        let none = Encoded {
+            labels: vec![0; 6],
+            ..enc
+        };
+        assert!(
+            row_outputs(&logits, 8, &none, 3).2.is_nan(),
+            "golden metric_ce_all_masked is NaN"
+        );
+    }
+
+    #[test]
+    fn batches_group_similar_lengths_within_limits() {
+        let lens = [5, 100, 7, 98, 6, 99];
+        let b = batches(&lens, 2, 1000);
+        assert_eq!(b, vec![vec![1, 5], vec![3, 2], vec![4, 0]]);
+        let b = batches(&lens, 8, 250);
+        assert!(b
+            .iter()
+            .all(|g| g.len() * lens[g[0]] <= 250 || g.len() == 1));
+        let mut all: Vec<usize> = b.concat();
+        all.sort();
+        assert_eq!(all, (0..6).collect::<Vec<_>>());
+    }
+}
