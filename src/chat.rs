@@ -1,66 +1,53 @@
-//! `fusechat generate` and `fusechat chat`: prompt formatting with the model's
-//! tokenizer files, and streamed generation.
-//!
-//! Template `openchat` (FuseChat's, for every model):
-//! `GPT4 Correct User: {u1}<|end_of_turn|>GPT4 Correct Assistant: {a1}<|end_of_turn|>GPT4 Correct User: ...`,
-//! ending with `GPT4 Correct Assistant:` to ask for a reply. The tokenizer adds
-//! BOS itself (its post-processor), and `<|end_of_turn|>` is a stop token.
-//! Template `none` passes the prompt through unchanged.
+//! `fusechat generate` and `fusechat chat`: prompt formatting with a chat
+//! template (core's [`Template`], or `none` to send the text as it is) and
+//! streamed generation. The tokenizer adds BOS itself (its post-processor), and
+//! the template's end-of-turn token is a stop token.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use fusechat_core::conversation::{Role, Turn};
 use fusechat_core::generate::{generate, stop_tokens, GenOptions};
 use fusechat_core::model::CausalLm;
+use fusechat_core::template::Template;
 use std::io::Write;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-pub const END_OF_TURN: &str = "<|end_of_turn|>";
+pub use fusechat_core::template::load_tokenizer;
 
-/// The chat templates generation understands so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Template {
-    Openchat,
-    None,
+/// A template, or `None` for the raw prompt.
+pub fn template(name: &str, model_dir: &Path) -> Result<Option<Template>> {
+    if name == "none" {
+        return Ok(None);
+    }
+    Ok(Some(Template::load(name, model_dir)?))
 }
 
 /// Render a conversation (alternating user, assistant, ..., ending with a user
 /// turn) and ask for the assistant's reply.
-pub fn render(template: Template, turns: &[String]) -> String {
-    match template {
-        Template::None => turns.join("\n"),
-        Template::Openchat => {
-            let mut s = String::new();
-            for (i, t) in turns.iter().enumerate() {
-                let role = if i % 2 == 0 {
-                    "GPT4 Correct User"
-                } else {
-                    "GPT4 Correct Assistant"
-                };
-                s.push_str(&format!("{role}: {t}{END_OF_TURN}"));
-            }
-            s.push_str("GPT4 Correct Assistant:");
-            s
-        }
-    }
+pub fn render(template: Option<&Template>, turns: &[String]) -> Result<String> {
+    let Some(t) = template else {
+        return Ok(turns.join("\n"));
+    };
+    let turns: Vec<Turn> = turns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Turn {
+            role: if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            },
+            content: c.clone(),
+        })
+        .collect();
+    Ok(t.prompt(None, &turns)?)
 }
 
-pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    if !path.is_file() {
-        bail!(
-            "{}: no tokenizer.json; generation needs the model's tokenizer files",
-            dir.display()
-        );
-    }
-    Tokenizer::from_file(&path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read the tokenizer: {e}", path.display()))
-}
-
-/// Stop ids: the model's eos tokens, plus `<|end_of_turn|>` under the openchat template.
-pub fn stops(model: &dyn CausalLm, tok: &Tokenizer, template: Template) -> Vec<u32> {
+/// Stop ids: the model's eos tokens, plus the template's end-of-turn token.
+pub fn stops(model: &dyn CausalLm, tok: &Tokenizer, template: Option<&Template>) -> Vec<u32> {
     let mut s = stop_tokens(model.dir());
-    if template == Template::Openchat {
-        s.extend(tok.token_to_id(END_OF_TURN));
+    if let Some(t) = template {
+        s.extend(tok.token_to_id(t.end_of_turn()));
     }
     s
 }
@@ -69,12 +56,12 @@ pub fn stops(model: &dyn CausalLm, tok: &Tokenizer, template: Template) -> Vec<u
 pub fn reply(
     model: &dyn CausalLm,
     tok: &Tokenizer,
-    template: Template,
+    template: Option<&Template>,
     turns: &[String],
     opts: &GenOptions,
     out: &mut dyn Write,
 ) -> Result<String> {
-    let prompt = render(template, turns);
+    let prompt = render(template, turns)?;
     let enc = tok
         .encode(prompt.as_str(), true)
         .map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;

@@ -47,6 +47,132 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Chat with a model directory in the terminal (multi-turn; tokens stream as they come).
     Chat(ChatArgs),
+    /// Show how a record is rendered and tokenized, with the label flag of every token.
+    Template(TemplateArgs),
+    /// Run a model over a chat dataset and keep its top-k logits at the loss positions.
+    Represent(RepresentArgs),
+    /// Map a source model's representation onto the pivot's tokens and positions.
+    Align(AlignArgs),
+    /// Drop rows whose pivot or teacher metric_ce is NaN (recorded in the manifests).
+    Filter(FilterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TemplateArgs {
+    /// Directory with tokenizer.json (and tokenizer_config.json for --template hf).
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: PathBuf,
+    /// openchat, chatml, llama3, mistral or hf.
+    #[arg(long, default_value = "openchat")]
+    pub template: String,
+    /// JSON or JSONL conversations (ShareGPT or OpenAI form).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// The record to show (its index in the file).
+    #[arg(long, default_value_t = 0)]
+    pub row: u64,
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct RepresentArgs {
+    /// HF model directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Model family (llama, mistral, mixtral); default: detected from config.json.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// Tokenizer directory (default: the model's).
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// JSON or JSONL conversations (ShareGPT or OpenAI form).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Output directory (a representation: manifest.json + shard-NNNNN.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// openchat (FuseChat's, for every model), chatml, llama3, mistral or hf.
+    #[arg(long, default_value = "openchat")]
+    pub template: String,
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    /// Tokens per record, BOS included; longer records are cut on the right.
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Most records in one forward pass (records of similar length are batched together).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Most tokens (records × padded length) in one forward pass.
+    #[arg(long, default_value_t = 8192)]
+    pub batch_tokens: usize,
+    /// Records per output shard file (the unit of resuming and of --shard).
+    #[arg(long, default_value_t = 1024)]
+    pub rows_per_shard: usize,
+    /// Compute only the output shards c with c mod n = i, e.g. 0/4 (several processes, one --out).
+    #[arg(long, value_name = "i/n", default_value = "0/1", value_parser = shard_arg)]
+    pub shard: (usize, usize),
+    /// cpu, or cuda:N in a build with the cuda feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Stop at the first bad record instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Replace an output made with other settings.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+fn shard_arg(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or("expected i/n, e.g. 0/4")?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| "i is not a number")?,
+        n.trim().parse().map_err(|_| "n is not a number")?,
+    );
+    if n == 0 || i >= n {
+        return Err(format!("{i}/{n}: need 0 <= i < n"));
+    }
+    Ok((i, n))
+}
+
+#[derive(Args, Debug)]
+pub struct AlignArgs {
+    /// The pivot's representation directory.
+    #[arg(long, value_name = "DIR")]
+    pub pivot: PathBuf,
+    /// The source's representation directory.
+    #[arg(long, value_name = "DIR")]
+    pub source: PathBuf,
+    /// Pivot tokenizer directory (default: the model its manifest names).
+    #[arg(long, value_name = "DIR")]
+    pub pivot_tokenizer: Option<PathBuf>,
+    /// Source tokenizer directory (default: the model its manifest names).
+    #[arg(long, value_name = "DIR")]
+    pub source_tokenizer: Option<PathBuf>,
+    /// identity, exact, mined or offsets (see `fusechat plugins`).
+    #[arg(long, default_value = "mined")]
+    pub aligner: String,
+    /// An aligner parameter, KEY=VALUE: mode=hard, fallback=current, substring_discount=0.1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Redo it even if the output is up to date.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FilterArgs {
+    /// The pivot's representation directory.
+    #[arg(long, value_name = "DIR")]
+    pub pivot: PathBuf,
+    /// An aligned teacher representation (repeat for each).
+    #[arg(long = "teacher", value_name = "DIR")]
+    pub teachers: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -60,9 +186,9 @@ pub struct ModelArgs {
     /// cpu, or cuda:N in a build with the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Chat template applied to the prompt.
-    #[arg(long, value_enum, default_value = "openchat")]
-    pub template: crate::chat::Template,
+    /// Chat template applied to the prompt: openchat, chatml, llama3, mistral, hf (the model's own), or none.
+    #[arg(long, default_value = "openchat")]
+    pub template: String,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
@@ -374,6 +500,22 @@ fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
     let cfg = Config::load(&args.config)?;
     let registry = &crate::registry_with(Some(&cfg), plugins)?;
     let outcome = crate::run::run(&cfg, registry, &args.exec.options(), args.force)?;
+    for (name, r) in &outcome.represent {
+        emit(&crate::run::represent_summary(Path::new(name), r))?;
+    }
+    for (name, r) in &outcome.align {
+        emit(&crate::run::align_summary(
+            Path::new(&format!("{name}@pivot")),
+            r,
+        ))?;
+    }
+    if let Some(f) = &outcome.filter {
+        emit(&format!(
+            "filter: dropped {} of {} rows with a NaN metric_ce\n",
+            f.dropped.len(),
+            f.rows
+        ))?;
+    }
     if outcome.merge_skipped {
         emit("merge: up to date (use --force to redo it)\n")?;
     }
@@ -442,8 +584,55 @@ fn cmd_plugins(args: &PluginsArgs, plugins: &[PathBuf]) -> Result<()> {
             e.info.kind, e.info.name, e.origin, e.info.description
         ))?;
     }
+    for e in registry.aligners() {
+        if args.name.as_deref().is_some_and(|n| n != e.info.name) {
+            continue;
+        }
+        found = true;
+        let mut s = format!(
+            "{} {}  [{}]\n    {}\n",
+            e.info.kind, e.info.name, e.origin, e.info.description
+        );
+        for p in &e.info.params {
+            let default = p
+                .default
+                .as_ref()
+                .map_or("optional".to_string(), |d| format!("default {d}"));
+            s.push_str(&format!(
+                "    - {} ({}, {default})\n        {}\n",
+                p.name, p.ty, p.help
+            ));
+        }
+        s.push('\n');
+        emit(&s)?;
+    }
     if !found {
-        registry.merger(args.name.as_deref().unwrap_or_default())?;
+        let names = |v: Vec<&str>| v.join(", ");
+        bail!(
+            "no plugin named `{}`; known methods: {}; model families: {}; aligners: {}",
+            args.name.as_deref().unwrap_or_default(),
+            names(
+                registry
+                    .mergers()
+                    .iter()
+                    .map(|e| e.info.name.as_str())
+                    .collect()
+            ),
+            names(
+                registry
+                    .models()
+                    .iter()
+                    .map(|e| e.info.name.as_str())
+                    .collect()
+            ),
+            names(
+                registry
+                    .aligners()
+                    .iter()
+                    .map(|e| e.info.name.as_str())
+                    .collect()
+            ),
+        );
     }
     Ok(())
 }
@@ -454,6 +643,7 @@ fn load_for_generation(
 ) -> Result<(
     Box<dyn fusechat_core::model::CausalLm>,
     tokenizers::Tokenizer,
+    Option<fusechat_core::template::Template>,
     fusechat_core::generate::GenOptions,
 )> {
     let registry = crate::registry_with(None, plugins)?;
@@ -463,24 +653,25 @@ fn load_for_generation(
     };
     let model = fusechat_core::model::load_model(&registry, &a.model, a.family.as_deref(), &opts)?;
     let tok = crate::chat::load_tokenizer(&a.model)?;
+    let template = crate::chat::template(&a.template, &a.model)?;
     let gen = fusechat_core::generate::GenOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
         seed: a.seed,
-        stop: crate::chat::stops(model.as_ref(), &tok, a.template),
+        stop: crate::chat::stops(model.as_ref(), &tok, template.as_ref()),
     };
-    Ok((model, tok, gen))
+    Ok((model, tok, template, gen))
 }
 
 fn cmd_generate(args: &GenerateArgs, plugins: &[PathBuf]) -> Result<()> {
-    let (model, tok, gen) = load_for_generation(&args.model, plugins)?;
+    let (model, tok, template, gen) = load_for_generation(&args.model, plugins)?;
     let mut out = std::io::stdout();
     crate::chat::reply(
         model.as_ref(),
         &tok,
-        args.model.template,
+        template.as_ref(),
         &[args.prompt.clone()],
         &gen,
         &mut out,
@@ -490,7 +681,7 @@ fn cmd_generate(args: &GenerateArgs, plugins: &[PathBuf]) -> Result<()> {
 
 fn cmd_chat(args: &ChatArgs, plugins: &[PathBuf]) -> Result<()> {
     use std::io::BufRead;
-    let (model, tok, gen) = load_for_generation(&args.model, plugins)?;
+    let (model, tok, template, gen) = load_for_generation(&args.model, plugins)?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
@@ -514,7 +705,7 @@ fn cmd_chat(args: &ChatArgs, plugins: &[PathBuf]) -> Result<()> {
         let answer = crate::chat::reply(
             model.as_ref(),
             &tok,
-            args.model.template,
+            template.as_ref(),
             &turns,
             &gen,
             &mut out,
@@ -523,6 +714,133 @@ fn cmd_chat(args: &ChatArgs, plugins: &[PathBuf]) -> Result<()> {
         turns.push(answer);
     }
     Ok(())
+}
+
+fn cmd_template(a: &TemplateArgs) -> Result<()> {
+    use fusechat_core::template::{load_tokenizer, Template};
+    let template = Template::load(&a.template, &a.tokenizer)?;
+    let tok = load_tokenizer(&a.tokenizer)?;
+    let data = fusechat_core::conversation::load(&a.data, false)?;
+    let Some(conv) = data.records.iter().find(|c| c.row == a.row) else {
+        match data.skipped.iter().find(|s| s.row == a.row) {
+            Some(s) => bail!(
+                "{}: record {} is skipped: {}",
+                a.data.display(),
+                a.row,
+                s.reason
+            ),
+            None => bail!(
+                "{}: no record {} (the file has {})",
+                a.data.display(),
+                a.row,
+                data.total
+            ),
+        }
+    };
+    let r = template.render(conv)?;
+    let enc = fusechat_core::template::encode_rendered(&tok, &r, a.max_length)?;
+    let mut s = format!(
+        "row {} ({} template): {} tokens, {} labels (L = trained on)\n",
+        a.row,
+        template.name(),
+        enc.ids.len(),
+        enc.labels.iter().filter(|l| **l == 1).count()
+    );
+    for (i, ((id, l), (b, e))) in enc
+        .ids
+        .iter()
+        .zip(&enc.labels)
+        .zip(&enc.offsets)
+        .enumerate()
+    {
+        let piece = tok.id_to_token(*id).unwrap_or_default();
+        let text = r.text.get(*b..*e).unwrap_or("");
+        s.push_str(&format!(
+            "{i:>5} {id:>7} {} {:<24} {:?}\n",
+            if *l == 1 { "L" } else { "." },
+            format!("{piece:?}"),
+            text
+        ));
+    }
+    emit(&s)
+}
+
+fn cmd_represent(a: &RepresentArgs, plugins: &[PathBuf]) -> Result<()> {
+    let registry = crate::registry_with(None, plugins)?;
+    let mut o = fusechat_core::represent::RepresentOptions::new(&a.model, &a.data, &a.out);
+    o.family = a.family.clone();
+    o.tokenizer = a.tokenizer.clone();
+    o.template = a.template.clone();
+    o.top_k = a.top_k;
+    o.max_length = a.max_length;
+    o.batch_size = a.batch_size;
+    o.batch_tokens = a.batch_tokens;
+    o.rows_per_shard = a.rows_per_shard;
+    o.shard = a.shard;
+    o.device = a.device.clone();
+    o.strict = a.strict;
+    o.force = a.force;
+    o.progress = !a.no_progress && std::io::stderr().is_terminal();
+    let r = fusechat_core::represent::represent(&registry, &o)?;
+    emit(&crate::run::represent_summary(&a.out, &r))
+}
+
+/// Aligner parameters from TOML values (single values only).
+pub fn toml_scalars(
+    t: &std::collections::BTreeMap<String, toml::Value>,
+) -> std::result::Result<std::collections::BTreeMap<String, fusechat_core::params::Scalar>, String>
+{
+    let settings = fusechat_core::config::toml_settings(t)?;
+    settings
+        .into_iter()
+        .map(|(k, v)| match v {
+            Setting::Scalar(s) => Ok((k, s)),
+            _ => Err(format!("`{k}`: aligner parameters are single values")),
+        })
+        .collect()
+}
+
+fn cmd_align(a: &AlignArgs, plugins: &[PathBuf]) -> Result<()> {
+    let registry = crate::registry_with(None, plugins)?;
+    let mut params = std::collections::BTreeMap::new();
+    for s in &a.set {
+        match parse_set(s)? {
+            (k, Setting::Scalar(v)) => {
+                params.insert(k, v);
+            }
+            (k, _) => bail!("--set {k}: aligner parameters are single values"),
+        }
+    }
+    let o = fusechat_core::align::AlignOptions {
+        pivot: a.pivot.clone(),
+        source: a.source.clone(),
+        pivot_tokenizer: a.pivot_tokenizer.clone(),
+        source_tokenizer: a.source_tokenizer.clone(),
+        aligner: a.aligner.clone(),
+        params,
+        out: a.out.clone(),
+        force: a.force,
+    };
+    let r = fusechat_core::align::align(&registry, &o)?;
+    emit(&crate::run::align_summary(&a.out, &r))
+}
+
+fn cmd_filter(a: &FilterArgs) -> Result<()> {
+    let r = fusechat_core::align::filter(&a.pivot, &a.teachers)?;
+    emit(&format!(
+        "filter: dropped {} of {} rows with a NaN metric_ce{}\n",
+        r.dropped.len(),
+        r.rows,
+        if r.dropped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (rows {:?}{})",
+                &r.dropped[..r.dropped.len().min(10)],
+                if r.dropped.len() > 10 { ", ..." } else { "" }
+            )
+        }
+    ))
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -548,7 +866,10 @@ fn init_logging(verbose: u8, quiet: bool) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
-    if matches!(cli.command, Command::Generate(_) | Command::Chat(_)) {
+    if matches!(
+        cli.command,
+        Command::Generate(_) | Command::Chat(_) | Command::Represent(_)
+    ) {
         crate::tune_allocator_for_compute();
     }
     let r = match &cli.command {
@@ -557,6 +878,10 @@ pub fn main() -> ExitCode {
         Command::Plugins(a) => cmd_plugins(a, &cli.plugins),
         Command::Generate(a) => cmd_generate(a, &cli.plugins),
         Command::Chat(a) => cmd_chat(a, &cli.plugins),
+        Command::Template(a) => cmd_template(a),
+        Command::Represent(a) => cmd_represent(a, &cli.plugins),
+        Command::Align(a) => cmd_align(a, &cli.plugins),
+        Command::Filter(a) => cmd_filter(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,24 @@
 //! [miniature]                     # generate a tiny deterministic model set (demo, tests)
 //! out = "runs/default/models"
 //!
+//! [data]                          # the data-construction stages (represent, align, filter)
+//! path = "conversations.jsonl"    # ShareGPT or OpenAI form, JSON or JSONL
+//! template = "openchat"           # default for every model
+//! max_length = 2048
+//!
+//! [pivot]
+//! path = "models/openchat_3.5"    # family, template and tokenizer may be given as for sources
+//!
+//! [[sources]]
+//! name = "mixtral"                # repr/<name>/ and repr/<name>@pivot/
+//! path = "models/nh2_mixtral"
+//! aligner = "mined"               # identity, exact, mined, offsets
+//! align = { mode = "soft" }       # aligner parameters
+//!
+//! [represent]
+//! out = "runs/default/repr"
+//! top_k = 10
+//!
 //! [merge]
 //! method = "varm"
 //! base = "runs/default/models/pivot"
@@ -37,6 +55,11 @@ pub struct Config {
     #[serde(default)]
     pub run: RunSection,
     pub miniature: Option<MiniatureSection>,
+    pub data: Option<DataSection>,
+    pub pivot: Option<ModelSection>,
+    #[serde(default)]
+    pub sources: Vec<ModelSection>,
+    pub represent: Option<RepresentSection>,
     pub merge: Option<MergeSection>,
     #[serde(default)]
     pub plugins: PluginsSection,
@@ -113,6 +136,89 @@ fn d_targets() -> Vec<String> {
 }
 fn d_dtype() -> String {
     "bf16".into()
+}
+
+/// `[data]`: the chat dataset and how records become tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub path: PathBuf,
+    #[serde(default = "d_template")]
+    pub template: String,
+    #[serde(default = "d_max_length")]
+    pub max_length: usize,
+    /// Fail on a bad record instead of skipping it.
+    #[serde(default)]
+    pub strict: bool,
+}
+fn d_template() -> String {
+    "openchat".into()
+}
+fn d_max_length() -> usize {
+    2048
+}
+
+/// `[pivot]` and each `[[sources]]`: a model of the fusion.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Sources only: names the representation directories.
+    pub name: Option<String>,
+    pub path: String,
+    pub family: Option<String>,
+    /// Overrides `[data] template` for this model.
+    pub template: Option<String>,
+    /// Tokenizer directory (default: the model's).
+    pub tokenizer: Option<PathBuf>,
+    /// Sources only: the vocabulary aligner and its parameters.
+    pub aligner: Option<String>,
+    #[serde(default)]
+    pub align: BTreeMap<String, toml::Value>,
+}
+
+/// `[represent]`: where representations go and how they are computed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepresentSection {
+    pub out: Option<PathBuf>,
+    #[serde(default = "d_top_k")]
+    pub top_k: usize,
+    #[serde(default = "d_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "d_batch_tokens")]
+    pub batch_tokens: usize,
+    #[serde(default = "d_rows_per_shard")]
+    pub rows_per_shard: usize,
+    #[serde(default = "d_device")]
+    pub device: String,
+}
+fn d_top_k() -> usize {
+    10
+}
+fn d_batch_size() -> usize {
+    8
+}
+fn d_batch_tokens() -> usize {
+    8192
+}
+fn d_rows_per_shard() -> usize {
+    1024
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+
+impl Default for RepresentSection {
+    fn default() -> Self {
+        RepresentSection {
+            out: None,
+            top_k: d_top_k(),
+            batch_size: d_batch_size(),
+            batch_tokens: d_batch_tokens(),
+            rows_per_shard: d_rows_per_shard(),
+            device: d_device(),
+        }
+    }
 }
 
 /// A model in `[merge] models`: a path, or a table with per-model parameters.

@@ -5,6 +5,8 @@
 //! (`fusechat-plugins` for the built-ins, shared libraries for third parties).
 
 pub mod abi;
+#[cfg(feature = "data")]
+pub mod align;
 pub mod config;
 #[cfg(feature = "data")]
 pub mod conversation;

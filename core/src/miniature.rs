@@ -225,7 +225,8 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
     let pivot = out.join("pivot");
     let targets: Vec<PathBuf> = spec.targets.iter().map(|t| out.join(t)).collect();
     let stamp = out.join("miniature.json");
-    let want = format!("{spec:?}");
+    // The set includes a tokenizer and a chat dataset when built with `data`.
+    let want = format!("{spec:?} data={}", cfg!(feature = "data"));
     let fresh = std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str())
         && pivot.is_dir()
         && targets.iter().all(|t| t.is_dir());
@@ -238,6 +239,18 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let _ = std::fs::remove_file(&stamp);
+    #[cfg(feature = "data")]
+    // Vocabularies too small for the fixed words get no tokenizer (merge-only sets).
+    let tokenizer = if spec.vocab_size > 12 {
+        let dir = out.join("tokenizer");
+        let words = write_tokenizer(&dir, spec.vocab_size)?;
+        write_conversations(&out.join(CONVERSATIONS), &words, 48, spec.seed)?;
+        Some(dir)
+    } else {
+        None
+    };
+    #[cfg(not(feature = "data"))]
+    let tokenizer: Option<PathBuf> = None;
     let config = spec.config();
     let names = spec.tensors();
     let pivot_t: Vec<(String, Vec<usize>, Vec<f32>)> = names
@@ -250,24 +263,26 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
             )
         })
         .collect();
-    write_model_dir(
+    write_hf_dir(
         &pivot,
         &config,
         &pivot_t,
         spec.dtype,
         crate::writer::DEFAULT_MAX_SHARD_SIZE,
+        tokenizer.as_deref(),
     )?;
     for (j, dir) in targets.iter().enumerate() {
         let t: Vec<(String, Vec<usize>, Vec<f32>)> = pivot_t
             .iter()
             .map(|(n, s, p)| (n.clone(), s.clone(), spec.target_tensor(j, n, p)))
             .collect();
-        write_model_dir(
+        write_hf_dir(
             dir,
             &config,
             &t,
             spec.dtype,
             crate::writer::DEFAULT_MAX_SHARD_SIZE,
+            tokenizer.as_deref(),
         )?;
     }
     write_atomic(&stamp, want.as_bytes())?;
@@ -276,4 +291,111 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
         targets,
         generated: true,
     })
+}
+
+/// The miniature's chat dataset, beside the models.
+pub const CONVERSATIONS: &str = "conversations.jsonl";
+
+/// A word-level tokenizer of `vocab_size` tokens: `<unk>`, `<s>`, `</s>`,
+/// `<|end_of_turn|>` (special), the openchat role words, then made-up
+/// syllable words (at most 4900 of them). BOS is added by its post-processor.
+/// Returns the plain words.
+#[cfg(feature = "data")]
+pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<Vec<String>> {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, Tokenizer};
+    let specials = ["<unk>", "<s>", "</s>", "<|end_of_turn|>"];
+    let fixed = ["GPT4", "Correct", "User", "Assistant", ":", ".", "?", ","];
+    let mut words: Vec<String> = specials
+        .iter()
+        .chain(fixed.iter())
+        .map(|s| s.to_string())
+        .collect();
+    let (cons, vows) = ("bdfgklmnprstvz", "aeiou");
+    'fill: for c1 in cons.chars() {
+        for v1 in vows.chars() {
+            for c2 in cons.chars() {
+                for v2 in vows.chars() {
+                    if words.len() >= vocab_size {
+                        break 'fill;
+                    }
+                    words.push(format!("{c1}{v1}{c2}{v2}"));
+                }
+            }
+        }
+    }
+    // The made-up words run out at 4912 tokens; a larger model vocabulary keeps
+    // a smaller tokenizer (its ids stay below the model's vocab_size).
+    if vocab_size <= specials.len() + fixed.len() {
+        return Err(Error::msg(format!(
+            "the miniature tokenizer needs a vocab_size of at least {}",
+            specials.len() + fixed.len() + 1
+        )));
+    }
+    let vocab = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), i as u32))
+        .collect();
+    let model = WordLevel::builder()
+        .vocab(vocab)
+        .unk_token("<unk>".into())
+        .build()
+        .map_err(|e| Error::msg(format!("building the miniature tokenizer: {e}")))?;
+    let mut tok = Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    let _added = tok.add_special_tokens(
+        specials
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect::<Vec<_>>(),
+    );
+    let post = TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .map_err(|e| Error::msg(format!("building the miniature tokenizer: {e}")))?
+        .special_tokens(vec![("<s>", 1)])
+        .build()
+        .map_err(|e| Error::msg(format!("building the miniature tokenizer: {e}")))?;
+    tok.with_post_processor(Some(post));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let json = tok
+        .to_string(true)
+        .map_err(|e| Error::msg(format!("serializing the miniature tokenizer: {e}")))?;
+    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 2048, "tokenizer_class": "PreTrainedTokenizerFast"});
+    write_atomic(
+        &dir.join("tokenizer_config.json"),
+        cfg.to_string().as_bytes(),
+    )?;
+    Ok(words[specials.len() + fixed.len()..].to_vec())
+}
+
+/// `n` ShareGPT-form conversations of made-up words (1–3 exchanges each),
+/// plus two records the data stage must skip (non-alternating, empty).
+#[cfg(feature = "data")]
+pub fn write_conversations(path: &Path, words: &[String], n: usize, seed: u64) -> Result<()> {
+    let mut rng = SplitMix64(seed ^ 0xC0117E55);
+    let sentence = |rng: &mut SplitMix64| {
+        let len = 3 + (rng.next_u64() % 12) as usize;
+        let mut s: Vec<&str> = (0..len)
+            .map(|_| words[(rng.next_u64() % words.len() as u64) as usize].as_str())
+            .collect();
+        s.push(".");
+        s.join(" ")
+    };
+    let mut lines = Vec::new();
+    for i in 0..n {
+        let exchanges = 1 + (rng.next_u64() % 3) as usize;
+        let conv: Vec<serde_json::Value> = (0..exchanges * 2)
+            .map(|t| serde_json::json!({"from": if t % 2 == 0 { "human" } else { "gpt" }, "value": sentence(&mut rng)}))
+            .collect();
+        lines.push(
+            serde_json::json!({"id": format!("mini_{i}"), "conversations": conv}).to_string(),
+        );
+    }
+    lines.push(serde_json::json!({"id": "bad_roles", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}).to_string());
+    lines.push(serde_json::json!({"id": "empty", "conversations": []}).to_string());
+    write_atomic(path, (lines.join("\n") + "\n").as_bytes())
 }

@@ -193,10 +193,21 @@ pub struct ModelEntry {
     pub origin: Origin,
 }
 
+/// A registered vocabulary aligner.
+#[cfg(feature = "data")]
+#[derive(Clone)]
+pub struct AlignerEntry {
+    pub aligner: Arc<dyn crate::align::VocabAligner>,
+    pub info: PluginInfo,
+    pub origin: Origin,
+}
+
 /// All plugins known to this process.
 #[derive(Clone, Default)]
 pub struct Registry {
     mergers: Vec<MergerEntry>,
+    #[cfg(feature = "data")]
+    aligners: Vec<AlignerEntry>,
     #[cfg(feature = "candle")]
     models: Vec<ModelEntry>,
 }
@@ -223,7 +234,43 @@ impl Registry {
         }
         #[cfg(feature = "candle")]
         r.models.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        #[cfg(feature = "data")]
+        for b in inventory::iter::<crate::align::BuiltinAligner> {
+            let aligner = (b.0)();
+            let info = aligner.info();
+            r.aligners.push(AlignerEntry {
+                aligner,
+                info,
+                origin: Origin::BuiltIn,
+            });
+        }
+        #[cfg(feature = "data")]
+        r.aligners.sort_by(|a, b| a.info.name.cmp(&b.info.name));
         r
+    }
+
+    /// The vocabulary aligners.
+    #[cfg(feature = "data")]
+    pub fn aligners(&self) -> &[AlignerEntry] {
+        &self.aligners
+    }
+
+    /// An aligner by name; an unknown name lists the known ones.
+    #[cfg(feature = "data")]
+    pub fn aligner(&self, name: &str) -> Result<&AlignerEntry> {
+        self.aligners
+            .iter()
+            .find(|e| e.info.name == name)
+            .ok_or_else(|| {
+                Error::Plugin(format!(
+                    "unknown aligner `{name}`; known aligners: {}",
+                    self.aligners
+                        .iter()
+                        .map(|e| e.info.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
     }
 
     /// The model families.

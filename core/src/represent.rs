@@ -364,7 +364,6 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
     let vocab_len = tokenizer.get_vocab_size(true);
     if prepare_out(o, &key, &settings)? {
         let manifest = Manifest::read(&o.out)?;
-        tracing::info!("represent: {} is up to date", o.out.display());
         return Ok(RepresentOutcome {
             reused: (0..manifest.shards.len()).collect(),
             manifest: Some(manifest),

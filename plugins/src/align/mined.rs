@@ -20,6 +20,60 @@
 //! assert_eq!(map, vec![vec![0], vec![1], vec![2, 3]]);
 //! ```
 
+use super::{fallback_param, mode_param, one_to_one, token_strings, transfer};
+use fusechat_core::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
+use fusechat_core::params::ResolvedParams;
+use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::repr::RowView;
+use std::sync::Arc;
+
+/// The `mined` aligner plugin.
+pub struct Mined;
+
+impl VocabAligner for Mined {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            kind: PluginKind::Aligner,
+            name: "mined".into(),
+            description: "FuseLLM: DTW positions; top-k tokens by exact text, else the nearest pivot token by edit distance".into(),
+            params: vec![
+                ParamSpec::float("substring_discount", Scope::Shared)
+                    .default(1.0)
+                    .help("multiply the cost by this when one token contains the other (FuseChat-1.0's tool: 0.1; 1 = off)"),
+                mode_param(),
+                fallback_param(),
+            ],
+        }
+    }
+
+    fn align(
+        &self,
+        v: &VocabPair,
+        params: &ResolvedParams,
+        pivot: &RowView<'_>,
+        source: &RowView<'_>,
+        k: usize,
+    ) -> fusechat_core::Result<AlignedRow> {
+        let discount = params.f64("substring_discount")?;
+        let map = align(
+            &token_strings(&v.source, source.input_ids),
+            &token_strings(&v.pivot, pivot.input_ids),
+            (discount != 1.0).then_some(discount),
+        );
+        let pairs = one_to_one(&map, source.input_ids.len());
+        let soft = params.str("mode")? == "soft";
+        Ok(transfer(v, params, pivot, source, k, &pairs, |id| {
+            if soft {
+                v.nearest(id, levenshtein)
+            } else {
+                v.exact(id)
+            }
+        }))
+    }
+}
+
+inventory::submit! { BuiltinAligner(|| Arc::new(Mined)) }
+
 /// Remove the word-start markers of SentencePiece (`▁`) and byte-level BPE (`Ġ`).
 pub fn strip_markers(token: &str) -> String {
     token
@@ -30,19 +84,8 @@ pub fn strip_markers(token: &str) -> String {
 
 /// Levenshtein distance over Unicode scalar values.
 pub fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j + 1] + 1)
-                .min(cur[j] + 1)
-                .min(prev[j] + (ca != *cb) as usize);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    levenshtein_chars(&a, &b, &mut Vec::new())
 }
 
 /// The alignment cost of two tokens.
@@ -55,8 +98,27 @@ pub fn cost(a: &str, b: &str, substring_discount: Option<f64>) -> f64 {
     }
 }
 
+/// Levenshtein distance over char slices, reusing `row` as scratch.
+fn levenshtein_chars(a: &[char], b: &[char], row: &mut Vec<usize>) -> usize {
+    row.clear();
+    row.extend(0..=b.len());
+    for (i, ca) in a.iter().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diag + (ca != cb) as usize);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// Align `source` tokens to `pivot` tokens; `result[j]` lists the source
 /// positions aligned with pivot position `j`. Empty input gives empty lists.
+/// The cost is [`cost`], computed on strings stripped once per token.
 pub fn align<S: AsRef<str>, P: AsRef<str>>(
     source: &[S],
     pivot: &[P],
@@ -67,12 +129,25 @@ pub fn align<S: AsRef<str>, P: AsRef<str>>(
     if n1 == 0 || n2 == 0 {
         return out;
     }
+    let strip = |t: &str| {
+        let s = strip_markers(t);
+        let c: Vec<char> = s.chars().collect();
+        (s, c)
+    };
+    let src: Vec<(String, Vec<char>)> = source.iter().map(|t| strip(t.as_ref())).collect();
+    let piv: Vec<(String, Vec<char>)> = pivot.iter().map(|t| strip(t.as_ref())).collect();
+    let mut scratch = Vec::new();
     let w = n2 + 1;
     let mut m = vec![f64::INFINITY; (n1 + 1) * w];
     m[0] = 0.0;
     for i in 0..n1 {
         for j in 0..n2 {
-            let c = cost(source[i].as_ref(), pivot[j].as_ref(), substring_discount);
+            let (a, b) = (&src[i], &piv[j]);
+            let d = levenshtein_chars(&a.1, &b.1, &mut scratch) as f64;
+            let c = match substring_discount {
+                Some(f) if a.0.contains(b.0.as_str()) || b.0.contains(a.0.as_str()) => d * f,
+                _ => d,
+            };
             let best = m[i * w + j + 1].min(m[(i + 1) * w + j]).min(m[i * w + j]);
             m[(i + 1) * w + j + 1] = c + best;
         }

@@ -1,5 +1,125 @@
-//! Vocabulary alignment (SPEC.md section 3). So far this holds the token-sequence
-//! alignment of the `mined` aligner; the `VocabAligner` trait and the aligner
-//! plugins (identity, exact, mined, offsets) come with the data-construction stage.
+//! Vocabulary aligners (SPEC §3), one file each. How each pairs positions and
+//! maps the source's top-k tokens onto the pivot's vocabulary:
+//!
+//! | aligner | positions | top-k tokens | cost per row |
+//! |---|---|---|---|
+//! | `identity` | the same tokens (checked) | unchanged; the vocabularies must be equal | O(n) |
+//! | `exact` | DTW (as `mined`) | exact text match (`▁`/`Ġ` normalised), others dropped | O(n·m) edit distances |
+//! | `mined` | DTW, FuseLLM's | exact match, else the pivot token at minimum edit distance (`mode = "soft"`), or dropped (`"hard"`) | O(n·m) edit distances |
+//! | `offsets` | equal character spans of the same text | as `mined` | O(n+m) |
+//!
+//! A pivot loss position receives the source's top-k when its token is aligned
+//! one-to-one with an equal source token; every other position becomes one-hot
+//! on the pivot's label (the next token; `fallback = "current"` reproduces
+//! FuseLLM's off-by-one). Mapped entries keep their order; a duplicate pivot id
+//! keeps its first (highest) entry; unfilled entries have logit −∞.
 
+pub mod exact;
+pub mod identity;
 pub mod mined;
+pub mod offsets;
+
+use fusechat_core::align::{AlignStats, AlignedRow, VocabPair};
+use fusechat_core::params::ResolvedParams;
+use fusechat_core::registry::{ParamSpec, Scope};
+use fusechat_core::repr::{loss_positions, RowView};
+use half::f16;
+
+pub(crate) fn fallback_param() -> ParamSpec {
+    ParamSpec::choice("fallback", &["label", "current"], Scope::Shared)
+        .default("label")
+        .help("one-hot target where no top-k transfers: the label (next token), or FuseLLM's current token")
+}
+
+pub(crate) fn mode_param() -> ParamSpec {
+    ParamSpec::choice("mode", &["soft", "hard"], Scope::Shared)
+        .default("soft")
+        .help("soft: a top-k token missing from the pivot vocabulary maps to the nearest by edit distance; hard: it is dropped")
+}
+
+/// Whether two tokens are the same token for the purpose of carrying a distribution over.
+pub(crate) fn same_token(v: &VocabPair, pivot_id: u32, source_id: u32) -> bool {
+    let k = v.pivot.key(pivot_id);
+    !k.is_empty() && k == v.source.key(source_id)
+}
+
+/// One-to-one pairs of a DTW map (`map[j]` lists the source positions of pivot `j`):
+/// `out[j] = Some(i)` when `map[j] == [i]` and `i` is aligned with nothing else.
+pub(crate) fn one_to_one(map: &[Vec<usize>], n_source: usize) -> Vec<Option<usize>> {
+    let mut uses = vec![0u32; n_source];
+    map.iter().flatten().for_each(|&i| uses[i] += 1);
+    map.iter()
+        .map(|l| match l[..] {
+            [i] if uses[i] == 1 => Some(i),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Build the aligned row: pivot loss position `t` takes the source top-k at
+/// `pairs[t]` (a source position) when that is a source loss position; `map`
+/// sends a source id to a pivot id or drops it.
+pub(crate) fn transfer(
+    v: &VocabPair,
+    params: &ResolvedParams,
+    pivot: &RowView<'_>,
+    source: &RowView<'_>,
+    k: usize,
+    pairs: &[Option<usize>],
+    map: impl Fn(u32) -> Option<u32>,
+) -> AlignedRow {
+    let current = params.str("fallback").ok() == Some("current");
+    let mut src_pos = vec![None; source.input_ids.len()];
+    for (n, t) in loss_positions(source.label_mask).enumerate() {
+        src_pos[t] = Some(n);
+    }
+    let positions: Vec<usize> = loss_positions(pivot.label_mask).collect();
+    let mut ids = vec![0u32; positions.len() * k];
+    let mut logits = vec![f16::NEG_INFINITY; positions.len() * k];
+    let mut stats = AlignStats::default();
+    for (n, &t) in positions.iter().enumerate() {
+        let (ids, logits) = (
+            &mut ids[n * k..(n + 1) * k],
+            &mut logits[n * k..(n + 1) * k],
+        );
+        let mut filled = 0;
+        let paired = pairs[t]
+            .filter(|&s| same_token(v, pivot.input_ids[t], source.input_ids[s]))
+            .and_then(|s| src_pos[s]);
+        if let Some(sn) = paired {
+            for e in sn * k..(sn + 1) * k {
+                let Some(p) = map(source.topk_ids[e]) else {
+                    stats.dropped_tokens += 1;
+                    continue;
+                };
+                if filled < k && !ids[..filled].contains(&p) && source.topk_logits[e].is_finite() {
+                    ids[filled] = p;
+                    logits[filled] = source.topk_logits[e];
+                    filled += 1;
+                }
+            }
+        }
+        if filled > 0 {
+            stats.transferred += 1;
+        } else {
+            ids[0] = pivot.input_ids[if current { t } else { t + 1 }];
+            logits[0] = f16::ZERO;
+            stats.fallback += 1;
+        }
+    }
+    AlignedRow {
+        topk_ids: ids,
+        topk_logits: logits,
+        stats,
+    }
+}
+
+/// The token strings of a row, for DTW.
+pub(crate) fn token_strings<'a>(
+    vocab: &'a fusechat_core::align::Vocab,
+    ids: &[u32],
+) -> Vec<&'a str> {
+    ids.iter()
+        .map(|&i| vocab.tokens.get(i as usize).map_or("", String::as_str))
+        .collect()
+}

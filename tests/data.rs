@@ -1,0 +1,556 @@
+//! The data-construction stages on a tiny generated model set: represent,
+//! align and filter, checked against independent computations.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use fusechat::core::align::{align, filter, AlignOptions, Vocab, VocabPair};
+use fusechat::core::dtype::DType;
+use fusechat::core::model::LoadOptions;
+use fusechat::core::params::{ResolvedParams, Scalar};
+use fusechat::core::repr::{loss_positions, ReprDir, RowView};
+use fusechat::core::represent::{represent, RepresentOptions};
+use fusechat::plugins::models::decoder::Decoder;
+use half::f16;
+use std::path::{Path, PathBuf};
+
+/// The miniature set (pivot, two targets, tokenizer, conversations) plus a data
+/// file with one record that has no reply (so no label).
+fn setup(dir: &Path) -> (PathBuf, Vec<PathBuf>, PathBuf) {
+    let mut spec = common::spec(2, DType::F32);
+    spec.vocab_size = 96;
+    spec.hidden_size = 32;
+    spec.intermediate_size = 48;
+    let set = fusechat::core::miniature::generate(&spec, &dir.join("models")).unwrap();
+    let mut data = std::fs::read_to_string(dir.join("models/conversations.jsonl")).unwrap();
+    data.push_str("{\"id\": \"no_reply\", \"messages\": [{\"role\": \"user\", \"content\": \"bada bede\"}]}\n");
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, data).unwrap();
+    (set.pivot, set.targets, path)
+}
+
+fn opts(model: &Path, data: &Path, out: &Path) -> RepresentOptions {
+    let mut o = RepresentOptions::new(model, data, out);
+    o.top_k = 4;
+    o.rows_per_shard = 8;
+    o.batch_size = 3;
+    o
+}
+
+fn rows(dir: &Path) -> Vec<(u64, Vec<u32>, Vec<u8>, Vec<u32>, Vec<f16>, f32)> {
+    let r = ReprDir::open(dir).unwrap();
+    let mut out = Vec::new();
+    for i in 0..r.manifest.shards.len() {
+        let s = r.shard(i).unwrap();
+        for j in 0..s.rows() {
+            let v = s.row(j);
+            out.push((
+                v.row_id,
+                v.input_ids.to_vec(),
+                v.label_mask.to_vec(),
+                v.topk_ids.to_vec(),
+                v.topk_logits.to_vec(),
+                v.metric_ce,
+            ));
+        }
+    }
+    out
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn representations_match_an_independent_forward_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pivot, _, data) = setup(tmp.path());
+    let reg = fusechat::registry();
+    let a = tmp.path().join("a");
+    let out = represent(&reg, &opts(&pivot, &data, &a)).unwrap();
+    let m = out.manifest.clone().unwrap();
+    assert_eq!(m.records.total, 51);
+    assert_eq!(m.records.skipped, 2, "{:?}", m.skipped);
+    assert_eq!(m.records.no_label, 1);
+    assert_eq!(m.index_dtype, "u16");
+    assert_eq!(
+        m.skipped
+            .iter()
+            .map(|s| s.id.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ["bad_roles", "empty"]
+    );
+
+    // Independent: each record alone through the decoder, full softmax in f64, top-k by sorting.
+    let model = Decoder::load(&pivot, &LoadOptions::default(), None).unwrap();
+    let got = rows(&a);
+    assert_eq!(got.len(), 49);
+    for (row_id, ids, labels, topk_ids, topk_logits, metric) in &got {
+        let n = ids.len();
+        let t = Tensor::from_vec(ids.clone(), (1, n), &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, n), candle_core::DType::U32, &Device::Cpu).unwrap();
+        let logits: Vec<f32> = model
+            .forward(&t, &mask)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let v = logits.len() / n;
+        let mut ces = Vec::new();
+        for (p, t) in loss_positions(labels).enumerate() {
+            let row = &logits[t * v..(t + 1) * v];
+            let mut order: Vec<usize> = (0..v).collect();
+            order.sort_by(|&x, &y| row[y].partial_cmp(&row[x]).unwrap());
+            for j in 0..4 {
+                let got_id = topk_ids[p * 4 + j] as usize;
+                // Equal ids, or a near-tie between neighbours (batched vs single forward).
+                assert!(
+                    got_id == order[j] || (row[got_id] - row[order[j]]).abs() < 1e-4,
+                    "row {row_id} position {t} rank {j}: {got_id} vs {}",
+                    order[j]
+                );
+                assert!(
+                    (topk_logits[p * 4 + j].to_f32() - row[order[j]]).abs()
+                        <= 2e-3 * row[order[j]].abs().max(1.0)
+                );
+            }
+            let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            ces.push(lse - row[ids[t + 1] as usize] as f64);
+        }
+        if ces.is_empty() {
+            assert!(metric.is_nan(), "row {row_id} has no label");
+        } else {
+            let want = ces.iter().sum::<f64>() / ces.len() as f64;
+            assert!(
+                (*metric as f64 - want).abs() < 1e-4,
+                "row {row_id}: {metric} vs {want}"
+            );
+        }
+    }
+
+    // Two --shard runs into one directory give the same bytes.
+    let b = tmp.path().join("b");
+    let mut o = opts(&pivot, &data, &b);
+    o.shard = (1, 2);
+    let first = represent(&reg, &o).unwrap();
+    assert!(first.manifest.is_none() && !first.pending.is_empty());
+    o.shard = (0, 2);
+    let second = represent(&reg, &o).unwrap();
+    assert_eq!(second.manifest.as_ref().unwrap().shards, m.shards);
+    assert_eq!(files(&b), files(&a));
+
+    // A killed run (one shard and the manifest missing) resumes with only that shard.
+    std::fs::remove_file(b.join("manifest.json")).unwrap();
+    std::fs::remove_file(b.join("shard-00002.safetensors")).unwrap();
+    let resumed = represent(&reg, &opts(&pivot, &data, &b)).unwrap();
+    assert_eq!(resumed.computed, vec![2]);
+    assert_eq!(resumed.reused.len(), m.shards.len() - 1);
+    assert_eq!(files(&b), files(&a));
+    assert!(
+        represent(&reg, &opts(&pivot, &data, &b))
+            .unwrap()
+            .up_to_date
+    );
+
+    // Other settings into the same directory need --force.
+    let mut o = opts(&pivot, &data, &b);
+    o.top_k = 3;
+    let e = represent(&reg, &o).unwrap_err().to_string();
+    assert!(e.contains("--force"), "{e}");
+
+    // Python's safetensors reads a shard with no fusechat code (skipped without python).
+    let script = format!(
+        "from safetensors.numpy import load_file\nt = load_file({:?})\nassert t['topk_ids'].dtype.name == 'uint16' and t['topk_logits'].dtype.name == 'float16'\nassert t['row_offsets'][-1] == len(t['input_ids']) == len(t['label_mask'])\nprint(t['topk_ids'].shape[0], int(t['label_mask'][1:].sum()))",
+        a.join("shard-00000.safetensors").display().to_string()
+    );
+    if let Ok(o) = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+    {
+        if o.status.success() {
+            let s = String::from_utf8_lossy(&o.stdout);
+            let n: Vec<&str> = s.split_whitespace().collect();
+            assert_eq!(
+                n[0].parse::<usize>().unwrap(),
+                ReprDir::open(&a).unwrap().shard(0).unwrap().positions()
+            );
+        } else if std::env::var("CI").is_ok()
+            && !String::from_utf8_lossy(&o.stderr).contains("No module named")
+        {
+            panic!(
+                "python could not read the shard: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn identity_alignment_carries_the_source_over_and_the_filter_drops_nan_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pivot, targets, data) = setup(tmp.path());
+    let reg = fusechat::registry();
+    let (p, s) = (tmp.path().join("p"), tmp.path().join("s"));
+    represent(&reg, &opts(&pivot, &data, &p)).unwrap();
+    represent(&reg, &opts(&targets[0], &data, &s)).unwrap();
+    let mut results = Vec::new();
+    for aligner in ["identity", "exact", "mined", "offsets"] {
+        let out = tmp.path().join(format!("s@p-{aligner}"));
+        let o = AlignOptions {
+            pivot: p.clone(),
+            source: s.clone(),
+            pivot_tokenizer: None,
+            source_tokenizer: None,
+            aligner: aligner.into(),
+            params: Default::default(),
+            out: out.clone(),
+            force: false,
+        };
+        let r = align(&reg, &o).unwrap();
+        // One vocabulary, one tokenization: every position carries over.
+        assert_eq!(r.stats.fallback, 0, "{aligner}");
+        results.push(rows(&out));
+    }
+    let source = rows(&s);
+    for r in &results {
+        assert_eq!(r.len(), source.len());
+        for (a, b) in r.iter().zip(&source) {
+            assert_eq!((a.0, &a.3, &a.4), (b.0, &b.3, &b.4));
+            assert!(a.5.to_bits() == b.5.to_bits(), "metric_ce is the source's");
+        }
+    }
+    let f = filter(&p, &[tmp.path().join("s@p-identity")]).unwrap();
+    let nan_rows: Vec<u64> = source
+        .iter()
+        .filter(|r| r.5.is_nan())
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(f.dropped, nan_rows);
+    assert_eq!(f.dropped, vec![50], "the no-reply record");
+    assert_eq!(
+        ReprDir::open(&p)
+            .unwrap()
+            .manifest
+            .dropped()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![50]
+    );
+}
+
+#[test]
+fn different_vocabularies_map_ids_and_identity_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pivot, targets, data) = setup(tmp.path());
+    let reg = fusechat::registry();
+    // The source gets the same words under other ids (reversed, specials kept).
+    let src = tmp.path().join("src_model");
+    common::copy_dir(&targets[1], &src);
+    let mut tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tj["model"]["vocab"].as_object().unwrap().clone();
+    let n = vocab.len() as u64;
+    let remap = |id: u64| if id < 4 { id } else { n + 3 - id };
+    let new: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .map(|(w, id)| (w.clone(), serde_json::json!(remap(id.as_u64().unwrap()))))
+        .collect();
+    tj["model"]["vocab"] = serde_json::Value::Object(new);
+    std::fs::write(src.join("tokenizer.json"), tj.to_string()).unwrap();
+
+    let (p, s) = (tmp.path().join("p"), tmp.path().join("s"));
+    represent(&reg, &opts(&pivot, &data, &p)).unwrap();
+    represent(&reg, &opts(&src, &data, &s)).unwrap();
+    let run = |aligner: &str, params: Vec<(&str, Scalar)>| {
+        let out = tmp.path().join(format!("out-{aligner}"));
+        let o = AlignOptions {
+            pivot: p.clone(),
+            source: s.clone(),
+            pivot_tokenizer: None,
+            source_tokenizer: None,
+            aligner: aligner.into(),
+            params: params
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            out: out.clone(),
+            force: false,
+        };
+        align(&reg, &o).map(|r| (r, rows(&out)))
+    };
+    let e = run("identity", vec![]).unwrap_err().to_string();
+    assert!(
+        e.contains("vocabularies differ") && e.contains("mined"),
+        "{e}"
+    );
+    let source = rows(&s);
+    for aligner in ["exact", "mined", "offsets"] {
+        let (r, got) = run(aligner, vec![]).unwrap();
+        assert_eq!(
+            r.stats.fallback, 0,
+            "{aligner}: the same words tokenize the same way"
+        );
+        for (a, b) in got.iter().zip(&source) {
+            let want: Vec<u32> = b.3.iter().map(|&id| remap(id as u64) as u32).collect();
+            assert_eq!(a.3, want, "{aligner}: row {}", a.0);
+            assert_eq!(a.4, b.4);
+        }
+    }
+    let e = run("mined", vec![("mode", Scalar::Str("medium".into()))])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mode") && e.contains("soft|hard"), "{e}");
+    let e = run("mined", vec![("window", Scalar::Int(3))])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("window"), "{e}");
+
+    // Rows must pair by id: a source represented from fewer records is refused.
+    let fewer = tmp.path().join("fewer.jsonl");
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&fewer, text.lines().skip(1).collect::<Vec<_>>().join("\n")).unwrap();
+    let s2 = tmp.path().join("s2");
+    represent(&reg, &opts(&src, &fewer, &s2)).unwrap();
+    let o = AlignOptions {
+        pivot: p.clone(),
+        source: s2,
+        pivot_tokenizer: None,
+        source_tokenizer: None,
+        aligner: "mined".into(),
+        params: Default::default(),
+        out: tmp.path().join("never"),
+        force: false,
+    };
+    let e = align(&reg, &o).unwrap_err().to_string();
+    assert!(e.contains("rows do not match"), "{e}");
+    assert!(!tmp.path().join("never").exists());
+}
+
+/// Hand-made rows: pivot `▁the ▁cat ▁sat` and source `Ġthe Ġc at Ġsat`.
+#[test]
+fn split_words_fall_back_to_the_label_and_offsets_agrees_with_mined() {
+    let pivot = Vocab::new(
+        ["<s>", "▁the", "▁cat", "▁sat", "▁mat"]
+            .map(String::from)
+            .to_vec(),
+        vec![true, false, false, false, false],
+    );
+    let source = Vocab::new(
+        ["<|bos|>", "Ġthe", "Ġc", "at", "Ġsat", "Ġdog"]
+            .map(String::from)
+            .to_vec(),
+        vec![true, false, false, false, false, false],
+    );
+    let v = VocabPair::new(pivot, source);
+    let f = |x: f32| f16::from_f32(x);
+    // Pivot: <s> the cat sat, labels on cat and sat: loss positions 1 (the) and 2 (cat).
+    let p_ids = [0u32, 1, 2, 3];
+    let p_labels = [0u8, 0, 1, 1];
+    let pr = RowView {
+        row_id: 0,
+        input_ids: &p_ids,
+        label_mask: &p_labels,
+        topk_ids: &[],
+        topk_logits: &[],
+        metric_ce: 1.0,
+    };
+    // Source: <bos> the c at sat, labels on c, at, sat: loss positions 1, 2, 3.
+    let s_ids = [0u32, 1, 2, 3, 4];
+    let s_labels = [0u8, 0, 1, 1, 1];
+    let s_topk = [2u32, 5, 4, 3, 1, 4];
+    let s_vals = [f(3.0), f(1.0), f(2.0), f(0.5), f(4.0), f(-1.0)];
+    let sr = RowView {
+        row_id: 0,
+        input_ids: &s_ids,
+        label_mask: &s_labels,
+        topk_ids: &s_topk,
+        topk_logits: &s_vals,
+        metric_ce: 2.0,
+    };
+    let reg = fusechat::registry();
+    let params = |name: &str, extra: &[(&str, &str)]| {
+        let info = reg.aligner(name).unwrap().info.clone();
+        let given = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), Scalar::Str(v.to_string())))
+            .collect();
+        fusechat::core::align::resolve_params(&info, &given).unwrap()
+    };
+    let run = |name: &str, p: &ResolvedParams| {
+        reg.aligner(name)
+            .unwrap()
+            .aligner
+            .align(&v, p, &pr, &sr, 2)
+            .unwrap()
+    };
+    // Position 1 (▁the ↔ Ġthe, 1:1) takes the source's top-k there: Ġc and Ġdog,
+    // neither in the pivot vocabulary. Soft mode maps them to the nearest pivot
+    // token by edit distance of their text: " c" → " cat" (2), " dog" → a
+    // three-way tie at 3 → the lowest id, " the" (1).
+    // Position 2 (▁cat ↔ Ġc + at) is not 1:1: one-hot on the label ▁sat (3).
+    let mined = run("mined", &params("mined", &[]));
+    assert_eq!(mined.topk_ids, [2, 1, 3, 0]);
+    assert_eq!(
+        mined.topk_logits,
+        [f(3.0), f(1.0), f16::ZERO, f16::NEG_INFINITY]
+    );
+    assert_eq!(
+        (
+            mined.stats.transferred,
+            mined.stats.fallback,
+            mined.stats.dropped_tokens
+        ),
+        (1, 1, 0)
+    );
+    // Exact drops both, so position 1 falls back to its label ▁cat (2).
+    let exact = run("exact", &params("exact", &[]));
+    assert_eq!(exact.topk_ids, [2, 0, 3, 0]);
+    assert_eq!((exact.stats.fallback, exact.stats.dropped_tokens), (2, 2));
+    let current = run("exact", &params("exact", &[("fallback", "current")]));
+    assert_eq!(
+        current.topk_ids,
+        [1, 0, 2, 0],
+        "FuseLLM's current-token fallback"
+    );
+    let hard = run("mined", &params("mined", &[("mode", "hard")]));
+    assert_eq!(hard, exact, "hard mode drops what has no exact match");
+    let offsets = run("offsets", &params("offsets", &[]));
+    assert_eq!(
+        offsets, mined,
+        "offsets pairs the same 1:1 positions as DTW here"
+    );
+}
+
+#[test]
+fn the_cli_shows_labels_counts_bad_records_and_names_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pivot, _, data) = setup(tmp.path());
+    let d = tmp.path();
+    let p = pivot.to_str().unwrap();
+    let out = common::ok(&common::fusechat(
+        d,
+        &[
+            "template",
+            "--tokenizer",
+            p,
+            "--data",
+            data.to_str().unwrap(),
+            "--row",
+            "0",
+        ],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("row 0 (openchat template):"), "{out}");
+    // The first label comes right after the assistant header's ":".
+    let first = lines
+        .iter()
+        .position(|l| l.split_whitespace().nth(2) == Some("L"))
+        .unwrap();
+    assert!(
+        lines[first - 1].contains("\":\"") && lines[first - 2].contains("Assistant"),
+        "{out}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("<|end_of_turn|>") && l.split_whitespace().nth(2) == Some("L")));
+    let err = common::fails(&common::fusechat(
+        d,
+        &[
+            "template",
+            "--tokenizer",
+            p,
+            "--data",
+            data.to_str().unwrap(),
+            "--row",
+            "48",
+        ],
+    ));
+    assert!(
+        err.contains("record 48 is skipped") && err.contains("alternate"),
+        "{err}"
+    );
+
+    // Malformed lines are counted skips, not failures; --strict makes them fatal.
+    let bad = d.join("bad.jsonl");
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}\n");
+    std::fs::write(&bad, text).unwrap();
+    let r = d.join("r");
+    let args = [
+        "represent",
+        "--model",
+        p,
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        r.to_str().unwrap(),
+        "--top-k",
+        "3",
+    ];
+    let out = common::ok(&common::fusechat(d, &args));
+    assert!(
+        out.contains("49 rows (3 skipped, 1 without labels)"),
+        "{out}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["skipped"][2]["row"], 51);
+    assert!(
+        m["skipped"][2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("line 52"),
+        "{m}"
+    );
+    let err = common::fails(&common::fusechat(
+        d,
+        &[&args[..], &["--strict", "--force"]].concat(),
+    ));
+    assert!(
+        err.contains("bad.jsonl") && err.contains("--strict"),
+        "{err}"
+    );
+    let err = common::fails(&common::fusechat(
+        d,
+        &[&args[..], &["--template", "vicuna", "--force"]].concat(),
+    ));
+    assert!(
+        err.contains("unknown template `vicuna`") && err.contains("openchat"),
+        "{err}"
+    );
+
+    // Aligners are listed as plugins; filter reports the NaN row.
+    let out = common::ok(&common::fusechat(d, &["plugins", "mined"]));
+    assert!(
+        out.contains("aligner mined") && out.contains("substring_discount"),
+        "{out}"
+    );
+    let out = common::ok(&common::fusechat(
+        d,
+        &["filter", "--pivot", r.to_str().unwrap()],
+    ));
+    assert!(
+        out.contains("dropped 1 of 49 rows") && out.contains("[50]"),
+        "{out}"
+    );
+}
