@@ -38,10 +38,21 @@ fn setup() -> (PathBuf, PathBuf) {
         .random_weights(3, 0.02, 0.0);
     let tok = dir.join("tokenizer");
     let words = write_tokenizer(&tok, 32000).unwrap();
-    write_hf_dir(&model, &cfg, &w, fusechat::core::dtype::DType::BF16, 5_000_000_000, Some(&tok)).unwrap();
+    write_hf_dir(
+        &model,
+        &cfg,
+        &w,
+        fusechat::core::dtype::DType::BF16,
+        5_000_000_000,
+        Some(&tok),
+    )
+    .unwrap();
     let mut rng = SplitMix64(11);
     let mut text = |n: usize| {
-        (0..n).map(|_| words[(rng.next_u64() % words.len() as u64) as usize].as_str()).collect::<Vec<_>>().join(" ")
+        (0..n)
+            .map(|_| words[(rng.next_u64() % words.len() as u64) as usize].as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let lines: Vec<String> = (0..16)
         .map(|i| {
@@ -64,7 +75,11 @@ fn bench_represent(c: &mut Criterion) {
     // One run outside criterion for the breakdown and the sizes.
     let r = represent(&reg, &o).unwrap();
     let m = r.manifest.as_ref().unwrap();
-    let bytes: u64 = m.shards.iter().map(|s| std::fs::metadata(out.join(&s.file)).unwrap().len()).sum();
+    let bytes: u64 = m
+        .shards
+        .iter()
+        .map(|s| std::fs::metadata(out.join(&s.file)).unwrap().len())
+        .sum();
     let per_row = bytes as f64 / m.records.rows as f64;
     let scripts = 2048.0 * 10.0 * (2.0 + 8.0) + 4.0;
     let positions: u64 = m.shards.iter().map(|s| s.positions).sum();
@@ -79,15 +94,27 @@ fn bench_represent(c: &mut Criterion) {
         "format: {per_row:.0} bytes per record here vs {scripts:.0} in the scripts' format ({:.1}x smaller)",
         scripts / per_row
     );
-    for (len, frac) in [(256usize, 0.6f64), (512, 0.6), (1024, 0.6), (2048, 0.6), (2048, 1.0)] {
+    for (len, frac) in [
+        (256usize, 0.6f64),
+        (512, 0.6),
+        (1024, 0.6),
+        (2048, 0.6),
+        (2048, 1.0),
+    ] {
         let p = (len as f64 * frac).round();
         let ours = len as f64 * 5.0 + p * 10.0 * 4.0 + 8.0 * 2.0 + 4.0;
-        eprintln!("format: a {len}-token record with {:.0}% labels: {ours:.0} bytes, {:.1}x smaller", frac * 100.0, scripts / ours);
+        eprintln!(
+            "format: a {len}-token record with {:.0}% labels: {ours:.0} bytes, {:.1}x smaller",
+            frac * 100.0,
+            scripts / ours
+        );
     }
     let mut g = c.benchmark_group("represent");
     g.sample_size(10);
     g.throughput(Throughput::Elements(tokens));
-    g.bench_function("mistral_98M_16_records", |b| b.iter(|| represent(&reg, &o).unwrap()));
+    g.bench_function("mistral_98M_16_records", |b| {
+        b.iter(|| represent(&reg, &o).unwrap())
+    });
     g.finish();
 }
 
@@ -95,7 +122,9 @@ fn bench_top_k(c: &mut Criterion) {
     let mut rng = SplitMix64(1);
     let row: Vec<f32> = (0..32000).map(|_| rng.normal() as f32).collect();
     let mut g = c.benchmark_group("top_k_32000");
-    g.bench_function("select_k10", |b| b.iter(|| top_k(std::hint::black_box(&row), 10)));
+    g.bench_function("select_k10", |b| {
+        b.iter(|| top_k(std::hint::black_box(&row), 10))
+    });
     g.bench_function("full_sort_k10", |b| {
         b.iter(|| {
             let mut idx: Vec<u32> = (0..row.len() as u32).collect();
@@ -125,7 +154,9 @@ fn bench_align(c: &mut Criterion) {
     let v = VocabPair::new(pv, sv);
     let mut rng = SplitMix64(2);
     let len = 2048;
-    let p_ids: Vec<u32> = std::iter::once(0).chain((1..len).map(|_| 1 + (rng.next_u64() % n_words as u64) as u32)).collect();
+    let p_ids: Vec<u32> = std::iter::once(0)
+        .chain((1..len).map(|_| 1 + (rng.next_u64() % n_words as u64) as u32))
+        .collect();
     // The same text on the source side: every third word split in two.
     let mut s_ids = vec![0u32];
     for (j, &w) in p_ids[1..].iter().enumerate() {
@@ -140,10 +171,28 @@ fn bench_align(c: &mut Criterion) {
     let (pl, sl) = (labels(p_ids.len()), labels(s_ids.len()));
     let k = 10;
     let sp = fusechat::core::repr::loss_positions(&sl).count();
-    let topk_ids: Vec<u32> = (0..sp * k).map(|i| 1 + (i as u32 * 7) % (source_tokens.len() as u32 - 1)).collect();
-    let topk_logits: Vec<f16> = (0..sp * k).map(|i| f16::from_f32(-((i % k) as f32))).collect();
-    let pr = RowView { row_id: 0, input_ids: &p_ids, label_mask: &pl, topk_ids: &[], topk_logits: &[], metric_ce: 1.0 };
-    let sr = RowView { row_id: 0, input_ids: &s_ids, label_mask: &sl, topk_ids: &topk_ids, topk_logits: &topk_logits, metric_ce: 1.0 };
+    let topk_ids: Vec<u32> = (0..sp * k)
+        .map(|i| 1 + (i as u32 * 7) % (source_tokens.len() as u32 - 1))
+        .collect();
+    let topk_logits: Vec<f16> = (0..sp * k)
+        .map(|i| f16::from_f32(-((i % k) as f32)))
+        .collect();
+    let pr = RowView {
+        row_id: 0,
+        input_ids: &p_ids,
+        label_mask: &pl,
+        topk_ids: &[],
+        topk_logits: &[],
+        metric_ce: 1.0,
+    };
+    let sr = RowView {
+        row_id: 0,
+        input_ids: &s_ids,
+        label_mask: &sl,
+        topk_ids: &topk_ids,
+        topk_logits: &topk_logits,
+        metric_ce: 1.0,
+    };
     let reg = fusechat::registry();
     let mut g = c.benchmark_group("align_2048_tokens");
     g.sample_size(10);
@@ -152,8 +201,13 @@ fn bench_align(c: &mut Criterion) {
         let params = resolve_params(&e.info, &Default::default()).unwrap();
         // Warm the nearest-token cache so both measure alignment, not vocabulary mining.
         let first = e.aligner.align(&v, &params, &pr, &sr, k).unwrap();
-        eprintln!("{name}: {} positions transferred, {} fell back", first.stats.transferred, first.stats.fallback);
-        g.bench_function(name, |b| b.iter(|| e.aligner.align(&v, &params, &pr, &sr, k).unwrap()));
+        eprintln!(
+            "{name}: {} positions transferred, {} fell back",
+            first.stats.transferred, first.stats.fallback
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| e.aligner.align(&v, &params, &pr, &sr, k).unwrap())
+        });
     }
     g.finish();
 }

@@ -554,3 +554,52 @@ fn the_cli_shows_labels_counts_bad_records_and_names_bad_input() {
         "{out}"
     );
 }
+
+/// SPEC §3's DTW example through the `mined` aligner: pivot `bc a b`, source
+/// `c b bc ba` align as [[0], [1], [2, 3]]. No 1:1 pair holds equal tokens, so
+/// both pivot loss positions fall back: to the label (the next token) by
+/// default, to the current token under FuseLLM's `fallback = "current"`.
+#[test]
+fn spec_dtw_example_through_the_mined_aligner() {
+    use fusechat::plugins::align::mined;
+    assert_eq!(
+        mined::align(&["c", "b", "bc", "ba"], &["bc", "a", "b"], None),
+        vec![vec![0], vec![1], vec![2, 3]]
+    );
+    let pivot = Vocab::new(["bc", "a", "b"].map(String::from).to_vec(), vec![false; 3]);
+    let source = Vocab::new(
+        ["c", "b", "bc", "ba"].map(String::from).to_vec(),
+        vec![false; 4],
+    );
+    let v = VocabPair::new(pivot, source);
+    let (p_ids, p_labels) = ([0u32, 1, 2], [0u8, 1, 1]);
+    let (s_ids, s_labels) = ([0u32, 1, 2, 3], [0u8, 1, 1, 1]);
+    let s_topk = [2u32, 3, 2];
+    let s_vals = [f16::ONE; 3];
+    let pr = RowView {
+        row_id: 0,
+        input_ids: &p_ids,
+        label_mask: &p_labels,
+        topk_ids: &[],
+        topk_logits: &[],
+        metric_ce: 1.0,
+    };
+    let sr = RowView {
+        row_id: 0,
+        input_ids: &s_ids,
+        label_mask: &s_labels,
+        topk_ids: &s_topk,
+        topk_logits: &s_vals,
+        metric_ce: 1.0,
+    };
+    let reg = fusechat::registry();
+    let e = reg.aligner("mined").unwrap();
+    let run = |fallback: &str| {
+        let given = [("fallback".to_string(), Scalar::Str(fallback.into()))].into();
+        let p = fusechat::core::align::resolve_params(&e.info, &given).unwrap();
+        e.aligner.align(&v, &p, &pr, &sr, 1).unwrap()
+    };
+    assert_eq!(run("label").topk_ids, [1, 2], "one-hot on the next token");
+    assert_eq!(run("current").topk_ids, [0, 1], "FuseLLM's off-by-one");
+    assert_eq!(run("label").stats.fallback, 2);
+}

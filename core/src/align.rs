@@ -365,15 +365,13 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
     );
     entry.aligner.check(&vocabs, &params)?;
 
-    // Pair rows by id; both sides must hold the same rows.
+    // Pair rows by id; both sides must hold the same rows. Only the row ids are
+    // kept here; source shards are loaded when a pivot shard needs them.
     let mut where_src: HashMap<u64, (usize, usize)> = HashMap::new();
-    let mut src_shards = Vec::with_capacity(source.manifest.shards.len());
     for i in 0..source.manifest.shards.len() {
-        let s = source.shard(i)?;
-        for (r, id) in s.row_ids.iter().enumerate() {
+        for (r, id) in source.shard(i)?.row_ids.iter().enumerate() {
             where_src.insert(*id, (i, r));
         }
-        src_shards.push(s);
     }
     let pivot_ids: Vec<u64> = pivot.metrics()?.into_iter().map(|m| m.0).collect();
     let missing: Vec<u64> = pivot_ids
@@ -399,12 +397,20 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
     let mut stats = AlignStats::default();
     for i in 0..pivot.manifest.shards.len() {
         let ps = pivot.shard(i)?;
+        // The source shards this pivot shard's rows live in (usually just one).
+        let mut needed: Vec<usize> = ps.row_ids.iter().map(|id| where_src[id].0).collect();
+        needed.sort_unstable();
+        needed.dedup();
+        let mut src_shards: HashMap<usize, Shard> = HashMap::new();
+        for si in needed {
+            src_shards.insert(si, source.shard(si)?);
+        }
         let rows: Vec<Result<AlignedRow>> = (0..ps.rows())
             .into_par_iter()
             .map(|r| {
                 let pr = ps.row(r);
                 let (si, sr) = where_src[&pr.row_id];
-                let srow = src_shards[si].row(sr);
+                let srow = src_shards[&si].row(sr);
                 let a = entry.aligner.align(&vocabs, &params, &pr, &srow, k).map_err(|e| {
                     Error::msg(format!("aligner `{}` on row {}: {e}", o.aligner, pr.row_id))
                 })?;
@@ -426,7 +432,7 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
             stats.add(&a.stats);
             let pr = ps.row(r);
             let (si, sr) = where_src[&pr.row_id];
-            let metric = src_shards[si].metric_ce[sr];
+            let metric = src_shards[&si].metric_ce[sr];
             out.push(
                 pr.row_id,
                 pr.input_ids,

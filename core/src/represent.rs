@@ -383,7 +383,16 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
         .map(|c| {
             template
                 .encode(&tokenizer, c, o.max_length)
-                .map(|e| (c.row, e))
+                // Offsets are not needed past labelling: free them (16 bytes a token).
+                .map(|e| {
+                    (
+                        c.row,
+                        Encoded {
+                            offsets: Vec::new(),
+                            ..e
+                        },
+                    )
+                })
                 .map_err(|e| Skipped {
                     row: c.row,
                     id: c.id.clone(),
