@@ -216,7 +216,12 @@ pub fn run(
     force: bool,
 ) -> Result<RunOutcome> {
     let mut outcome = RunOutcome::default();
-    if cfg.miniature.is_none() && cfg.merge.is_none() && cfg.data.is_none() {
+    if cfg.miniature.is_none()
+        && cfg.merge.is_none()
+        && cfg.data.is_none()
+        && cfg.pivot.is_none()
+        && cfg.sources.is_empty()
+    {
         return Err(Error::config(
             &cfg.file,
             "nothing to run: the config has no [miniature], [data] or [merge] table",

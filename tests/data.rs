@@ -603,3 +603,25 @@ fn spec_dtw_example_through_the_mined_aligner() {
     assert_eq!(run("current").topk_ids, [0, 1], "FuseLLM's off-by-one");
     assert_eq!(run("label").stats.fallback, 2);
 }
+
+#[test]
+fn data_tables_in_fusechat_toml_are_validated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cases = [
+        ("[data]\npath = 'd.jsonl'\n", "[pivot]"),
+        ("[data]\npath = 'd.jsonl'\n[pivot]\npath = 'p'\n", "[[sources]]"),
+        ("[data]\npath = 'd.jsonl'\n[pivot]\npath = 'p'\n[[sources]]\npath = 's'\n", "`name` must be set"),
+        ("[data]\npath = 'd.jsonl'\n[pivot]\npath = 'p'\n[[sources]]\nname = 'a'\npath = 's'\n[[sources]]\nname = 'a'\npath = 't'\n", "used twice"),
+        ("[pivot]\npath = 'p'\n", "need a [data] table"),
+        ("[data]\npath = 'd.jsonl'\ntemplate = 'openchat'\nmax_len = 3\n", "max_len"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(d.join("f.toml"), text).unwrap();
+        let err = common::fails(&common::fusechat(d, &["run", "-c", "f.toml"]));
+        assert!(
+            err.contains("f.toml") && err.contains(want),
+            "{text}: {err}"
+        );
+    }
+}

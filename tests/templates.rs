@@ -311,3 +311,33 @@ fn hf_template_from_tokenizer_config_matches_the_builtin() {
         "{e}"
     );
 }
+
+/// A Llama-3-style Jinja template that writes BOS itself and trims content:
+/// the text is then encoded without the tokenizer's own BOS, and the labels
+/// match the built-in `llama3` template's.
+#[test]
+fn hf_template_writing_its_own_bos() {
+    let dir = tempfile::tempdir().unwrap();
+    let jinja = "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        json!({"chat_template": jinja, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}).to_string(),
+    )
+    .unwrap();
+    let t = Template::load("hf", dir.path()).unwrap();
+    let c = conv(None, &["hello there ", "how are you", "bye", "fine"]);
+    let r = t.render(&c).unwrap();
+    assert!(
+        r.has_bos
+            && r.text
+                .starts_with("<|begin_of_text|><|start_header_id|>user"),
+        "{}",
+        r.text
+    );
+    let tok = word_level();
+    let hf = encode_rendered(&tok, &r, 2048).unwrap();
+    let builtin = encode_rendered(&tok, &Template::Llama3.render(&c).unwrap(), 2048).unwrap();
+    assert_eq!(hf.ids[0], tok.token_to_id("<|begin_of_text|>").unwrap());
+    assert_eq!(hf.ids[1..], builtin.ids[..]);
+    assert_eq!(hf.labels[1..], builtin.labels[..]);
+}

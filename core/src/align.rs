@@ -203,6 +203,8 @@ pub struct VocabPair {
     pub pivot: Vocab,
     pub source: Vocab,
     nearest: Mutex<HashMap<u32, u32>>,
+    /// The pivot's ordinary tokens as chars, built on the first `nearest` call.
+    pivot_chars: std::sync::OnceLock<Vec<(u32, Vec<char>)>>,
 }
 
 impl VocabPair {
@@ -211,6 +213,7 @@ impl VocabPair {
             pivot,
             source,
             nearest: Mutex::new(HashMap::new()),
+            pivot_chars: std::sync::OnceLock::new(),
         }
     }
 
@@ -223,27 +226,37 @@ impl VocabPair {
         self.pivot.by_text.get(&key).copied()
     }
 
-    /// The exact match, else the pivot token at minimum edit distance from the
+    /// The exact match, else the pivot token at minimum `distance` from the
     /// source token's text (ties: the lowest id), computed once per token.
-    pub fn nearest(&self, source_id: u32, distance: impl Fn(&str, &str) -> usize) -> Option<u32> {
+    /// `distance` compares texts as chars (`▁`/`Ġ` already turned into spaces).
+    pub fn nearest(
+        &self,
+        source_id: u32,
+        distance: impl Fn(&[char], &[char]) -> usize,
+    ) -> Option<u32> {
         if let Some(p) = self.exact(source_id) {
             return Some(p);
         }
         if let Some(p) = self.nearest.lock().expect("not poisoned").get(&source_id) {
             return Some(*p);
         }
-        let s = String::from_utf8_lossy(&self.source.text.get(source_id as usize)?.clone())
-            .into_owned();
-        let best = (0..self.pivot.len())
-            .filter(|&i| !self.pivot.special[i] && !self.pivot.tokens[i].is_empty())
-            .map(|i| {
-                (
-                    distance(&s, &String::from_utf8_lossy(&self.pivot.text[i])),
-                    i as u32,
-                )
-            })
-            .min()?
-            .1;
+        let pivot = self.pivot_chars.get_or_init(|| {
+            (0..self.pivot.len())
+                .filter(|&i| !self.pivot.special[i] && !self.pivot.tokens[i].is_empty())
+                .map(|i| {
+                    (
+                        i as u32,
+                        String::from_utf8_lossy(&self.pivot.text[i])
+                            .chars()
+                            .collect(),
+                    )
+                })
+                .collect()
+        });
+        let s: Vec<char> = String::from_utf8_lossy(self.source.text.get(source_id as usize)?)
+            .chars()
+            .collect();
+        let best = pivot.iter().map(|(i, t)| (distance(&s, t), *i)).min()?.1;
         self.nearest
             .lock()
             .expect("not poisoned")
@@ -455,8 +468,8 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
     manifest.filtered = None;
     manifest.aligned = Some(crate::repr::AlignedFrom {
         aligner: o.aligner.clone(),
-        source: o.source.clone(),
-        pivot: o.pivot.clone(),
+        source: std::fs::canonicalize(&o.source).unwrap_or_else(|_| o.source.clone()),
+        pivot: std::fs::canonicalize(&o.pivot).unwrap_or_else(|_| o.pivot.clone()),
         params: serde_json::Value::Object(
             params
                 .shared

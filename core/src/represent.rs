@@ -336,6 +336,15 @@ fn clear(out: &Path) -> Result<()> {
 /// Run the stage.
 pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentOutcome> {
     let start = std::time::Instant::now();
+    // Manifests name the model and data by absolute path, so later stages find
+    // them from any working directory.
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let o = &RepresentOptions {
+        model: absolute(&o.model),
+        data: absolute(&o.data),
+        tokenizer: o.tokenizer.as_deref().map(absolute),
+        ..o.clone()
+    };
     let (si, sn) = o.shard;
     if sn == 0 || si >= sn {
         return Err(Error::msg(format!(

@@ -64,7 +64,7 @@ impl VocabAligner for Mined {
         let soft = params.str("mode")? == "soft";
         Ok(transfer(v, params, pivot, source, k, &pairs, |id| {
             if soft {
-                v.nearest(id, levenshtein)
+                v.nearest(id, char_distance)
             } else {
                 v.exact(id)
             }
@@ -86,6 +86,11 @@ pub fn strip_markers(token: &str) -> String {
 pub fn levenshtein(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     levenshtein_chars(&a, &b, &mut Vec::new())
+}
+
+/// Levenshtein distance of char slices (the vocabulary map's distance).
+pub fn char_distance(a: &[char], b: &[char]) -> usize {
+    levenshtein_chars(a, b, &mut Vec::with_capacity(b.len() + 1))
 }
 
 /// The alignment cost of two tokens.

@@ -106,7 +106,7 @@ impl VocabAligner for Offsets {
         let soft = params.str("mode")? == "soft";
         Ok(transfer(v, params, pivot, source, k, &pairs, |id| {
             if soft {
-                v.nearest(id, super::mined::levenshtein)
+                v.nearest(id, super::mined::char_distance)
             } else {
                 v.exact(id)
             }
