@@ -10,33 +10,14 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fusechat::core::miniature::{write_model_dir, SplitMix64};
+use fusechat::core::miniature::SplitMix64;
 use fusechat::core::model::LoadOptions;
-use fusechat::plugins::models::decoder::{cross_entropy, Decoder, DecoderConfig};
-use std::path::Path;
+use fusechat::plugins::models::decoder::{cross_entropy, Decoder};
+
+mod common;
 
 fn model_dir() -> std::path::PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/forward");
-    if dir.join("model.safetensors").exists() {
-        return dir;
-    }
-    let cfg = serde_json::json!({
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
-        "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
-        "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
-    });
-    let w = DecoderConfig::from_json(&cfg, Path::new("config.json"), None)
-        .unwrap()
-        .random_weights(3, 0.02, 0.0);
-    write_model_dir(
-        &dir,
-        &cfg,
-        &w,
-        fusechat::core::dtype::DType::BF16,
-        5_000_000_000,
-    )
-    .unwrap();
-    dir
+    common::mistral_98m(&common::bench_data("forward"), None)
 }
 
 fn tokens(b: usize, l: usize) -> Tensor {

@@ -10,43 +10,28 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fusechat::core::align::{resolve_params, Vocab, VocabPair};
-use fusechat::core::miniature::{write_hf_dir, write_tokenizer, SplitMix64};
+use fusechat::core::miniature::{write_tokenizer, SplitMix64};
 use fusechat::core::repr::RowView;
 use fusechat::core::represent::{represent, top_k, RepresentOptions};
-use fusechat::plugins::models::decoder::DecoderConfig;
 use half::f16;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+mod common;
 
 fn bench_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/represent")
+    common::bench_data("represent")
 }
 
 /// The model (with a word-level tokenizer) and a dataset of 16 conversations.
 fn setup() -> (PathBuf, PathBuf) {
     let dir = bench_dir();
-    let (model, data) = (dir.join("model"), dir.join("conversations.jsonl"));
-    if model.join("tokenizer.json").exists() && data.exists() {
-        return (model, data);
-    }
-    let cfg = serde_json::json!({
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
-        "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
-        "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
-    });
-    let w = DecoderConfig::from_json(&cfg, Path::new("config.json"), None)
-        .unwrap()
-        .random_weights(3, 0.02, 0.0);
+    let data = dir.join("conversations.jsonl");
     let tok = dir.join("tokenizer");
     let words = write_tokenizer(&tok, 32000).unwrap();
-    write_hf_dir(
-        &model,
-        &cfg,
-        &w,
-        fusechat::core::dtype::DType::BF16,
-        5_000_000_000,
-        Some(&tok),
-    )
-    .unwrap();
+    let model = common::mistral_98m(&dir.join("model"), Some(&tok));
+    if data.exists() {
+        return (model, data);
+    }
     let mut rng = SplitMix64(11);
     let mut text = |n: usize| {
         (0..n)

@@ -4,7 +4,6 @@
 //! the template's end-of-turn token is a stop token.
 
 use anyhow::{Context, Result};
-use fusechat_core::conversation::{Role, Turn};
 use fusechat_core::generate::{generate, stop_tokens, GenOptions};
 use fusechat_core::model::CausalLm;
 use fusechat_core::template::Template;
@@ -28,19 +27,8 @@ pub fn render(template: Option<&Template>, turns: &[String]) -> Result<String> {
     let Some(t) = template else {
         return Ok(turns.join("\n"));
     };
-    let turns: Vec<Turn> = turns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| Turn {
-            role: if i % 2 == 0 {
-                Role::User
-            } else {
-                Role::Assistant
-            },
-            content: c.clone(),
-        })
-        .collect();
-    Ok(t.prompt(None, &turns)?)
+    let conv = fusechat_core::conversation::Conversation::alternating(None, turns);
+    Ok(t.prompt(None, &conv.turns)?)
 }
 
 /// Stop ids: the model's eos tokens, plus the template's end-of-turn token.

@@ -37,6 +37,19 @@ fn opts(model: &Path, data: &Path, out: &Path) -> RepresentOptions {
     o
 }
 
+fn align_opts(pivot: &Path, source: &Path, aligner: &str, out: &Path) -> AlignOptions {
+    AlignOptions {
+        pivot: pivot.to_path_buf(),
+        source: source.to_path_buf(),
+        pivot_tokenizer: None,
+        source_tokenizer: None,
+        aligner: aligner.into(),
+        params: Default::default(),
+        out: out.to_path_buf(),
+        force: false,
+    }
+}
+
 fn rows(dir: &Path) -> Vec<(u64, Vec<u32>, Vec<u8>, Vec<u32>, Vec<f16>, f32)> {
     let r = ReprDir::open(dir).unwrap();
     let mut out = Vec::new();
@@ -161,6 +174,8 @@ fn representations_match_an_independent_forward_and_resume_exactly() {
     // A killed run (one shard and the manifest missing) resumes with only that shard.
     std::fs::remove_file(b.join("manifest.json")).unwrap();
     std::fs::remove_file(b.join("shard-00002.safetensors")).unwrap();
+    // ... and it was half-way through writing shard 3 (under its temp name).
+    std::fs::write(b.join("shard-00003.tmp-999"), b"partial").unwrap();
     let resumed = represent(&reg, &opts(&pivot, &data, &b)).unwrap();
     assert_eq!(resumed.computed, vec![2]);
     assert_eq!(resumed.reused.len(), m.shards.len() - 1);
@@ -215,16 +230,7 @@ fn identity_alignment_carries_the_source_over_and_the_filter_drops_nan_rows() {
     let mut results = Vec::new();
     for aligner in ["identity", "exact", "mined", "offsets"] {
         let out = tmp.path().join(format!("s@p-{aligner}"));
-        let o = AlignOptions {
-            pivot: p.clone(),
-            source: s.clone(),
-            pivot_tokenizer: None,
-            source_tokenizer: None,
-            aligner: aligner.into(),
-            params: Default::default(),
-            out: out.clone(),
-            force: false,
-        };
+        let o = align_opts(&p, &s, aligner, &out);
         let r = align(&reg, &o).unwrap();
         // One vocabulary, one tokenization: every position carries over.
         assert_eq!(r.stats.fallback, 0, "{aligner}");
@@ -283,19 +289,11 @@ fn different_vocabularies_map_ids_and_identity_refuses() {
     represent(&reg, &opts(&src, &data, &s)).unwrap();
     let run = |aligner: &str, params: Vec<(&str, Scalar)>| {
         let out = tmp.path().join(format!("out-{aligner}"));
-        let o = AlignOptions {
-            pivot: p.clone(),
-            source: s.clone(),
-            pivot_tokenizer: None,
-            source_tokenizer: None,
-            aligner: aligner.into(),
-            params: params
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-            out: out.clone(),
-            force: false,
-        };
+        let mut o = align_opts(&p, &s, aligner, &out);
+        o.params = params
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         align(&reg, &o).map(|r| (r, rows(&out)))
     };
     let e = run("identity", vec![]).unwrap_err().to_string();
@@ -331,16 +329,7 @@ fn different_vocabularies_map_ids_and_identity_refuses() {
     std::fs::write(&fewer, text.lines().skip(1).collect::<Vec<_>>().join("\n")).unwrap();
     let s2 = tmp.path().join("s2");
     represent(&reg, &opts(&src, &fewer, &s2)).unwrap();
-    let o = AlignOptions {
-        pivot: p.clone(),
-        source: s2,
-        pivot_tokenizer: None,
-        source_tokenizer: None,
-        aligner: "mined".into(),
-        params: Default::default(),
-        out: tmp.path().join("never"),
-        force: false,
-    };
+    let o = align_opts(&p, &s2, "mined", &tmp.path().join("never"));
     let e = align(&reg, &o).unwrap_err().to_string();
     assert!(e.contains("rows do not match"), "{e}");
     assert!(!tmp.path().join("never").exists());

@@ -8,7 +8,7 @@
 //! ids hold in the real vocabulary beyond that is not known here, so the
 //! fixture splits `▁Correct` as `▁Cor` + `rect`.
 
-use fusechat::core::conversation::{Conversation, Role, Turn};
+use fusechat::core::conversation::Conversation;
 use fusechat::core::template::{encode_rendered, Template};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -113,23 +113,7 @@ fn openchat_like() -> Tokenizer {
 }
 
 fn conv(system: Option<&str>, turns: &[&str]) -> Conversation {
-    Conversation {
-        row: 0,
-        id: None,
-        system: system.map(str::to_string),
-        turns: turns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Turn {
-                role: if i % 2 == 0 {
-                    Role::User
-                } else {
-                    Role::Assistant
-                },
-                content: c.to_string(),
-            })
-            .collect(),
-    }
+    Conversation::alternating(system, turns)
 }
 
 #[test]

@@ -61,6 +61,30 @@ pub struct Conversation {
     pub turns: Vec<Turn>,
 }
 
+impl Conversation {
+    /// A conversation from message texts that alternate user, assistant, ...
+    /// (a prompt for generation, or a test's record), with row 0.
+    pub fn alternating<S: AsRef<str>>(system: Option<&str>, contents: &[S]) -> Conversation {
+        Conversation {
+            row: 0,
+            id: None,
+            system: system.map(str::to_string),
+            turns: contents
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Turn {
+                    role: if i % 2 == 0 {
+                        Role::User
+                    } else {
+                        Role::Assistant
+                    },
+                    content: c.as_ref().to_string(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A record that was not used, and why.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {

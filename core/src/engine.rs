@@ -242,19 +242,17 @@ fn statistics(
         .collect())
 }
 
-fn progress_bar(total: u64, show: bool) -> indicatif::ProgressBar {
+/// A progress bar on stderr with this indicatif template, or a hidden one.
+pub(crate) fn progress_bar(total: u64, show: bool, template: &str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg:<10} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
     );
-    pb.set_message("merging");
     pb
 }
 
@@ -300,7 +298,8 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
     );
 
     let stats = statistics(plan, &pool, &budget)?;
-    let pb = progress_bar(plan.input_bytes(), opts.progress);
+    let pb = progress_bar(plan.input_bytes(), opts.progress, "{spinner} {msg:<10} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}");
+    pb.set_message("merging");
     let merger = &plan.method.merger;
     let weights: Vec<Option<Vec<f64>>> = pool.install(|| {
         (0..plan.tensors.len())

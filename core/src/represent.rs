@@ -299,7 +299,15 @@ fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) ->
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
     match recorded {
-        Some(k) if k == key && !o.force => {}
+        Some(k) if k == key && !o.force => {
+            // Resuming: a shard a killed run was writing is a temp file; drop it.
+            for e in std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("shard-") && name.contains(".tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Some(_) if o.force => clear(out)?,
         Some(_) => {
             return Err(Error::model(
@@ -478,7 +486,11 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
             .flat_map(|&c| chunks[c].iter())
             .map(|r| r.1.ids.len() as u64)
             .sum();
-        let pb = progress(total, o.progress);
+        let pb = crate::engine::progress_bar(
+            total,
+            o.progress,
+            "{spinner} represent [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta}",
+        );
         for &c in &todo {
             let refs: Vec<&(u64, Encoded)> = chunks[c].iter().collect();
             let shard = compute_shard(model.as_ref(), &refs, o, &pb, &mut outcome.forward_seconds)?;
@@ -555,21 +567,6 @@ fn detect_family(registry: &Registry, dir: &Path) -> String {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|c| registry.detect_model(&c).map(|m| m.info.name.clone()))
         .unwrap_or_default()
-}
-
-fn progress(total: u64, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} represent [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb
 }
 
 #[cfg(test)]

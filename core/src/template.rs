@@ -397,23 +397,7 @@ mod tests {
     use super::*;
 
     fn conv(system: Option<&str>, turns: &[&str]) -> Conversation {
-        Conversation {
-            row: 0,
-            id: None,
-            system: system.map(str::to_string),
-            turns: turns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| Turn {
-                    role: if i % 2 == 0 {
-                        Role::User
-                    } else {
-                        Role::Assistant
-                    },
-                    content: c.to_string(),
-                })
-                .collect(),
-        }
+        Conversation::alternating(system, turns)
     }
 
     fn labelled(r: &Rendered) -> Vec<&str> {
