@@ -95,6 +95,7 @@ pub struct RepresentArgs {
     /// openchat (FuseChat's, for every model), chatml, llama3, mistral or hf.
     #[arg(long, default_value = "openchat")]
     pub template: String,
+    /// Logits kept at each loss position.
     #[arg(long, default_value_t = 10)]
     pub top_k: usize,
     /// Tokens per record, BOS included; longer records are cut on the right.

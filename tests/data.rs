@@ -614,3 +614,86 @@ fn data_tables_in_fusechat_toml_are_validated() {
         );
     }
 }
+
+/// A `represent` process killed with SIGKILL part-way resumes to the same bytes
+/// as an uninterrupted run, and never leaves a manifest for an unfinished set.
+#[test]
+fn a_killed_represent_process_resumes_to_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pivot, _, _) = setup(tmp.path());
+    let d = tmp.path();
+    // A larger dataset so that the run takes a while: 40 shards of 10 records.
+    let words = ["bada", "bede", "bifi", "bogo", "buku", "."];
+    let lines: Vec<String> = (0..400)
+        .map(|i| {
+            let s = |n: usize| (0..n).map(|j| words[(i * 7 + j * 3) % words.len()]).collect::<Vec<_>>().join(" ");
+            serde_json::json!({"messages": [{"role": "user", "content": s(20)}, {"role": "assistant", "content": s(60)}]}).to_string()
+        })
+        .collect();
+    let data = d.join("big.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let args = |out: &str| {
+        vec![
+            "represent".to_string(),
+            "--model".into(),
+            pivot.display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--out".into(),
+            out.into(),
+            "--rows-per-shard".into(),
+            "10".into(),
+            "--top-k".into(),
+            "3".into(),
+            "--batch-size".into(),
+            "2".into(),
+        ]
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusechat"))
+        .args(args("killed"))
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed = d.join("killed");
+    let shards = || {
+        std::fs::read_dir(&killed)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    while shards() < 3 && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let finished_early = child.try_wait().unwrap().is_some();
+    eprintln!(
+        "killed after {} shard(s); finished before the kill: {finished_early}",
+        shards()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if !finished_early {
+        assert!(
+            !killed.join("manifest.json").exists() || shards() == 40,
+            "a manifest for an unfinished set"
+        );
+    }
+    let a: Vec<String> = args("killed");
+    let out = common::ok(&common::fusechat(
+        d,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(out.contains("400 rows"), "{out}");
+    let b: Vec<String> = args("whole");
+    common::ok(&common::fusechat(
+        d,
+        &b.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert_eq!(files(&killed), files(&d.join("whole")));
+    assert_eq!(files(&killed).len(), 40);
+}

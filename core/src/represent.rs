@@ -215,6 +215,13 @@ fn compute_shard(
         let ids_t = Tensor::from_vec(ids, (b, l), dev).map_err(err)?;
         let mask_t = Tensor::from_vec(mask, (b, l), dev).map_err(err)?;
         let logits = model.forward(&ids_t, &mask_t)?;
+        if logits.dims() != [b, l, vocab] {
+            return Err(Error::Plugin(format!(
+                "model family `{}` returned logits of shape {:?} for a batch of {b}×{l} tokens; expected [{b}, {l}, {vocab}]",
+                model.family(),
+                logits.dims()
+            )));
+        }
         let logits: Vec<f32> = logits
             .flatten_all()
             .and_then(|t| t.to_vec1())
