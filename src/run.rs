@@ -120,6 +120,7 @@ fn data_stages(
             o.rows_per_shard = rs.rows_per_shard;
             o.device = rs.device.clone();
             o.force = force;
+            o.replace_stale = true;
             o.progress = progress;
             let r = fusechat_core::represent::represent(registry, &o)?;
             tracing::info!("{}", represent_summary(&o.out, &r).trim_end());

@@ -186,6 +186,21 @@ fn representations_match_an_independent_forward_and_resume_exactly() {
             .up_to_date
     );
 
+    // A re-written checkpoint (same sizes, new times) is not up to date: the
+    // CLI asks for --force, `run` (replace_stale) recomputes.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let cfg = std::fs::read(pivot.join("config.json")).unwrap();
+    std::fs::write(pivot.join("config.json"), cfg).unwrap();
+    let e = represent(&reg, &opts(&pivot, &data, &b))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--force"), "{e}");
+    let mut o = opts(&pivot, &data, &b);
+    o.replace_stale = true;
+    let redone = represent(&reg, &o).unwrap();
+    assert!(!redone.up_to_date && redone.computed.len() == m.shards.len());
+    assert_eq!(files(&b), files(&a));
+
     // Other settings into the same directory need --force.
     let mut o = opts(&pivot, &data, &b);
     o.top_k = 3;
@@ -527,6 +542,44 @@ fn the_cli_shows_labels_counts_bad_records_and_names_bad_input() {
         err.contains("unknown template `vicuna`") && err.contains("openchat"),
         "{err}"
     );
+
+    // align never replaces a directory that is not a representation.
+    std::fs::create_dir_all(d.join("junk")).unwrap();
+    std::fs::write(d.join("junk/keep.txt"), "mine").unwrap();
+    let rs = r.to_str().unwrap();
+    let err = common::fails(&common::fusechat(
+        d,
+        &[
+            "align",
+            "--pivot",
+            rs,
+            "--source",
+            rs,
+            "--aligner",
+            "identity",
+            "--out",
+            "junk",
+        ],
+    ));
+    assert!(
+        err.contains("junk") && err.contains("not a representation"),
+        "{err}"
+    );
+    assert!(d.join("junk/keep.txt").is_file());
+    common::ok(&common::fusechat(
+        d,
+        &[
+            "align",
+            "--pivot",
+            rs,
+            "--source",
+            rs,
+            "--aligner",
+            "identity",
+            "--out",
+            "self@pivot",
+        ],
+    ));
 
     // Aligners are listed as plugins; filter reports the NaN row.
     let out = common::ok(&common::fusechat(d, &["plugins", "mined"]));

@@ -406,6 +406,12 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
         ));
     }
     let k = source.manifest.top_k;
+    if o.out.exists() && !o.force && Manifest::read(&o.out).is_err() {
+        return Err(Error::model(
+            &o.out,
+            "exists and is not a representation directory; choose another --out (or pass --force to replace it)",
+        ));
+    }
     let out_dir = crate::writer::OutputDir::create(&o.out, true)?;
     let mut stats = AlignStats::default();
     for i in 0..pivot.manifest.shards.len() {

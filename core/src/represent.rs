@@ -58,8 +58,11 @@ pub struct RepresentOptions {
     pub dtype: Option<candle_core::DType>,
     /// Fail on the first bad record instead of skipping it.
     pub strict: bool,
-    /// Replace an output made with other settings.
+    /// Recompute everything, replacing whatever representation `out` holds.
     pub force: bool,
+    /// Replace a representation made from other inputs or settings (what
+    /// `fusechat run` does with its own stage outputs); an up-to-date one is kept.
+    pub replace_stale: bool,
     pub progress: bool,
 }
 
@@ -82,6 +85,7 @@ impl RepresentOptions {
             dtype: None,
             strict: false,
             force: false,
+            replace_stale: false,
             progress: false,
         }
     }
@@ -255,14 +259,20 @@ fn settings_key(
     tok_hash: u64,
     data_hash: u64,
 ) -> Result<(String, serde_json::Value)> {
-    let mut model_files: Vec<(String, u64)> = std::fs::read_dir(&o.model)
+    // File names, sizes and modification times: a re-trained checkpoint has the
+    // same sizes, so the times are what tell it apart.
+    let mut model_files: Vec<(String, u64, u128)> = std::fs::read_dir(&o.model)
         .map_err(|e| Error::io(&o.model, e))?
         .flatten()
         .filter_map(|e| {
-            Some((
-                e.file_name().to_string_lossy().into_owned(),
-                e.metadata().ok()?.len(),
-            ))
+            let m = e.metadata().ok()?;
+            let t = m
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_nanos();
+            Some((e.file_name().to_string_lossy().into_owned(), m.len(), t))
         })
         .collect();
     model_files.sort();
@@ -315,7 +325,7 @@ fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) ->
                 }
             }
         }
-        Some(_) if o.force => clear(out)?,
+        Some(_) if o.force || o.replace_stale => clear(out)?,
         Some(_) => {
             return Err(Error::model(
                 out,
