@@ -123,7 +123,7 @@ fn levenshtein_chars(a: &[char], b: &[char], row: &mut Vec<usize>) -> usize {
 
 /// Align `source` tokens to `pivot` tokens; `result[j]` lists the source
 /// positions aligned with pivot position `j`. Empty input gives empty lists.
-/// The cost is [`cost`], computed on strings stripped once per token.
+/// The cost is [`cost`], computed once per pair of distinct token strings.
 pub fn align<S: AsRef<str>, P: AsRef<str>>(
     source: &[S],
     pivot: &[P],
@@ -134,27 +134,44 @@ pub fn align<S: AsRef<str>, P: AsRef<str>>(
     if n1 == 0 || n2 == 0 {
         return out;
     }
-    let strip = |t: &str| {
-        let s = strip_markers(t);
-        let c: Vec<char> = s.chars().collect();
-        (s, c)
-    };
-    let src: Vec<(String, Vec<char>)> = source.iter().map(|t| strip(t.as_ref())).collect();
-    let piv: Vec<(String, Vec<char>)> = pivot.iter().map(|t| strip(t.as_ref())).collect();
+    // Costs depend only on the two strings: compute them once per pair of
+    // distinct (marker-stripped) strings, not once per cell.
+    fn distinct<T: AsRef<str>>(tokens: &[T]) -> (Vec<(String, Vec<char>)>, Vec<usize>) {
+        let mut index: std::collections::HashMap<String, usize> = Default::default();
+        let mut uniq: Vec<(String, Vec<char>)> = Vec::new();
+        let ids = tokens
+            .iter()
+            .map(|t| {
+                let s = strip_markers(t.as_ref());
+                *index.entry(s.clone()).or_insert_with(|| {
+                    uniq.push((s.clone(), s.chars().collect()));
+                    uniq.len() - 1
+                })
+            })
+            .collect();
+        (uniq, ids)
+    }
+    let (su, sid) = distinct(source);
+    let (pu, pid) = distinct(pivot);
     let mut scratch = Vec::new();
+    let mut costs = vec![0f64; su.len() * pu.len()];
+    for (x, a) in su.iter().enumerate() {
+        for (y, b) in pu.iter().enumerate() {
+            let d = levenshtein_chars(&a.1, &b.1, &mut scratch) as f64;
+            costs[x * pu.len() + y] = match substring_discount {
+                Some(f) if a.0.contains(b.0.as_str()) || b.0.contains(a.0.as_str()) => d * f,
+                _ => d,
+            };
+        }
+    }
     let w = n2 + 1;
     let mut m = vec![f64::INFINITY; (n1 + 1) * w];
     m[0] = 0.0;
     for i in 0..n1 {
+        let row = &costs[sid[i] * pu.len()..(sid[i] + 1) * pu.len()];
         for j in 0..n2 {
-            let (a, b) = (&src[i], &piv[j]);
-            let d = levenshtein_chars(&a.1, &b.1, &mut scratch) as f64;
-            let c = match substring_discount {
-                Some(f) if a.0.contains(b.0.as_str()) || b.0.contains(a.0.as_str()) => d * f,
-                _ => d,
-            };
             let best = m[i * w + j + 1].min(m[(i + 1) * w + j]).min(m[i * w + j]);
-            m[(i + 1) * w + j + 1] = c + best;
+            m[(i + 1) * w + j + 1] = row[pid[j]] + best;
         }
     }
     let (mut i, mut j) = (n1 - 1, n2 - 1);
@@ -232,6 +249,67 @@ mod tests {
             align(&source, &pivot, Some(0.1)),
             vec![vec![0, 1, 2], vec![3]]
         );
+    }
+
+    /// The per-distinct-pair cost table gives the same paths as computing
+    /// `cost` cell by cell (a direct transcription of the recurrence).
+    #[test]
+    fn cached_costs_match_the_cell_by_cell_recurrence() {
+        fn naive(source: &[&str], pivot: &[&str], disc: Option<f64>) -> Vec<Vec<usize>> {
+            let (n1, n2) = (source.len(), pivot.len());
+            let mut m = vec![vec![f64::INFINITY; n2 + 1]; n1 + 1];
+            m[0][0] = 0.0;
+            for i in 0..n1 {
+                for j in 0..n2 {
+                    m[i + 1][j + 1] =
+                        cost(source[i], pivot[j], disc) + m[i][j + 1].min(m[i + 1][j]).min(m[i][j]);
+                }
+            }
+            let mut out = vec![Vec::new(); n2];
+            let (mut i, mut j) = (n1 - 1, n2 - 1);
+            out[j].push(i);
+            while i > 0 || j > 0 {
+                let inf = f64::INFINITY;
+                let diag = if i > 0 && j > 0 { m[i][j] } else { inf };
+                let up = if i > 0 { m[i][j + 1] } else { inf };
+                let left = if j > 0 { m[i + 1][j] } else { inf };
+                if diag <= up && diag <= left {
+                    i -= 1;
+                    j -= 1;
+                } else if up <= left {
+                    i -= 1;
+                } else {
+                    j -= 1;
+                }
+                out[j].push(i);
+            }
+            out.iter_mut().for_each(|v| v.sort_unstable());
+            out
+        }
+        let words = [
+            "▁the", "Ġthe", "th", "e", "▁cat", "ca", "t", "▁a", "ab", "▁abc", "c",
+        ];
+        let mut state = 7u64;
+        let mut pick = |n: usize| -> Vec<&str> {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    words[(state >> 33) as usize % words.len()]
+                })
+                .collect()
+        };
+        for trial in 0..40 {
+            let (s, p) = (pick(3 + trial % 17), pick(2 + trial % 13));
+            for disc in [None, Some(0.1)] {
+                assert_eq!(
+                    align(&s, &p, disc),
+                    naive(&s, &p, disc),
+                    "{s:?} {p:?} {disc:?}"
+                );
+            }
+        }
     }
 
     /// Every source position appears, the path is monotone, and every pivot position gets one.
