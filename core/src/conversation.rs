@@ -158,7 +158,17 @@ pub fn parse(text: &str, path: &Path, strict: bool) -> Result<Dataset> {
             Err(reason) => out.skipped.push(Skipped { row, id, reason }),
         }
     }
-    if !out.skipped.is_empty() {
+    // Once per file and process: `fusechat run` reads the same data for every model.
+    static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let first_time = || {
+        let mut w = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        let new = !w.iter().any(|p| p == path);
+        if new {
+            w.push(path.to_path_buf());
+        }
+        new
+    };
+    if !out.skipped.is_empty() && first_time() {
         tracing::warn!(
             "{}: skipped {} of {} records (first: row {}: {})",
             path.display(),

@@ -296,17 +296,10 @@ fn settings_key(
 
 const KEY_FILE: &str = "represent.key.json";
 
-/// Prepare the output directory: `Ok(true)` when it already holds a finished
-/// representation with this key.
-fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) -> Result<bool> {
+/// Prepare the output directory: resume a run with the same key, replace a
+/// stale representation when allowed, refuse anything else.
+fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) -> Result<()> {
     let out = &o.out;
-    if out.join(crate::repr::MANIFEST).is_file() {
-        if let Ok(m) = Manifest::read(out) {
-            if m.key == key && !o.force {
-                return Ok(true);
-            }
-        }
-    }
     let recorded = std::fs::read_to_string(out.join(KEY_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -340,8 +333,7 @@ fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) ->
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let text = serde_json::to_string_pretty(&serde_json::json!({"key": key, "settings": settings}))
         .unwrap();
-    crate::writer::write_atomic(&out.join(KEY_FILE), text.as_bytes())?;
-    Ok(false)
+    crate::writer::write_atomic(&out.join(KEY_FILE), text.as_bytes())
 }
 
 /// Remove what a representation directory holds (and only that).
@@ -388,27 +380,31 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
     let template = Template::load(&o.template, &tok_dir)?;
     let data_bytes = std::fs::read(&o.data).map_err(|e| Error::io(&o.data, e))?;
     let data_hash = fnv1a(&data_bytes);
+    let (key, settings) = settings_key(o, &template, tok_hash, data_hash)?;
+    if !o.force {
+        if let Ok(manifest) = Manifest::read(&o.out) {
+            if manifest.key == key {
+                return Ok(RepresentOutcome {
+                    reused: (0..manifest.shards.len()).collect(),
+                    manifest: Some(manifest),
+                    computed: vec![],
+                    pending: vec![],
+                    tokens: 0,
+                    seconds: start.elapsed().as_secs_f64(),
+                    forward_seconds: 0.0,
+                    up_to_date: true,
+                });
+            }
+        }
+    }
     let text =
         String::from_utf8(data_bytes).map_err(|_| Error::model(&o.data, "is not UTF-8 text"))?;
+    // Parsed before the output directory is touched, so --strict fails cleanly.
     let dataset = conversation::parse(&text, &o.data, o.strict)?;
     drop(text);
-
-    let (key, settings) = settings_key(o, &template, tok_hash, data_hash)?;
     let family_hint = o.family.clone();
     let vocab_len = tokenizer.get_vocab_size(true);
-    if prepare_out(o, &key, &settings)? {
-        let manifest = Manifest::read(&o.out)?;
-        return Ok(RepresentOutcome {
-            reused: (0..manifest.shards.len()).collect(),
-            manifest: Some(manifest),
-            computed: vec![],
-            pending: vec![],
-            tokens: 0,
-            seconds: start.elapsed().as_secs_f64(),
-            forward_seconds: 0.0,
-            up_to_date: true,
-        });
-    }
+    prepare_out(o, &key, &settings)?;
 
     // Render and tokenize every record (cheap next to the model; in parallel).
     let encoded: Vec<std::result::Result<(u64, Encoded), Skipped>> = dataset
