@@ -175,22 +175,7 @@ fn stage_key(req: &fusechat_core::plan::MergeRequest) -> String {
     s.push_str(&req.out.display().to_string());
     let dirs = req.base.iter().chain(req.models.iter()).map(|m| &m.path);
     for d in dirs {
-        let mut files: Vec<(String, u64, u128)> = std::fs::read_dir(d)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let m = e.metadata().ok()?;
-                let t = m
-                    .modified()
-                    .ok()?
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok()?
-                    .as_nanos();
-                Some((e.file_name().to_string_lossy().into_owned(), m.len(), t))
-            })
-            .collect();
-        files.sort();
+        let files = fusechat_core::model_dir::file_stamps(d);
         s.push_str(&format!("{}{files:?}", d.display()));
     }
     format!("{:016x}", fnv1a(s.as_bytes()))

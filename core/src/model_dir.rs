@@ -297,6 +297,30 @@ impl ModelDir {
     }
 }
 
+/// The files of a directory as (name, size, modification time in ns), sorted:
+/// what stage keys use to tell whether a model changed (a re-trained
+/// checkpoint keeps its sizes, so the times are what tell it apart). An
+/// unreadable directory gives an empty list.
+pub fn file_stamps(dir: &Path) -> Vec<(String, u64, u128)> {
+    let mut files: Vec<(String, u64, u128)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            let t = m
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_nanos();
+            Some((e.file_name().to_string_lossy().into_owned(), m.len(), t))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 /// Parse the decoder layer index from an HF tensor name: `model.layers.12.mlp...` → 12.
 pub fn layer_index(name: &str) -> Option<usize> {
     let mut parts = name.split('.');

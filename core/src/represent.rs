@@ -259,23 +259,13 @@ fn settings_key(
     tok_hash: u64,
     data_hash: u64,
 ) -> Result<(String, serde_json::Value)> {
-    // File names, sizes and modification times: a re-trained checkpoint has the
-    // same sizes, so the times are what tell it apart.
-    let mut model_files: Vec<(String, u64, u128)> = std::fs::read_dir(&o.model)
-        .map_err(|e| Error::io(&o.model, e))?
-        .flatten()
-        .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            let t = m
-                .modified()
-                .ok()?
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()?
-                .as_nanos();
-            Some((e.file_name().to_string_lossy().into_owned(), m.len(), t))
-        })
-        .collect();
-    model_files.sort();
+    if !o.model.is_dir() {
+        return Err(Error::model(
+            &o.model,
+            "is not a directory (an HF model directory is expected)",
+        ));
+    }
+    let model_files = crate::model_dir::file_stamps(&o.model);
     let cfg = std::fs::read(o.model.join("config.json")).unwrap_or_default();
     let hf_source = match template {
         Template::Hf { source, .. } => fnv1a(source.as_bytes()),
