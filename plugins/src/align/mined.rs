@@ -20,7 +20,7 @@
 //! assert_eq!(map, vec![vec![0], vec![1], vec![2, 3]]);
 //! ```
 
-use super::{fallback_param, mode_param, one_to_one, token_strings, transfer};
+use super::{fallback_param, mode_map, mode_param, one_to_one, token_strings, transfer};
 use fusechat_core::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
 use fusechat_core::params::ResolvedParams;
 use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
@@ -61,14 +61,8 @@ impl VocabAligner for Mined {
             (discount != 1.0).then_some(discount),
         );
         let pairs = one_to_one(&map, source.input_ids.len());
-        let soft = params.str("mode")? == "soft";
-        Ok(transfer(v, params, pivot, source, k, &pairs, |id| {
-            if soft {
-                v.nearest(id, char_distance)
-            } else {
-                v.exact(id)
-            }
-        }))
+        let map = mode_map(v, params)?;
+        Ok(transfer(v, params, pivot, source, k, &pairs, map))
     }
 }
 

@@ -37,6 +37,22 @@ pub(crate) fn mode_param() -> ParamSpec {
         .help("soft: a top-k token missing from the pivot vocabulary maps to the nearest by edit distance; hard: it is dropped")
 }
 
+/// The top-k token map of the `mode` parameter: soft sends a token missing
+/// from the pivot vocabulary to the nearest one by edit distance, hard drops it.
+pub(crate) fn mode_map<'a>(
+    v: &'a VocabPair,
+    params: &ResolvedParams,
+) -> fusechat_core::Result<impl Fn(u32) -> Option<u32> + 'a> {
+    let soft = params.str("mode")? == "soft";
+    Ok(move |id| {
+        if soft {
+            v.nearest(id, mined::char_distance)
+        } else {
+            v.exact(id)
+        }
+    })
+}
+
 /// Whether two tokens are the same token for the purpose of carrying a distribution over.
 pub(crate) fn same_token(v: &VocabPair, pivot_id: u32, source_id: u32) -> bool {
     let k = v.pivot.key(pivot_id);

@@ -8,7 +8,7 @@
 //! Both rows must hold the same text (the same record, rendered by the same
 //! template); otherwise the row is an error that names where the texts part.
 
-use super::{fallback_param, mode_param, transfer};
+use super::{fallback_param, mode_map, mode_param, transfer};
 use fusechat_core::align::{AlignedRow, BuiltinAligner, Vocab, VocabAligner, VocabPair};
 use fusechat_core::params::ResolvedParams;
 use fusechat_core::registry::{PluginInfo, PluginKind};
@@ -103,14 +103,8 @@ impl VocabAligner for Offsets {
             .zip(&ps)
             .map(|(p, s)| p.filter(|_| s.1 <= n))
             .collect();
-        let soft = params.str("mode")? == "soft";
-        Ok(transfer(v, params, pivot, source, k, &pairs, |id| {
-            if soft {
-                v.nearest(id, super::mined::char_distance)
-            } else {
-                v.exact(id)
-            }
-        }))
+        let map = mode_map(v, params)?;
+        Ok(transfer(v, params, pivot, source, k, &pairs, map))
     }
 }
 
