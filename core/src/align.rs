@@ -508,9 +508,13 @@ pub struct FilterReport {
 pub fn filter(pivot: &Path, teachers: &[PathBuf]) -> Result<FilterReport> {
     let mut all = vec![pivot.to_path_buf()];
     all.extend(teachers.iter().cloned());
-    let mut nan: std::collections::BTreeSet<u64> = Default::default();
     let pivot_rows = ReprDir::open(pivot)?.metrics()?;
-    for dir in &all {
+    let mut nan: std::collections::BTreeSet<u64> = pivot_rows
+        .iter()
+        .filter(|(_, v)| v.is_nan())
+        .map(|(id, _)| *id)
+        .collect();
+    for dir in teachers {
         let m = ReprDir::open(dir)?.metrics()?;
         if m.len() != pivot_rows.len() || m.iter().zip(&pivot_rows).any(|(a, b)| a.0 != b.0) {
             return Err(Error::model(

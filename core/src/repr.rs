@@ -237,18 +237,6 @@ impl Shard {
         self.pos_offsets.last().copied().unwrap_or(0)
     }
 
-    /// The manifest entry of this shard written as `file`.
-    pub fn entry(&self, file: &str) -> ShardEntry {
-        ShardEntry {
-            file: file.to_string(),
-            rows: self.rows() as u64,
-            first_row: self.row_ids.first().copied().unwrap_or(0),
-            last_row: self.row_ids.last().copied().unwrap_or(0),
-            tokens: self.input_ids.len() as u64,
-            positions: self.positions() as u64,
-        }
-    }
-
     /// The safetensors bytes of this shard; ids as u16 when `vocab_size` ≤ 65536.
     pub fn to_bytes(&self, vocab_size: usize) -> Result<Vec<u8>> {
         fn le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {

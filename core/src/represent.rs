@@ -26,7 +26,9 @@ use crate::conversation::{self, Skipped};
 use crate::miniature::fnv1a;
 use crate::model::{load_model, CausalLm, LoadOptions};
 use crate::registry::Registry;
-use crate::repr::{loss_positions, shard_file, Manifest, RecordCounts, Shard, FORMAT, VERSION};
+use crate::repr::{
+    loss_positions, shard_file, Manifest, RecordCounts, Shard, ShardEntry, FORMAT, VERSION,
+};
 use crate::template::{load_tokenizer, Encoded, Template};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -519,16 +521,16 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
     let shards = chunks
         .iter()
         .enumerate()
-        .map(|(c, rows)| {
-            let mut s = Shard::new(0);
-            for r in rows.iter() {
-                // Only the counts are needed for the manifest entry.
-                s.row_ids.push(r.0);
-                s.input_ids.extend_from_slice(&r.1.ids);
-                let p = loss_positions(&r.1.labels).count();
-                s.pos_offsets.push(s.pos_offsets.last().unwrap() + p);
-            }
-            s.entry(&shard_file(c))
+        .map(|(c, rows)| ShardEntry {
+            file: shard_file(c),
+            rows: rows.len() as u64,
+            first_row: rows.first().map_or(0, |r| r.0),
+            last_row: rows.last().map_or(0, |r| r.0),
+            tokens: rows.iter().map(|r| r.1.ids.len() as u64).sum(),
+            positions: rows
+                .iter()
+                .map(|r| loss_positions(&r.1.labels).count() as u64)
+                .sum(),
         })
         .collect();
     let no_label = rows
