@@ -10,8 +10,8 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fusechat::core::miniature::SplitMix64;
 use fusechat::core::model::LoadOptions;
+use fusechat::core::rng::SplitMix64;
 use fusechat::plugins::models::decoder::{cross_entropy, Decoder};
 
 mod common;

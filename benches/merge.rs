@@ -8,11 +8,11 @@
 //!     cargo bench --bench merge
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fusechat::core::dtype::DType;
-use fusechat::core::engine::{execute, ExecOptions};
-use fusechat::core::miniature::{generate, MiniatureSpec};
-use fusechat::core::params::Setting;
-use fusechat::core::plan::{plan, MergeRequest, ModelInput};
+use fusechat::core::io::dtype::DType;
+use fusechat::core::merge::engine::{execute, ExecOptions};
+use fusechat::core::merge::params::Setting;
+use fusechat::core::merge::plan::{plan, MergeRequest, ModelInput};
+use fusechat::core::pipeline::miniature::{generate, MiniatureSpec};
 use std::path::{Path, PathBuf};
 
 fn model_set() -> (PathBuf, Vec<PathBuf>) {

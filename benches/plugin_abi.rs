@@ -5,8 +5,8 @@
 //!     cargo bench --bench plugin_abi
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use fusechat::core::merge::params::{ResolvedParams, Scalar};
 use fusechat::core::merge::{Merger, TensorBuf, TensorGroup};
-use fusechat::core::params::{ResolvedParams, Scalar};
 use std::path::PathBuf;
 
 fn plugin_path() -> PathBuf {
@@ -32,7 +32,7 @@ fn plugin_path() -> PathBuf {
 
 fn bench(c: &mut Criterion) {
     let n = 4 << 20; // 4M elements per tensor (16 MiB in f32), 3 models and a base
-    let mut rng = fusechat::core::miniature::SplitMix64(9);
+    let mut rng = fusechat::core::rng::SplitMix64(9);
     let base: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 0.02).collect();
     let models: Vec<Vec<f32>> = (0..3)
         .map(|_| {
@@ -67,7 +67,7 @@ fn bench(c: &mut Criterion) {
         m.merge(g).unwrap()
     };
     let native = fusechat_model_stock::ModelStock;
-    let loaded = fusechat::core::dynamic::load_library(&plugin_path()).unwrap();
+    let loaded = fusechat::core::plugin::dynamic::load_library(&plugin_path()).unwrap();
     let plugin = &loaded[0];
 
     let mut g = c.benchmark_group("model_stock_16MiB_x4");

@@ -9,10 +9,11 @@
 //!     cargo bench --bench represent
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fusechat::core::align::{resolve_params, Vocab, VocabPair};
-use fusechat::core::miniature::{write_tokenizer, SplitMix64};
-use fusechat::core::repr::RowView;
-use fusechat::core::represent::{represent, top_k, RepresentOptions};
+use fusechat::core::data::align::{Vocab, VocabPair};
+use fusechat::core::data::repr::RowView;
+use fusechat::core::data::represent::{represent, top_k, RepresentOptions};
+use fusechat::core::pipeline::miniature::write_tokenizer;
+use fusechat::core::rng::SplitMix64;
 use half::f16;
 use std::path::PathBuf;
 
@@ -155,7 +156,7 @@ fn bench_align(c: &mut Criterion) {
     let labels = |n: usize| (0..n).map(|i| (i > n / 4) as u8).collect::<Vec<u8>>();
     let (pl, sl) = (labels(p_ids.len()), labels(s_ids.len()));
     let k = 10;
-    let sp = fusechat::core::repr::loss_positions(&sl).count();
+    let sp = fusechat::core::data::repr::loss_positions(&sl).count();
     let topk_ids: Vec<u32> = (0..sp * k)
         .map(|i| 1 + (i as u32 * 7) % (source_tokens.len() as u32 - 1))
         .collect();
@@ -183,15 +184,15 @@ fn bench_align(c: &mut Criterion) {
     g.sample_size(10);
     for name in ["mined", "offsets"] {
         let e = reg.aligner(name).unwrap();
-        let params = resolve_params(&e.info, &Default::default()).unwrap();
+        let params = e.info.resolve_scalars(&Default::default()).unwrap();
         // Warm the nearest-token cache so both measure alignment, not vocabulary mining.
-        let first = e.aligner.align(&v, &params, &pr, &sr, k).unwrap();
+        let first = e.plugin.align(&v, &params, &pr, &sr, k).unwrap();
         eprintln!(
             "{name}: {} positions transferred, {} fell back",
             first.stats.transferred, first.stats.fallback
         );
         g.bench_function(name, |b| {
-            b.iter(|| e.aligner.align(&v, &params, &pr, &sr, k).unwrap())
+            b.iter(|| e.plugin.align(&v, &params, &pr, &sr, k).unwrap())
         });
     }
     g.finish();

@@ -3,9 +3,9 @@
 //!
 //!     cargo run --release --example merge_api
 
-use fusechat::core::engine::{execute, ExecOptions};
-use fusechat::core::miniature::{generate, MiniatureSpec};
-use fusechat::core::plan::{plan, MergeRequest, ModelInput};
+use fusechat::core::merge::engine::{execute, ExecOptions};
+use fusechat::core::merge::plan::{plan, MergeRequest, ModelInput};
+use fusechat::core::pipeline::miniature::{generate, MiniatureSpec};
 
 fn main() -> fusechat::core::Result<()> {
     let dir = std::env::temp_dir().join("fusechat-example");

@@ -2,11 +2,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fusechat_core::config::{parse_dtype, Config};
-use fusechat_core::engine::{self, ExecOptions, MergeReport};
-use fusechat_core::params::Setting;
-use fusechat_core::plan::{MergeRequest, ModelInput};
-use fusechat_core::writer::parse_size;
+use fusechat_core::io::writer::parse_size;
+use fusechat_core::merge::engine::{self, ExecOptions, MergeReport};
+use fusechat_core::merge::params::Setting;
+use fusechat_core::merge::plan::{MergeRequest, ModelInput};
+use fusechat_core::model::generate;
+use fusechat_core::pipeline::config::{defaults, parse_dtype, Config};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -63,7 +64,7 @@ pub struct TemplateArgs {
     #[arg(long, value_name = "DIR")]
     pub tokenizer: PathBuf,
     /// openchat, chatml, llama3, mistral or hf.
-    #[arg(long, default_value = "openchat")]
+    #[arg(long, default_value = defaults::TEMPLATE)]
     pub template: String,
     /// JSON or JSONL conversations (ShareGPT or OpenAI form).
     #[arg(long, value_name = "FILE")]
@@ -71,7 +72,7 @@ pub struct TemplateArgs {
     /// The record to show (its index in the file).
     #[arg(long, default_value_t = 0)]
     pub row: u64,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = defaults::MAX_LENGTH)]
     pub max_length: usize,
 }
 
@@ -93,28 +94,28 @@ pub struct RepresentArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// openchat (FuseChat's, for every model), chatml, llama3, mistral or hf.
-    #[arg(long, default_value = "openchat")]
+    #[arg(long, default_value = defaults::TEMPLATE)]
     pub template: String,
     /// Logits kept at each loss position.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::TOP_K)]
     pub top_k: usize,
     /// Tokens per record, BOS included; longer records are cut on the right.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = defaults::MAX_LENGTH)]
     pub max_length: usize,
     /// Most records in one forward pass (records of similar length are batched together).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = defaults::BATCH_SIZE)]
     pub batch_size: usize,
     /// Most tokens (records × padded length) in one forward pass.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = defaults::BATCH_TOKENS)]
     pub batch_tokens: usize,
     /// Records per output shard file (the unit of resuming and of --shard).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = defaults::ROWS_PER_SHARD)]
     pub rows_per_shard: usize,
     /// Compute only the output shards c with c mod n = i, e.g. 0/4 (several processes, one --out).
     #[arg(long, value_name = "i/n", default_value = "0/1", value_parser = shard_arg)]
     pub shard: (usize, usize),
     /// cpu, or cuda:N in a build with the cuda feature.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = defaults::DEVICE)]
     pub device: String,
     /// Stop at the first bad record instead of skipping it.
     #[arg(long)]
@@ -154,7 +155,7 @@ pub struct AlignArgs {
     #[arg(long, value_name = "DIR")]
     pub source_tokenizer: Option<PathBuf>,
     /// identity, exact, mined or offsets (see `fusechat plugins`).
-    #[arg(long, default_value = "mined")]
+    #[arg(long, default_value = defaults::ALIGNER)]
     pub aligner: String,
     /// An aligner parameter, KEY=VALUE: mode=hard, fallback=current, substring_discount=0.1.
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -185,10 +186,10 @@ pub struct ModelArgs {
     #[arg(long)]
     pub family: Option<String>,
     /// cpu, or cuda:N in a build with the cuda feature.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = defaults::DEVICE)]
     pub device: String,
     /// Chat template applied to the prompt: openchat, chatml, llama3, mistral, hf (the model's own), or none.
-    #[arg(long, default_value = "openchat")]
+    #[arg(long, default_value = defaults::TEMPLATE)]
     pub template: String,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
@@ -228,6 +229,10 @@ pub struct RunArgs {
     /// Re-run every stage, even those whose outputs are up to date.
     #[arg(long)]
     pub force: bool,
+    /// Check the whole config and print the stage plan (what would run, what is up to date and why,
+    /// what each stage writes); compute nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub exec: ExecArgs,
 }
@@ -272,7 +277,7 @@ fn size_arg(s: &str) -> std::result::Result<u64, String> {
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "mergekit", "method"])))]
 pub struct MergeArgs {
     /// Take the merge from the [merge] table of this fusechat.toml.
-    #[arg(long, value_name = "TOML")]
+    #[arg(short, long, value_name = "TOML")]
     pub config: Option<PathBuf>,
     /// Take the merge from a mergekit YAML config, as written.
     #[arg(long, value_name = "YAML")]
@@ -354,7 +359,7 @@ pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequ
             .out
             .clone()
             .context("--mergekit needs --out DIR (mergekit configs do not name an output)")?;
-        let (req, warnings) = fusechat_core::mergekit::load(path, out, &cwd)?;
+        let (req, warnings) = fusechat_core::merge::mergekit::load(path, out, &cwd)?;
         for w in warnings {
             tracing::warn!("{w}");
         }
@@ -380,7 +385,7 @@ pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequ
             if let Some(w) = args.weights.get(i) {
                 input.params.insert(
                     "weight".into(),
-                    Setting::Scalar(fusechat_core::params::Scalar::Float(*w)),
+                    Setting::Scalar(fusechat_core::merge::params::Scalar::Float(*w)),
                 );
             }
             req.models.push(input);
@@ -394,14 +399,10 @@ pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequ
     if let Some(out) = &args.out {
         req.out = out.clone();
     }
-    if let Some(d) =
-        parse_dtype(args.dtype.as_deref()).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
-    {
+    if let Some(d) = parse_dtype(args.dtype.as_deref(), "--dtype")? {
         req.dtype = Some(d);
     }
-    if let Some(d) =
-        parse_dtype(args.out_dtype.as_deref()).map_err(|e| anyhow::anyhow!("--out-dtype: {e}"))?
-    {
+    if let Some(d) = parse_dtype(args.out_dtype.as_deref(), "--out-dtype")? {
         req.out_dtype = Some(d);
     }
     if let Some(s) = args.seed {
@@ -417,21 +418,9 @@ pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequ
 fn model_input(reference: &str, cwd: &Path) -> ModelInput {
     ModelInput {
         reference: reference.to_string(),
-        path: fusechat_core::hub::resolve_model(reference, cwd),
+        path: fusechat_core::io::hub::resolve_model(reference, cwd),
         params: Default::default(),
     }
-}
-
-fn print_report(r: &MergeReport) -> Result<()> {
-    let gbs = r.input_bytes as f64 / 1e9 / r.seconds.max(1e-9);
-    emit(&format!(
-        "merged {} tensors ({:.3} GB of input) into {} in {:.2}s ({gbs:.2} GB/s); files: {}\n",
-        r.tensors,
-        r.input_bytes as f64 / 1e9,
-        r.out.display(),
-        r.seconds,
-        r.files.join(", ")
-    ))
 }
 
 /// Write to stdout. A closed pipe (`fusechat plugins | head`) comes back as a
@@ -465,13 +454,13 @@ fn cmd_merge(args: &MergeArgs, plugins: &[PathBuf]) -> Result<()> {
     let registry = &crate::registry_with(cfg.as_ref(), plugins)?;
     let req = merge_request(args, cfg.as_ref())?;
     let opts = args.exec.options();
-    let plan = fusechat_core::plan::plan(&req, registry)?;
+    let plan = fusechat_core::merge::plan::plan(&req, registry)?;
     if args.dry_run {
         emit(&plan.describe(opts.threads(), opts.memory_budget))?;
         return emit("dry run: nothing written\n");
     }
     let report = engine::execute(&plan, &opts)?;
-    print_report(&report)
+    emit(&format!("{}\n", report.summary()))
 }
 
 /// Short display names of the `[merge]` models, for the weight table.
@@ -481,8 +470,8 @@ fn model_labels(cfg: &Config, n: usize) -> Vec<String> {
         .iter()
         .flat_map(|m| m.models.iter())
         .map(|e| match e {
-            fusechat_core::config::ModelEntry::Path(p) => p.clone(),
-            fusechat_core::config::ModelEntry::Table { path, .. } => path.clone(),
+            fusechat_core::pipeline::config::ModelEntry::Path(p) => p.clone(),
+            fusechat_core::pipeline::config::ModelEntry::Table { path, .. } => path.clone(),
         })
         .map(|p| {
             Path::new(&p)
@@ -498,38 +487,31 @@ fn model_labels(cfg: &Config, n: usize) -> Vec<String> {
 }
 
 fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
+    use fusechat_core::pipeline::{summary_table, Outcome, Pipeline};
     let cfg = Config::load(&args.config)?;
     let registry = &crate::registry_with(Some(&cfg), plugins)?;
-    let outcome = crate::run::run(&cfg, registry, &args.exec.options(), args.force)?;
-    for (name, r) in &outcome.represent {
-        emit(&crate::run::represent_summary(Path::new(name), r))?;
+    let pipeline = Pipeline::from_config(&cfg, registry, args.force)?;
+    if args.dry_run {
+        return emit(&pipeline.describe());
     }
-    for (name, r) in &outcome.align {
-        emit(&crate::run::align_summary(
-            Path::new(&format!("{name}@pivot")),
-            r,
-        ))?;
+    let mut printed: Result<()> = Ok(());
+    let results = pipeline.run(registry, &args.exec.options(), |r| {
+        if printed.is_ok() {
+            printed = emit(&format!("{}\n", r.line()));
+        }
+    })?;
+    printed?;
+    for r in &results {
+        if let Outcome::Merge(Some(report)) = &r.outcome {
+            let n = report.weights.first().map_or(0, |(_, w)| w.len());
+            let method = cfg.merge.as_ref().map_or("", |m| m.method.as_str());
+            emit(&format!(
+                "\nper-tensor weights ({method}):\n{}",
+                weight_summary(report, &model_labels(&cfg, n))
+            ))?;
+        }
     }
-    if let Some(f) = &outcome.filter {
-        emit(&format!(
-            "filter: dropped {} of {} rows with a NaN metric_ce\n",
-            f.dropped.len(),
-            f.rows
-        ))?;
-    }
-    if outcome.merge_skipped {
-        emit("merge: up to date (use --force to redo it)\n")?;
-    }
-    if let Some(r) = &outcome.merge {
-        print_report(r)?;
-        let n = r.weights.first().map_or(0, |(_, w)| w.len());
-        let method = cfg.merge.as_ref().map_or("", |m| m.method.as_str());
-        emit(&format!(
-            "\nper-tensor weights ({method}):\n{}",
-            weight_summary(r, &model_labels(&cfg, n))
-        ))?;
-    }
-    Ok(())
+    emit(&format!("\n{}", summary_table(&results)))
 }
 
 fn cmd_plugins(args: &PluginsArgs, plugins: &[PathBuf]) -> Result<()> {
@@ -540,25 +522,20 @@ fn cmd_plugins(args: &PluginsArgs, plugins: &[PathBuf]) -> Result<()> {
         None => None,
     };
     let registry = &crate::registry_with(cfg.as_ref(), plugins)?;
+    let listing = registry.listing();
     let mut found = false;
-    for e in registry.mergers() {
+    for e in &listing {
         if args.name.as_deref().is_some_and(|n| n != e.info.name) {
             continue;
         }
         found = true;
-        let c = e.merger.contract();
-        let base = match c.base {
-            fusechat_core::merge::BaseUse::Required => "base required",
-            fusechat_core::merge::BaseUse::Optional => "base optional",
-            fusechat_core::merge::BaseUse::Ignored => "no base",
-        };
-        let models = match c.max_models {
-            Some(m) if m == c.min_models => format!("{m} model(s)"),
-            Some(m) => format!("{}-{m} models", c.min_models),
-            None => format!("{}+ models", c.min_models),
-        };
+        let note = e
+            .note
+            .as_ref()
+            .map(|n| format!("; {n}"))
+            .unwrap_or_default();
         let mut s = format!(
-            "{} {}  [{}; {base}; {models}]\n    {}\n",
+            "{} {}  [{}{note}]\n    {}\n",
             e.info.kind, e.info.name, e.origin, e.info.description
         );
         for p in &e.info.params {
@@ -575,64 +552,22 @@ fn cmd_plugins(args: &PluginsArgs, plugins: &[PathBuf]) -> Result<()> {
         s.push('\n');
         emit(&s)?;
     }
-    for e in registry.models() {
-        if args.name.as_deref().is_some_and(|n| n != e.info.name) {
-            continue;
-        }
-        found = true;
-        emit(&format!(
-            "{} {}  [{}]\n    {}\n\n",
-            e.info.kind, e.info.name, e.origin, e.info.description
-        ))?;
-    }
-    for e in registry.aligners() {
-        if args.name.as_deref().is_some_and(|n| n != e.info.name) {
-            continue;
-        }
-        found = true;
-        let mut s = format!(
-            "{} {}  [{}]\n    {}\n",
-            e.info.kind, e.info.name, e.origin, e.info.description
-        );
-        for p in &e.info.params {
-            let default = p
-                .default
-                .as_ref()
-                .map_or("optional".to_string(), |d| format!("default {d}"));
-            s.push_str(&format!(
-                "    - {} ({}, {default})\n        {}\n",
-                p.name, p.ty, p.help
-            ));
-        }
-        s.push('\n');
-        emit(&s)?;
-    }
     if !found {
-        let names = |v: Vec<&str>| v.join(", ");
+        let mut known: Vec<(fusechat_core::plugin::registry::PluginKind, Vec<&str>)> = Vec::new();
+        for e in &listing {
+            match known.last_mut() {
+                Some((k, names)) if *k == e.info.kind => names.push(&e.info.name),
+                _ => known.push((e.info.kind, vec![&e.info.name])),
+            }
+        }
+        let known: Vec<String> = known
+            .iter()
+            .map(|(k, names)| format!("known {}: {}", k.plural(), names.join(", ")))
+            .collect();
         bail!(
-            "no plugin named `{}`; known methods: {}; model families: {}; aligners: {}",
+            "no plugin named `{}`; {}",
             args.name.as_deref().unwrap_or_default(),
-            names(
-                registry
-                    .mergers()
-                    .iter()
-                    .map(|e| e.info.name.as_str())
-                    .collect()
-            ),
-            names(
-                registry
-                    .models()
-                    .iter()
-                    .map(|e| e.info.name.as_str())
-                    .collect()
-            ),
-            names(
-                registry
-                    .aligners()
-                    .iter()
-                    .map(|e| e.info.name.as_str())
-                    .collect()
-            ),
+            known.join("; ")
         );
     }
     Ok(())
@@ -644,8 +579,8 @@ fn load_for_generation(
 ) -> Result<(
     Box<dyn fusechat_core::model::CausalLm>,
     tokenizers::Tokenizer,
-    Option<fusechat_core::template::Template>,
-    fusechat_core::generate::GenOptions,
+    Option<fusechat_core::data::template::Template>,
+    fusechat_core::model::generate::GenOptions,
 )> {
     let registry = crate::registry_with(None, plugins)?;
     let opts = fusechat_core::model::LoadOptions {
@@ -653,29 +588,36 @@ fn load_for_generation(
         ..Default::default()
     };
     let model = fusechat_core::model::load_model(&registry, &a.model, a.family.as_deref(), &opts)?;
-    let tok = crate::chat::load_tokenizer(&a.model)?;
-    let template = crate::chat::template(&a.template, &a.model)?;
-    let gen = fusechat_core::generate::GenOptions {
+    let tok = fusechat_core::data::template::load_tokenizer(&a.model)?;
+    let template = generate::chat_template(&a.template, &a.model)?;
+    let gen = fusechat_core::model::generate::GenOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
         seed: a.seed,
-        stop: crate::chat::stops(model.as_ref(), &tok, template.as_ref()),
+        stop: generate::chat_stops(model.as_ref(), &tok, template.as_ref()),
     };
     Ok((model, tok, template, gen))
 }
 
+/// Print generated text as it comes (a closed stdout is noticed at the end).
+fn stream(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
 fn cmd_generate(args: &GenerateArgs, plugins: &[PathBuf]) -> Result<()> {
     let (model, tok, template, gen) = load_for_generation(&args.model, plugins)?;
-    let mut out = std::io::stdout();
-    crate::chat::reply(
+    generate::reply(
         model.as_ref(),
         &tok,
         template.as_ref(),
         &[args.prompt.clone()],
         &gen,
-        &mut out,
+        stream,
     )?;
     emit("\n")
 }
@@ -692,7 +634,6 @@ fn cmd_chat(args: &ChatArgs, plugins: &[PathBuf]) -> Result<()> {
         );
     }
     let mut turns: Vec<String> = Vec::new();
-    let mut out = std::io::stdout();
     let stdin = std::io::stdin();
     loop {
         if interactive {
@@ -703,13 +644,13 @@ fn cmd_chat(args: &ChatArgs, plugins: &[PathBuf]) -> Result<()> {
             break;
         }
         turns.push(line.trim().to_string());
-        let answer = crate::chat::reply(
+        let answer = generate::reply(
             model.as_ref(),
             &tok,
             template.as_ref(),
             &turns,
             &gen,
-            &mut out,
+            stream,
         )?;
         emit("\n")?;
         turns.push(answer);
@@ -718,10 +659,10 @@ fn cmd_chat(args: &ChatArgs, plugins: &[PathBuf]) -> Result<()> {
 }
 
 fn cmd_template(a: &TemplateArgs) -> Result<()> {
-    use fusechat_core::template::{load_tokenizer, Template};
+    use fusechat_core::data::template::{load_tokenizer, Template};
     let template = Template::load(&a.template, &a.tokenizer)?;
     let tok = load_tokenizer(&a.tokenizer)?;
-    let data = fusechat_core::conversation::load(&a.data, false)?;
+    let data = fusechat_core::data::conversation::load(&a.data, false)?;
     let Some(conv) = data.records.iter().find(|c| c.row == a.row) else {
         match data.skipped.iter().find(|s| s.row == a.row) {
             Some(s) => bail!(
@@ -739,7 +680,7 @@ fn cmd_template(a: &TemplateArgs) -> Result<()> {
         }
     };
     let r = template.render(conv)?;
-    let enc = fusechat_core::template::encode_rendered(&tok, &r, a.max_length)?;
+    let enc = fusechat_core::data::template::encode_rendered(&tok, &r, a.max_length)?;
     let mut s = format!(
         "row {} ({} template): {} tokens, {} labels (L = trained on)\n",
         a.row,
@@ -768,7 +709,7 @@ fn cmd_template(a: &TemplateArgs) -> Result<()> {
 
 fn cmd_represent(a: &RepresentArgs, plugins: &[PathBuf]) -> Result<()> {
     let registry = crate::registry_with(None, plugins)?;
-    let mut o = fusechat_core::represent::RepresentOptions::new(&a.model, &a.data, &a.out);
+    let mut o = fusechat_core::data::represent::RepresentOptions::new(&a.model, &a.data, &a.out);
     o.family = a.family.clone();
     o.tokenizer = a.tokenizer.clone();
     o.template = a.template.clone();
@@ -782,23 +723,8 @@ fn cmd_represent(a: &RepresentArgs, plugins: &[PathBuf]) -> Result<()> {
     o.strict = a.strict;
     o.force = a.force;
     o.progress = !a.no_progress && std::io::stderr().is_terminal();
-    let r = fusechat_core::represent::represent(&registry, &o)?;
-    emit(&crate::run::represent_summary(&a.out, &r))
-}
-
-/// Aligner parameters from TOML values (single values only).
-pub fn toml_scalars(
-    t: &std::collections::BTreeMap<String, toml::Value>,
-) -> std::result::Result<std::collections::BTreeMap<String, fusechat_core::params::Scalar>, String>
-{
-    let settings = fusechat_core::config::toml_settings(t)?;
-    settings
-        .into_iter()
-        .map(|(k, v)| match v {
-            Setting::Scalar(s) => Ok((k, s)),
-            _ => Err(format!("`{k}`: aligner parameters are single values")),
-        })
-        .collect()
+    let r = fusechat_core::data::represent::represent(&registry, &o)?;
+    emit(&format!("represent: {}\n", r.summary(&a.out)))
 }
 
 fn cmd_align(a: &AlignArgs, plugins: &[PathBuf]) -> Result<()> {
@@ -812,7 +738,7 @@ fn cmd_align(a: &AlignArgs, plugins: &[PathBuf]) -> Result<()> {
             (k, _) => bail!("--set {k}: aligner parameters are single values"),
         }
     }
-    let o = fusechat_core::align::AlignOptions {
+    let o = fusechat_core::data::align::AlignOptions {
         pivot: a.pivot.clone(),
         source: a.source.clone(),
         pivot_tokenizer: a.pivot_tokenizer.clone(),
@@ -822,26 +748,13 @@ fn cmd_align(a: &AlignArgs, plugins: &[PathBuf]) -> Result<()> {
         out: a.out.clone(),
         force: a.force,
     };
-    let r = fusechat_core::align::align(&registry, &o)?;
-    emit(&crate::run::align_summary(&a.out, &r))
+    let r = fusechat_core::data::align::align(&registry, &o)?;
+    emit(&format!("align: {}\n", r.summary(&a.out)))
 }
 
 fn cmd_filter(a: &FilterArgs) -> Result<()> {
-    let r = fusechat_core::align::filter(&a.pivot, &a.teachers)?;
-    emit(&format!(
-        "filter: dropped {} of {} rows with a NaN metric_ce{}\n",
-        r.dropped.len(),
-        r.rows,
-        if r.dropped.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " (rows {:?}{})",
-                &r.dropped[..r.dropped.len().min(10)],
-                if r.dropped.len() > 10 { ", ..." } else { "" }
-            )
-        }
-    ))
+    let r = fusechat_core::data::align::filter(&a.pivot, &a.teachers)?;
+    emit(&format!("filter: {}\n", r.summary()))
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -859,6 +772,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .try_init();
 }

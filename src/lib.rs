@@ -4,14 +4,12 @@
 //! stage drivers) and [`fusechat_plugins`] (the built-ins). The `fusechat`
 //! binary is a thin layer over [`cli`].
 
-pub mod chat;
 pub mod cli;
-pub mod run;
 
 pub use fusechat_core as core;
 pub use fusechat_plugins as plugins;
 
-use fusechat_core::registry::Registry;
+use fusechat_core::plugin::registry::Registry;
 
 /// Tune the C allocator for model compute: keep freed memory for reuse instead
 /// of returning every large block to the kernel. Without this, each
@@ -37,7 +35,7 @@ pub fn registry() -> Registry {
 /// The built-ins plus the plugin libraries of `cfg`'s `[plugins]` table and `extra`
 /// (e.g. `--plugin` flags). A name clash is an error unless `[plugins.prefer]` settles it.
 pub fn registry_with(
-    cfg: Option<&fusechat_core::config::Config>,
+    cfg: Option<&fusechat_core::pipeline::config::Config>,
     extra: &[std::path::PathBuf],
 ) -> fusechat_core::Result<Registry> {
     let mut r = registry();

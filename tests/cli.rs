@@ -3,8 +3,8 @@
 
 mod common;
 use common::*;
-use fusechat::core::dtype::DType;
-use fusechat::core::miniature::{generate, MiniatureSpec};
+use fusechat::core::io::dtype::DType;
+use fusechat::core::pipeline::miniature::{generate, MiniatureSpec};
 use std::path::Path;
 use std::process::Output;
 
@@ -351,7 +351,7 @@ fn shape_mismatch_and_missing_tensor_name_the_tensor() {
         }
     }
     let cfg = serde_json::json!({"num_hidden_layers": 2});
-    fusechat::core::miniature::write_model_dir(&d.join("broken"), &cfg, &ts, DType::F32, 1 << 30)
+    fusechat::core::io::hf_dir::write_model_dir(&d.join("broken"), &cfg, &ts, DType::F32, 1 << 30)
         .unwrap();
     let err = fails(&merge_cli(&d, &["--model", "broken"]));
     assert!(
@@ -437,7 +437,7 @@ fn a_nan_weight_aborts_cleanly_naming_the_tensor() {
         }
     }
     let cfg = serde_json::json!({"num_hidden_layers": 2});
-    fusechat::core::miniature::write_model_dir(&d.join("nan"), &cfg, &ts, DType::F32, 1 << 30)
+    fusechat::core::io::hf_dir::write_model_dir(&d.join("nan"), &cfg, &ts, DType::F32, 1 << 30)
         .unwrap();
     let err = fails(&merge_cli(&d, &["--model", "nan"]));
     assert!(
@@ -517,4 +517,110 @@ fn an_existing_output_is_kept_unless_forced() {
     assert!(d.join("o/keep.txt").exists());
     ok(&merge_cli(&d, &["--force"]));
     assert!(!d.join("o/keep.txt").exists() && d.join("o/model.safetensors").exists());
+}
+
+/// `run` checks the whole config before any stage runs: a misspelt merge
+/// method, a bad aligner parameter and a missing source directory are reported
+/// together, each under its table, and nothing is computed or written.
+#[test]
+fn run_reports_every_config_problem_before_any_stage_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let repo_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusechat.toml");
+    let text = std::fs::read_to_string(repo_cfg)
+        .unwrap()
+        .replace("method = \"varm\"", "method = \"vram\"")
+        .replace("mode = \"soft\"", "mode = \"sofft\"")
+        .replace(
+            "[represent]",
+            "[[sources]]\nname = \"gone\"\npath = \"models/nowhere\"\naligner = \"identity\"\n\n[represent]",
+        );
+    std::fs::write(d.join("fusechat.toml"), text).unwrap();
+    for args in [&["run"][..], &["run", "--dry-run"][..]] {
+        let err = fails(&fusechat(d, args));
+        assert!(err.contains("fusechat.toml has 3 problem(s)"), "{err}");
+        assert!(
+            err.contains("[merge] method: unknown merge method `vram`")
+                && err.contains("known methods")
+                && err.contains("varm"),
+            "{err}"
+        );
+        assert!(
+            err.contains("[[sources]] solar align")
+                && err.contains("mode")
+                && err.contains("sofft"),
+            "{err}"
+        );
+        assert!(
+            err.contains("[[sources]] gone path")
+                && err.contains("models/nowhere")
+                && err.contains("does not exist"),
+            "{err}"
+        );
+        assert!(
+            !d.join("runs").exists(),
+            "a stage ran before the config was checked"
+        );
+    }
+}
+
+/// `--dry-run` prints the stage plan and writes nothing; after a run it says
+/// which stages are up to date, and a changed merge setting reruns the merge
+/// only. A run ends with a table of every stage and where its output is.
+#[test]
+fn dry_run_prints_the_stage_plan_and_run_ends_with_a_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let repo_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusechat.toml");
+    std::fs::copy(&repo_cfg, d.join("fusechat.toml")).unwrap();
+    let stages = [
+        "miniature",
+        "represent pivot",
+        "represent mixtral",
+        "align mixtral",
+        "represent solar",
+        "align solar",
+        "filter",
+        "merge",
+    ];
+    let plan = ok(&fusechat(d, &["run", "--dry-run"]));
+    for s in stages {
+        assert!(plan.contains(s), "{s} missing from the plan:\n{plan}");
+    }
+    assert!(plan.contains("runs: no output yet"), "{plan}");
+    assert!(plan.contains("rebuilt first by `miniature`"), "{plan}");
+    assert!(plan.contains("runs/default/merged"), "{plan}");
+    assert!(!d.join("runs").exists(), "--dry-run wrote something");
+
+    let log = ok(&fusechat(d, &["run"]));
+    let table = &log[log.rfind("stage ").expect("a summary table")..];
+    for s in stages {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(s))
+            .unwrap_or_else(|| panic!("{s} missing:\n{table}"));
+        assert!(line.contains(" ran "), "{line}");
+    }
+    assert!(
+        table.contains("runs/default/merged") && table.contains("runs/default/repr/solar@pivot"),
+        "{table}"
+    );
+
+    let plan = ok(&fusechat(d, &["run", "--dry-run"]));
+    for s in ["miniature", "represent pivot", "align solar", "merge"] {
+        let line = plan
+            .lines()
+            .find(|l| l.contains(&format!(" {s} ")))
+            .unwrap();
+        assert!(line.contains("up to date, skipped"), "{line}\n{plan}");
+    }
+    let text = std::fs::read_to_string(d.join("fusechat.toml"))
+        .unwrap()
+        .replace("statistic = \"square\"", "statistic = \"abs\"");
+    std::fs::write(d.join("fusechat.toml"), text).unwrap();
+    let plan = ok(&fusechat(d, &["run", "--dry-run"]));
+    let merge = plan.lines().find(|l| l.contains(" merge ")).unwrap();
+    assert!(merge.contains("its inputs or settings changed"), "{plan}");
+    let align = plan.lines().find(|l| l.contains(" align solar ")).unwrap();
+    assert!(align.contains("up to date"), "{plan}");
 }

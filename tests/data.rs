@@ -4,12 +4,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use fusechat::core::align::{align, filter, AlignOptions, Vocab, VocabPair};
-use fusechat::core::dtype::DType;
+use fusechat::core::data::align::{align, filter, AlignOptions, Vocab, VocabPair};
+use fusechat::core::data::repr::{loss_positions, ReprDir, RowView};
+use fusechat::core::data::represent::{represent, RepresentOptions};
+use fusechat::core::io::dtype::DType;
+use fusechat::core::merge::params::{ResolvedParams, Scalar};
 use fusechat::core::model::LoadOptions;
-use fusechat::core::params::{ResolvedParams, Scalar};
-use fusechat::core::repr::{loss_positions, ReprDir, RowView};
-use fusechat::core::represent::{represent, RepresentOptions};
 use fusechat::plugins::models::decoder::Decoder;
 use half::f16;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ fn setup(dir: &Path) -> (PathBuf, Vec<PathBuf>, PathBuf) {
     spec.vocab_size = 96;
     spec.hidden_size = 32;
     spec.intermediate_size = 48;
-    let set = fusechat::core::miniature::generate(&spec, &dir.join("models")).unwrap();
+    let set = fusechat::core::pipeline::miniature::generate(&spec, &dir.join("models")).unwrap();
     let mut data = std::fs::read_to_string(dir.join("models/conversations.jsonl")).unwrap();
     data.push_str("{\"id\": \"no_reply\", \"messages\": [{\"role\": \"user\", \"content\": \"bada bede\"}]}\n");
     let path = dir.join("data.jsonl");
@@ -398,12 +398,12 @@ fn split_words_fall_back_to_the_label_and_offsets_agrees_with_mined() {
             .iter()
             .map(|(k, v)| (k.to_string(), Scalar::Str(v.to_string())))
             .collect();
-        fusechat::core::align::resolve_params(&info, &given).unwrap()
+        info.resolve_scalars(&given).unwrap()
     };
     let run = |name: &str, p: &ResolvedParams| {
         reg.aligner(name)
             .unwrap()
-            .aligner
+            .plugin
             .align(&v, p, &pr, &sr, 2)
             .unwrap()
     };
@@ -638,8 +638,8 @@ fn spec_dtw_example_through_the_mined_aligner() {
     let e = reg.aligner("mined").unwrap();
     let run = |fallback: &str| {
         let given = [("fallback".to_string(), Scalar::Str(fallback.into()))].into();
-        let p = fusechat::core::align::resolve_params(&e.info, &given).unwrap();
-        e.aligner.align(&v, &p, &pr, &sr, 1).unwrap()
+        let p = e.info.resolve_scalars(&given).unwrap();
+        e.plugin.align(&v, &p, &pr, &sr, 1).unwrap()
     };
     assert_eq!(run("label").topk_ids, [1, 2], "one-hot on the next token");
     assert_eq!(run("current").topk_ids, [0, 1], "FuseLLM's off-by-one");

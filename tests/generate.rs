@@ -2,9 +2,9 @@
 //! checked against greedy decoding recomputed without the KV cache.
 
 use candle_core::{Device, Tensor};
-use fusechat::core::dtype::DType;
-use fusechat::core::generate::{generate, GenOptions};
-use fusechat::core::miniature::write_hf_dir;
+use fusechat::core::io::dtype::DType;
+use fusechat::core::io::hf_dir::write_hf_dir;
+use fusechat::core::model::generate::{generate, GenOptions};
 use fusechat::core::model::{CausalLm, LoadOptions};
 use fusechat::plugins::models::decoder::{Decoder, DecoderConfig};
 use std::collections::HashMap;
@@ -224,7 +224,7 @@ fn stop_tokens_end_generation() {
     assert!(generate(&m as &dyn CausalLm, &prompt, &opts, |_| Ok(()))
         .unwrap()
         .is_empty());
-    assert_eq!(fusechat::core::generate::stop_tokens(&dir), vec![2]);
+    assert_eq!(fusechat::core::model::generate::stop_tokens(&dir), vec![2]);
 }
 
 #[test]

@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use fusechat::core::dtype::DType;
-use fusechat::core::model_dir::ModelDir;
+use fusechat::core::io::dtype::DType;
+use fusechat::core::io::model_dir::ModelDir;
 
 fn golden() -> serde_json::Value {
     serde_json::from_str(include_str!("data/fusechat_golden.json")).unwrap()
@@ -127,13 +127,19 @@ fn slerp_t_per_layer_matches_reference() {
     }
     let cfg = serde_json::json!({"num_hidden_layers": 32});
     for d in ["a", "b"] {
-        fusechat::core::miniature::write_model_dir(&p.join(d), &cfg, &tensors, DType::F32, 1 << 30)
-            .unwrap();
+        fusechat::core::io::hf_dir::write_model_dir(
+            &p.join(d),
+            &cfg,
+            &tensors,
+            DType::F32,
+            1 << 30,
+        )
+        .unwrap();
     }
     let yaml = "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 32]\n      - model: b\n        layer_range: [0, 32]\nmerge_method: slerp\nbase_model: a\nparameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n";
     let (req, _) =
-        fusechat::core::mergekit::parse(yaml, "t.yml".as_ref(), p.join("out"), p).unwrap();
-    let plan = fusechat::core::plan::plan(&req, &fusechat::registry()).unwrap();
+        fusechat::core::merge::mergekit::parse(yaml, "t.yml".as_ref(), p.join("out"), p).unwrap();
+    let plan = fusechat::core::merge::plan::plan(&req, &fusechat::registry()).unwrap();
     let t_of = |name: &str| {
         plan.tensors
             .iter()

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use fusechat::core::dtype::DType;
+use fusechat::core::io::dtype::DType;
 
 fn python_with_safetensors() -> bool {
     std::process::Command::new("python3")

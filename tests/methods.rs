@@ -3,8 +3,8 @@
 
 mod common;
 use common::*;
-use fusechat::core::dtype::DType;
-use fusechat::core::engine::ExecOptions;
+use fusechat::core::io::dtype::DType;
+use fusechat::core::merge::engine::ExecOptions;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -27,7 +27,7 @@ fn configure(r: &mut MergeRequestAlias, method: &str) {
         _ => {}
     }
 }
-type MergeRequestAlias = fusechat::core::plan::MergeRequest;
+type MergeRequestAlias = fusechat::core::merge::plan::MergeRequest;
 
 #[test]
 fn merging_identical_models_returns_them() {
@@ -303,14 +303,14 @@ fn varm_granularities_match_the_formula() {
         set(&mut r, "granularity", json!(gran));
         merge(&r);
         for (name, _, _) in &all {
-            let layer = fusechat::core::model_dir::layer_index(name);
+            let layer = fusechat::core::io::model_dir::layer_index(name);
             let scope: Vec<&String> = all
                 .iter()
                 .map(|(n, _, _)| n)
                 .filter(|n| match gran {
                     "tensor" => *n == name,
                     "layer" => match layer {
-                        Some(l) => fusechat::core::model_dir::layer_index(n) == Some(l),
+                        Some(l) => fusechat::core::io::model_dir::layer_index(n) == Some(l),
                         None => *n == name,
                     },
                     _ => true,
@@ -356,7 +356,7 @@ fn bf16_inputs_are_written_as_bf16_unless_out_dtype_says_otherwise() {
     let (pivot, t) = model_set(&tmp.path().join("set"), 2, DType::BF16);
     let out = tmp.path().join("out");
     merge(&request("linear", None, &refs(&t), &out));
-    let m = fusechat::core::model_dir::ModelDir::open(&out).unwrap();
+    let m = fusechat::core::io::model_dir::ModelDir::open(&out).unwrap();
     assert!(m.tensors().values().all(|e| e.dtype == Some(DType::BF16)));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();

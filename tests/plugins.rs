@@ -4,9 +4,9 @@
 
 mod common;
 use common::*;
-use fusechat::core::dtype::DType;
+use fusechat::core::io::dtype::DType;
+use fusechat::core::merge::params::{ResolvedParams, Scalar};
 use fusechat::core::merge::{Merger, TensorGroup};
-use fusechat::core::params::{ResolvedParams, Scalar};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -161,9 +161,9 @@ fn example_plugin_snapshot() {
             "out",
         ],
     ));
-    let m = fusechat::core::model_dir::ModelDir::open(&d.join("out")).unwrap();
+    let m = fusechat::core::io::model_dir::ModelDir::open(&d.join("out")).unwrap();
     let mut names: Vec<&String> = m.tensors().keys().collect();
-    names.sort_by(|a, b| fusechat::core::model_dir::natural_order(a, b));
+    names.sort_by(|a, b| fusechat::core::io::model_dir::natural_order(a, b));
     let rows: Vec<serde_json::Value> = names
         .iter()
         .map(|n| {
@@ -172,7 +172,7 @@ fn example_plugin_snapshot() {
                 "name": n,
                 "shape": m.tensor(n).unwrap().shape,
                 "dtype": m.tensor(n).unwrap().raw_dtype,
-                "fnv1a": format!("{:016x}", fusechat::core::miniature::fnv1a(m.raw(n).unwrap())),
+                "fnv1a": format!("{:016x}", fusechat::core::rng::fnv1a(m.raw(n).unwrap())),
                 "first": v.iter().take(4).map(|x| format!("{x:.5e}")).collect::<Vec<_>>(),
             })
         })
@@ -183,7 +183,8 @@ fn example_plugin_snapshot() {
 /// Crossing the boundary does not copy: the result comes back in the host's own buffer.
 #[test]
 fn contiguous_f32_tensors_cross_without_a_copy() {
-    let mergers = fusechat::core::dynamic::load_library(&lib("fusechat_model_stock")).unwrap();
+    let mergers =
+        fusechat::core::plugin::dynamic::load_library(&lib("fusechat_model_stock")).unwrap();
     let m = &mergers[0];
     let mut p = ResolvedParams::default();
     p.shared.insert("filter_wise".into(), Scalar::Bool(false));

@@ -2,7 +2,7 @@
 
 mod common;
 use common::METHODS;
-use fusechat::core::registry::{BuiltinMerger, PluginKind};
+use fusechat::core::plugin::registry::{BuiltinMerger, PluginKind};
 
 #[test]
 fn every_builtin_is_registered_once_with_a_description() {
@@ -37,11 +37,11 @@ fn every_builtin_is_registered_once_with_a_description() {
 #[test]
 fn a_name_clash_is_an_error_naming_both_origins() {
     let mut r = fusechat::registry();
-    let varm = r.merger("varm").unwrap().merger.clone();
+    let varm = r.merger("varm").unwrap().plugin.clone();
     let err = r
-        .add_merger(
+        .add::<dyn fusechat::core::merge::Merger>(
             varm,
-            fusechat::core::registry::Origin::Library("libx.so".into()),
+            fusechat::core::plugin::registry::Origin::Library("libx.so".into()),
         )
         .unwrap_err()
         .to_string();

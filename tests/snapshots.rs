@@ -8,16 +8,16 @@
 
 mod common;
 use common::*;
-use fusechat::core::dtype::DType;
-use fusechat::core::miniature::fnv1a;
-use fusechat::core::model_dir::ModelDir;
+use fusechat::core::io::dtype::DType;
+use fusechat::core::io::model_dir::ModelDir;
+use fusechat::core::rng::fnv1a;
 use serde_json::json;
 use std::path::Path;
 
 fn summary(dir: &Path) -> serde_json::Value {
     let m = ModelDir::open(dir).unwrap();
     let mut names: Vec<&String> = m.tensors().keys().collect();
-    names.sort_by(|a, b| fusechat::core::model_dir::natural_order(a, b));
+    names.sort_by(|a, b| fusechat::core::io::model_dir::natural_order(a, b));
     let rows: Vec<serde_json::Value> = names
         .iter()
         .map(|n| {
@@ -35,7 +35,7 @@ fn summary(dir: &Path) -> serde_json::Value {
     json!(rows)
 }
 
-fn snapshot(method: &str, configure: impl Fn(&mut fusechat::core::plan::MergeRequest)) {
+fn snapshot(method: &str, configure: impl Fn(&mut fusechat::core::merge::plan::MergeRequest)) {
     let tmp = tempfile::tempdir().unwrap();
     let (pivot, t) = model_set(&tmp.path().join("set"), 2, DType::BF16);
     let out = tmp.path().join("out");

@@ -8,8 +8,8 @@
 //! ids hold in the real vocabulary beyond that is not known here, so the
 //! fixture splits `▁Correct` as `▁Cor` + `rect`.
 
-use fusechat::core::conversation::Conversation;
-use fusechat::core::template::{encode_rendered, Template};
+use fusechat::core::data::conversation::Conversation;
+use fusechat::core::data::template::{encode_rendered, Template};
 use serde_json::json;
 use std::collections::BTreeMap;
 use tokenizers::Tokenizer;

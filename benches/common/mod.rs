@@ -4,7 +4,7 @@
 //! `target/bench-data/<name>`.
 #![allow(dead_code)]
 
-use fusechat::core::miniature::write_hf_dir;
+use fusechat::core::io::hf_dir::write_hf_dir;
 use fusechat::plugins::models::decoder::DecoderConfig;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +33,7 @@ pub fn mistral_98m(dir: &Path, tokenizer: Option<&Path>) -> PathBuf {
         dir,
         &cfg,
         &w,
-        fusechat::core::dtype::DType::BF16,
+        fusechat::core::io::dtype::DType::BF16,
         5_000_000_000,
         tokenizer,
     )

@@ -22,9 +22,14 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Model { path: PathBuf, msg: String },
 
-    /// Problems found while validating a merge request, all at once.
-    #[error("the merge request has {} problem(s):\n{}", .0.len(), format_problems(.0))]
-    Invalid(Vec<String>),
+    /// Problems found while validating a request, a config or a plugin's
+    /// parameters, all at once. `subject` names what was validated: "the merge
+    /// request", "fusechat.toml", "aligner `mined`".
+    #[error("{subject} has {} problem(s):\n{}", .problems.len(), format_problems(.problems))]
+    Invalid {
+        subject: String,
+        problems: Vec<String>,
+    },
 
     /// A NaN or infinity in a weight, found while merging.
     #[error(
@@ -45,6 +50,11 @@ pub enum Error {
         tensor: String,
         msg: String,
     },
+
+    /// A tensor operation failed; candle's whole message is kept.
+    #[cfg(feature = "candle")]
+    #[error("tensor computation failed: {0}")]
+    Candle(#[source] candle_core::Error),
 
     /// Unknown plugin, bad parameter, registry conflicts.
     #[error("{0}")]
@@ -87,6 +97,12 @@ impl Error {
         Error::Model {
             path: path.into(),
             msg: msg.into(),
+        }
+    }
+    pub fn invalid(subject: impl Into<String>, problems: Vec<String>) -> Self {
+        Error::Invalid {
+            subject: subject.into(),
+            problems,
         }
     }
     pub fn msg(msg: impl Into<String>) -> Self {

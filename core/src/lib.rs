@@ -3,36 +3,28 @@
 //!
 //! It knows no concrete model, loss or merge method: those are plugins
 //! (`fusechat-plugins` for the built-ins, shared libraries for third parties).
+//!
+//! The folders follow the concerns:
+//! - [`plugin`]: the registry, parameter specs, the C ABI, the SDK for plugin
+//!   authors and the loader of plugin libraries;
+//! - [`merge`]: the `Merger` extension point, the planner, parameter
+//!   resolution, the streaming engine and mergekit configs;
+//! - [`data`]: conversations, chat templates, representations, the
+//!   `represent` stage and the `VocabAligner` extension point with `align`;
+//! - [`model`]: the `SourceModel` extension point, generation;
+//! - [`io`]: HF model directories (reading, writing), dtypes, the local hub cache;
+//! - [`pipeline`]: `fusechat.toml`, the miniature and the stage pipeline that
+//!   `fusechat run` executes.
 
-pub mod abi;
 #[cfg(feature = "data")]
-pub mod align;
-pub mod config;
-#[cfg(feature = "data")]
-pub mod conversation;
-pub mod dtype;
-pub mod dynamic;
-pub mod engine;
+pub mod data;
 pub mod error;
-#[cfg(feature = "candle")]
-pub mod generate;
-pub mod hub;
+pub mod io;
 pub mod merge;
-pub mod mergekit;
-pub mod miniature;
 #[cfg(feature = "candle")]
 pub mod model;
-pub mod model_dir;
-pub mod params;
-pub mod plan;
-pub mod registry;
-#[cfg(feature = "data")]
-pub mod repr;
-#[cfg(all(feature = "candle", feature = "data"))]
-pub mod represent;
-pub mod sdk;
-#[cfg(feature = "data")]
-pub mod template;
-pub mod writer;
+pub mod pipeline;
+pub mod plugin;
+pub mod rng;
 
 pub use error::{Error, Result};

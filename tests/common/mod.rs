@@ -1,12 +1,13 @@
 //! Helpers shared by the integration tests: tiny deterministic model sets.
 #![allow(dead_code)]
 
-use fusechat::core::dtype::DType;
-use fusechat::core::engine::{ExecOptions, MergeReport};
-use fusechat::core::miniature::{write_model_dir, MiniatureSpec};
-use fusechat::core::model_dir::ModelDir;
-use fusechat::core::params::{Setting, Settings};
-use fusechat::core::plan::{MergeRequest, ModelInput};
+use fusechat::core::io::dtype::DType;
+use fusechat::core::io::hf_dir::write_model_dir;
+use fusechat::core::io::model_dir::ModelDir;
+use fusechat::core::merge::engine::{ExecOptions, MergeReport};
+use fusechat::core::merge::params::{Setting, Settings};
+use fusechat::core::merge::plan::{MergeRequest, ModelInput};
+use fusechat::core::pipeline::miniature::MiniatureSpec;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -39,7 +40,7 @@ pub fn spec(targets: usize, dtype: DType) -> MiniatureSpec {
 
 /// Generate pivot + targets under `dir`; returns (pivot, targets).
 pub fn model_set(dir: &Path, targets: usize, dtype: DType) -> (PathBuf, Vec<PathBuf>) {
-    let set = fusechat::core::miniature::generate(&spec(targets, dtype), dir).unwrap();
+    let set = fusechat::core::pipeline::miniature::generate(&spec(targets, dtype), dir).unwrap();
     (set.pivot, set.targets)
 }
 
@@ -88,7 +89,7 @@ pub fn merge(r: &MergeRequest) -> MergeReport {
 }
 
 pub fn merge_with(r: &MergeRequest, opts: &ExecOptions) -> MergeReport {
-    fusechat::core::engine::merge(r, &fusechat::registry(), opts).unwrap()
+    fusechat::core::merge::engine::merge(r, &fusechat::registry(), opts).unwrap()
 }
 
 /// Every tensor of a model dir, as f32.

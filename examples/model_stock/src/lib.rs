@@ -14,7 +14,7 @@
 //! the host's own memory: nothing is copied across the plugin boundary.
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
-use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
 use fusechat_core::{Error, Result};
 
 pub struct ModelStock;

@@ -3,10 +3,10 @@
 //! (SentencePiece `▁` and byte-level `Ġ` normalised), otherwise it is dropped.
 
 use super::{fallback_param, one_to_one, token_strings, transfer};
-use fusechat_core::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
-use fusechat_core::params::ResolvedParams;
-use fusechat_core::registry::{PluginInfo, PluginKind};
-use fusechat_core::repr::RowView;
+use fusechat_core::data::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
+use fusechat_core::data::repr::RowView;
+use fusechat_core::merge::params::ResolvedParams;
+use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 use fusechat_core::Result;
 use std::sync::Arc;
 

@@ -2,10 +2,10 @@
 //! v1's three sources), so rows and top-k carry over unchanged. The
 //! vocabularies are compared first, and each row's tokens must be equal.
 
-use fusechat_core::align::{AlignStats, AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
-use fusechat_core::params::ResolvedParams;
-use fusechat_core::registry::{PluginInfo, PluginKind};
-use fusechat_core::repr::{loss_positions, RowView};
+use fusechat_core::data::align::{AlignStats, AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
+use fusechat_core::data::repr::{loss_positions, RowView};
+use fusechat_core::merge::params::ResolvedParams;
+use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 use fusechat_core::{Error, Result};
 use std::sync::Arc;
 

@@ -21,10 +21,10 @@
 //! ```
 
 use super::{fallback_param, mode_map, mode_param, one_to_one, token_strings, transfer};
-use fusechat_core::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
-use fusechat_core::params::ResolvedParams;
-use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
-use fusechat_core::repr::RowView;
+use fusechat_core::data::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
+use fusechat_core::data::repr::RowView;
+use fusechat_core::merge::params::ResolvedParams;
+use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
 use std::sync::Arc;
 
 /// The `mined` aligner plugin.

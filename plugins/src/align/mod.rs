@@ -19,10 +19,10 @@ pub mod identity;
 pub mod mined;
 pub mod offsets;
 
-use fusechat_core::align::{AlignStats, AlignedRow, VocabPair};
-use fusechat_core::params::ResolvedParams;
-use fusechat_core::registry::{ParamSpec, Scope};
-use fusechat_core::repr::{loss_positions, RowView};
+use fusechat_core::data::align::{AlignStats, AlignedRow, VocabPair};
+use fusechat_core::data::repr::{loss_positions, RowView};
+use fusechat_core::merge::params::ResolvedParams;
+use fusechat_core::plugin::registry::{ParamSpec, Scope};
 use half::f16;
 
 pub(crate) fn fallback_param() -> ParamSpec {
@@ -132,7 +132,7 @@ pub(crate) fn transfer(
 
 /// The token strings of a row, for DTW.
 pub(crate) fn token_strings<'a>(
-    vocab: &'a fusechat_core::align::Vocab,
+    vocab: &'a fusechat_core::data::align::Vocab,
     ids: &[u32],
 ) -> Vec<&'a str> {
     ids.iter()

@@ -9,10 +9,10 @@
 //! template); otherwise the row is an error that names where the texts part.
 
 use super::{fallback_param, mode_map, mode_param, transfer};
-use fusechat_core::align::{AlignedRow, BuiltinAligner, Vocab, VocabAligner, VocabPair};
-use fusechat_core::params::ResolvedParams;
-use fusechat_core::registry::{PluginInfo, PluginKind};
-use fusechat_core::repr::RowView;
+use fusechat_core::data::align::{AlignedRow, BuiltinAligner, Vocab, VocabAligner, VocabPair};
+use fusechat_core::data::repr::RowView;
+use fusechat_core::merge::params::ResolvedParams;
+use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 use fusechat_core::{Error, Result};
 use std::sync::Arc;
 

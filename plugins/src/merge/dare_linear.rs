@@ -5,7 +5,7 @@
 //! (seed, tensor, model, element): bit-reproducible whatever the threads.
 
 use super::gta::{Gta, Sparsify};
-use fusechat_core::registry::BuiltinMerger;
+use fusechat_core::plugin::registry::BuiltinMerger;
 use std::sync::Arc;
 
 pub const DARE_LINEAR: Gta = Gta {

@@ -2,7 +2,7 @@
 //! election and agreeing-entry average.
 
 use super::gta::{Gta, Sparsify};
-use fusechat_core::registry::BuiltinMerger;
+use fusechat_core::plugin::registry::BuiltinMerger;
 use std::sync::Arc;
 
 pub const DARE_TIES: Gta = Gta {

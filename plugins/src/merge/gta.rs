@@ -9,8 +9,8 @@
 //! then `θ = θ⁰ + λ·mixed / divisor` when normalising, else `θ⁰ + λ·mixed`.
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorBuf, TensorGroup};
-use fusechat_core::miniature::{fnv1a, mix64};
-use fusechat_core::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::rng::{fnv1a, mix64};
 use fusechat_core::Result;
 
 /// How task vectors are thinned before they are combined.
@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn radix_selection_agrees_with_sorting() {
-        let mut rng = fusechat_core::miniature::SplitMix64(5);
+        let mut rng = fusechat_core::rng::SplitMix64(5);
         let data: Vec<f32> = (0..5000)
             .map(|i| {
                 if i % 7 == 0 {

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use fusechat_core::merge::{Merger, TensorGroup};
-//! use fusechat_core::params::{ResolvedParams, Scalar};
+//! use fusechat_core::merge::params::{ResolvedParams, Scalar};
 //! use fusechat_plugins::merge::linear::Linear;
 //! let mut p = ResolvedParams::default();
 //! p.shared.insert("normalize".into(), Scalar::Bool(true));
@@ -14,7 +14,7 @@
 //! ```
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
-use fusechat_core::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
 use std::sync::Arc;
 
 pub struct Linear;

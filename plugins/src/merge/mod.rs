@@ -13,7 +13,7 @@ pub mod ties;
 pub mod varm;
 
 use fusechat_core::merge::{TensorBuf, TensorGroup};
-use fusechat_core::registry::{ParamSpec, Scope};
+use fusechat_core::plugin::registry::{ParamSpec, Scope};
 
 /// θʲ − θ⁰ for every model, computed in place in the model buffers.
 pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Result<()> {

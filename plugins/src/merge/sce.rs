@@ -15,7 +15,7 @@
 
 use super::gta::{agrees, elected_sign};
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorBuf, TensorGroup};
-use fusechat_core::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
 use std::sync::Arc;
 
 pub struct Sce;

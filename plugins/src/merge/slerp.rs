@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use fusechat_core::merge::{Merger, TensorGroup};
-//! use fusechat_core::params::{ResolvedParams, Scalar};
+//! use fusechat_core::merge::params::{ResolvedParams, Scalar};
 //! use fusechat_plugins::merge::slerp::Slerp;
 //! let mut p = ResolvedParams::default();
 //! p.shared.insert("t".into(), Scalar::Float(0.5));
@@ -21,7 +21,7 @@
 //! ```
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
-use fusechat_core::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
 use std::sync::Arc;
 
 pub const DOT_THRESHOLD: f64 = 0.9995;

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use fusechat_core::merge::{Merger, TensorGroup};
-//! use fusechat_core::params::{ResolvedParams, Scalar};
+//! use fusechat_core::merge::params::{ResolvedParams, Scalar};
 //! use fusechat_plugins::merge::task_arithmetic::TASK_ARITHMETIC;
 //! let mut p = ResolvedParams::default();
 //! p.shared.insert("normalize".into(), Scalar::Bool(true));
@@ -19,7 +19,7 @@
 //! ```
 
 use super::gta::{Gta, Sparsify};
-use fusechat_core::registry::BuiltinMerger;
+use fusechat_core::plugin::registry::BuiltinMerger;
 use std::sync::Arc;
 
 pub const TASK_ARITHMETIC: Gta = Gta {

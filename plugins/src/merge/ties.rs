@@ -3,7 +3,7 @@
 //! agreeing entries and average them: θ⁰ + λ·Σ mⱼwⱼδ̂ⱼ / Σ mⱼwⱼ.
 
 use super::gta::{Gta, Sparsify};
-use fusechat_core::registry::BuiltinMerger;
+use fusechat_core::plugin::registry::BuiltinMerger;
 use std::sync::Arc;
 
 pub const TIES: Gta = Gta {

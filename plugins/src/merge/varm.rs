@@ -13,9 +13,9 @@
 //! exclude pattern matches every name, and it compares the two targets with
 //! each other, not each with the pivot). This implements the paper.
 
+use fusechat_core::merge::params::ResolvedParams;
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, StatScope, TensorGroup};
-use fusechat_core::params::ResolvedParams;
-use fusechat_core::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
 use std::sync::Arc;
 
 pub struct Varm;

@@ -22,9 +22,9 @@
 //! dtype, softmax and RMSNorm statistics run in f32 and logits come back in f32.
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use fusechat_core::io::model_dir::ModelDir;
 use fusechat_core::model::{candle_error as ce, CausalLm, KvCache, LoadOptions, SourceModel};
-use fusechat_core::model_dir::ModelDir;
-use fusechat_core::registry::{PluginInfo, PluginKind};
+use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 use fusechat_core::{Error, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -175,7 +175,7 @@ impl DecoderConfig {
         std: f32,
         norm_std: f32,
     ) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        let mut rng = fusechat_core::miniature::SplitMix64(seed);
+        let mut rng = fusechat_core::rng::SplitMix64(seed);
         self.weights()
             .into_iter()
             .map(|(name, shape)| {
@@ -616,13 +616,13 @@ impl Decoder {
 
     /// Save the (trained) weights as an HF model directory, written atomically,
     /// with config.json and the tokenizer files of the directory it was loaded from.
-    pub fn save(&self, out: &Path, dtype: fusechat_core::dtype::DType) -> Result<()> {
-        fusechat_core::miniature::write_hf_dir(
+    pub fn save(&self, out: &Path, dtype: fusechat_core::io::dtype::DType) -> Result<()> {
+        fusechat_core::io::hf_dir::write_hf_dir(
             out,
             &self.config_json,
             &self.tensors()?,
             dtype,
-            fusechat_core::writer::DEFAULT_MAX_SHARD_SIZE,
+            fusechat_core::io::writer::DEFAULT_MAX_SHARD_SIZE,
             Some(&self.dir),
         )
     }
@@ -716,7 +716,7 @@ impl CausalLm for Decoder {
     fn trainable(&self) -> Vec<(String, Var)> {
         self.vars.clone()
     }
-    fn save(&self, out: &Path, dtype: fusechat_core::dtype::DType) -> Result<()> {
+    fn save(&self, out: &Path, dtype: fusechat_core::io::dtype::DType) -> Result<()> {
         Decoder::save(self, out, dtype)
     }
 }

@@ -1,7 +1,7 @@
 //! Test fixture: a merge method whose kernel panics on MLP tensors.
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
-use fusechat_core::registry::{PluginInfo, PluginKind};
+use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 
 pub struct Panicky;
 

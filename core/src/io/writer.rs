@@ -6,8 +6,8 @@
 //! written at its offset as soon as it is computed, from any thread. No shard
 //! is ever buffered in memory.
 
-use crate::dtype::DType;
-use crate::model_dir::INDEX_FILE;
+use crate::io::dtype::DType;
+use crate::io::model_dir::INDEX_FILE;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::fs::File;
@@ -373,7 +373,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model_dir::ModelDir;
+    use crate::io::model_dir::ModelDir;
 
     fn spec(name: &str, n: usize) -> TensorSpec {
         TensorSpec {

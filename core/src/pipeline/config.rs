@@ -41,13 +41,27 @@
 //! Relative paths are resolved against the directory of the config file.
 //! Unknown keys are errors, so a typo never silently falls back to a default.
 
-use crate::dtype::DType;
-use crate::params::{Setting, Settings};
-use crate::plan::{MergeRequest, ModelInput};
+use crate::io::dtype::DType;
+use crate::merge::params::{Scalar, Setting, Settings};
+use crate::merge::plan::{MergeRequest, ModelInput};
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// Every default of a run, in one place: the config's, the stage options'
+/// (`RepresentOptions::new`, ...) and the CLI's flags all read these.
+pub mod defaults {
+    pub const RUN_DIR: &str = "runs/default";
+    pub const TEMPLATE: &str = "openchat";
+    pub const MAX_LENGTH: usize = 2048;
+    pub const TOP_K: usize = 10;
+    pub const BATCH_SIZE: usize = 8;
+    pub const BATCH_TOKENS: usize = 8192;
+    pub const ROWS_PER_SHARD: usize = 1024;
+    pub const DEVICE: &str = "cpu";
+    pub const ALIGNER: &str = "mined";
+}
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -86,7 +100,7 @@ impl Default for RunSection {
 }
 
 fn default_run_dir() -> PathBuf {
-    PathBuf::from("runs/default")
+    PathBuf::from(defaults::RUN_DIR)
 }
 
 /// A tiny deterministic model set: a Mistral-shaped pivot and perturbed fine-tunes.
@@ -152,10 +166,10 @@ pub struct DataSection {
     pub strict: bool,
 }
 fn d_template() -> String {
-    "openchat".into()
+    defaults::TEMPLATE.into()
 }
 fn d_max_length() -> usize {
-    2048
+    defaults::MAX_LENGTH
 }
 
 /// `[pivot]` and each `[[sources]]`: a model of the fusion.
@@ -193,19 +207,19 @@ pub struct RepresentSection {
     pub device: String,
 }
 fn d_top_k() -> usize {
-    10
+    defaults::TOP_K
 }
 fn d_batch_size() -> usize {
-    8
+    defaults::BATCH_SIZE
 }
 fn d_batch_tokens() -> usize {
-    8192
+    defaults::BATCH_TOKENS
 }
 fn d_rows_per_shard() -> usize {
-    1024
+    defaults::ROWS_PER_SHARD
 }
 fn d_device() -> String {
-    "cpu".into()
+    defaults::DEVICE.into()
 }
 
 impl Default for RepresentSection {
@@ -325,6 +339,7 @@ impl Config {
         })?;
         let err =
             |field: &str, msg: String| Error::config(&self.file, format!("[merge] {field}: {msg}"));
+        let in_file = |e: Error| Error::config(&self.file, e.to_string());
         let mut req = MergeRequest::new(&m.method, self.resolve(&m.out));
         req.origin = format!("{} [merge]", self.file.display());
         req.base = m
@@ -336,16 +351,17 @@ impl Config {
                 ModelEntry::Path(p) => (p, BTreeMap::new()),
                 ModelEntry::Table { path, parameters } => (path, parameters.clone()),
             };
-            let settings = toml_settings(&params)
-                .map_err(|msg| err(&format!("models[{i}].parameters"), msg))?;
+            let settings = toml_settings(&params, &format!("[merge] models[{i}].parameters"))
+                .map_err(in_file)?;
             req.models.push(model_input(path, &self.root, settings));
         }
-        req.params = toml_settings(&m.parameters).map_err(|msg| err("parameters", msg))?;
-        req.dtype = parse_dtype(m.dtype.as_deref()).map_err(|msg| err("dtype", msg))?;
-        req.out_dtype = parse_dtype(m.out_dtype.as_deref()).map_err(|msg| err("out_dtype", msg))?;
+        req.params = toml_settings(&m.parameters, "[merge] parameters").map_err(in_file)?;
+        req.dtype = parse_dtype(m.dtype.as_deref(), "[merge] dtype").map_err(in_file)?;
+        req.out_dtype =
+            parse_dtype(m.out_dtype.as_deref(), "[merge] out_dtype").map_err(in_file)?;
         req.seed = m.seed;
         if let Some(s) = &m.max_shard_size {
-            req.max_shard_size = crate::writer::parse_size(s).ok_or_else(|| {
+            req.max_shard_size = crate::io::writer::parse_size(s).ok_or_else(|| {
                 err(
                     "max_shard_size",
                     format!("`{s}` is not a size (e.g. \"5GB\", \"500MB\")"),
@@ -359,32 +375,49 @@ impl Config {
 fn model_input(reference: &str, root: &Path, params: Settings) -> ModelInput {
     ModelInput {
         reference: reference.to_string(),
-        path: crate::hub::resolve_model(reference, root),
+        path: crate::io::hub::resolve_model(reference, root),
         params,
     }
 }
 
-/// Parse a dtype name, with a message listing the accepted ones.
-pub fn parse_dtype(s: Option<&str>) -> std::result::Result<Option<DType>, String> {
+/// Parse a dtype name; `field` names it in the error ("--dtype", "[merge] dtype").
+pub fn parse_dtype(s: Option<&str>, field: &str) -> Result<Option<DType>> {
     match s {
         None => Ok(None),
-        Some(s) => DType::parse(s)
-            .map(Some)
-            .ok_or_else(|| format!("unknown dtype `{s}` (use f32, bf16 or f16)")),
+        Some(s) => DType::parse(s).map(Some).ok_or_else(|| {
+            Error::Plugin(format!(
+                "{field}: unknown dtype `{s}` (use f32, bf16 or f16)"
+            ))
+        }),
     }
 }
 
-/// Convert TOML parameter values into settings.
-pub fn toml_settings(
-    params: &BTreeMap<String, toml::Value>,
-) -> std::result::Result<Settings, String> {
+/// Convert TOML parameter values into settings; `field` names the table in errors.
+pub fn toml_settings(params: &BTreeMap<String, toml::Value>, field: &str) -> Result<Settings> {
     params
         .iter()
         .map(|(k, v)| {
-            let json = serde_json::to_value(v).map_err(|e| format!("`{k}`: {e}"))?;
+            let bad = |e: String| Error::Plugin(format!("{field}: `{k}`: {e}"));
+            let json = serde_json::to_value(v).map_err(|e| bad(e.to_string()))?;
             Setting::from_json(&json)
                 .map(|s| (k.clone(), s))
-                .map_err(|e| format!("`{k}`: {e}"))
+                .map_err(bad)
+        })
+        .collect()
+}
+
+/// Single-valued plugin parameters (aligners, ...) from TOML values.
+pub fn toml_scalars(
+    params: &BTreeMap<String, toml::Value>,
+    field: &str,
+) -> Result<BTreeMap<String, Scalar>> {
+    toml_settings(params, field)?
+        .into_iter()
+        .map(|(k, v)| match v {
+            Setting::Scalar(s) => Ok((k, s)),
+            _ => Err(Error::Plugin(format!(
+                "{field}: `{k}`: this plugin's parameters are single values"
+            ))),
         })
         .collect()
 }

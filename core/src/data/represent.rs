@@ -14,7 +14,7 @@
 //! (selection, no sort of the vocabulary), ties going to the lower id.
 //!
 //! ```
-//! use fusechat_core::represent::{top_k, cross_entropy};
+//! use fusechat_core::data::represent::{top_k, cross_entropy};
 //! let (ids, vals) = top_k(&[0.5, 3.0, -1.0, 3.0, 2.0], 3);
 //! assert_eq!(ids, vec![1, 3, 4]);
 //! assert_eq!(vals, vec![3.0, 3.0, 2.0]);
@@ -22,14 +22,15 @@
 //! assert!((ce - std::f32::consts::LN_2).abs() < 1e-6);
 //! ```
 
-use crate::conversation::{self, Skipped};
-use crate::miniature::fnv1a;
-use crate::model::{load_model, CausalLm, LoadOptions};
-use crate::registry::Registry;
-use crate::repr::{
+use crate::data::conversation::{self, Skipped};
+use crate::data::repr::{
     loss_positions, shard_file, Manifest, RecordCounts, Shard, ShardEntry, FORMAT, VERSION,
 };
-use crate::template::{load_tokenizer, Encoded, Template};
+use crate::data::template::{load_tokenizer, Encoded, Template};
+use crate::model::{load_model, CausalLm, LoadOptions};
+use crate::pipeline::config::defaults;
+use crate::plugin::registry::Registry;
+use crate::rng::fnv1a;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use half::f16;
@@ -76,14 +77,14 @@ impl RepresentOptions {
             tokenizer: None,
             data: data.to_path_buf(),
             out: out.to_path_buf(),
-            template: "openchat".into(),
-            top_k: 10,
-            max_length: 2048,
-            batch_size: 8,
-            batch_tokens: 8192,
-            rows_per_shard: 1024,
+            template: defaults::TEMPLATE.into(),
+            top_k: defaults::TOP_K,
+            max_length: defaults::MAX_LENGTH,
+            batch_size: defaults::BATCH_SIZE,
+            batch_tokens: defaults::BATCH_TOKENS,
+            rows_per_shard: defaults::ROWS_PER_SHARD,
             shard: (0, 1),
-            device: "cpu".into(),
+            device: defaults::DEVICE.into(),
             dtype: None,
             strict: false,
             force: false,
@@ -254,6 +255,38 @@ fn compute_shard(
     Ok(shard)
 }
 
+impl RepresentOutcome {
+    /// One line about the run (without the stage name), naming its output `out`.
+    pub fn summary(&self, out: &Path) -> String {
+        if self.up_to_date {
+            return format!("{} is up to date", out.display());
+        }
+        let tps = self.tokens as f64 / self.seconds.max(1e-9);
+        let mut s = format!(
+            "{} shard(s) computed, {} reused, {} tokens in {:.2}s ({tps:.0} tokens/s, {:.0}% in the forward pass)",
+            self.computed.len(),
+            self.reused.len(),
+            self.tokens,
+            self.seconds,
+            100.0 * self.forward_seconds / self.seconds.max(1e-9)
+        );
+        match &self.manifest {
+            Some(m) => s.push_str(&format!(
+                "; {} rows ({} skipped, {} without labels) in {}",
+                m.records.rows,
+                m.records.skipped,
+                m.records.no_label,
+                out.display()
+            )),
+            None => s.push_str(&format!(
+                "; shards {:?} are left to other --shard runs (the manifest is written by the run that completes the set)",
+                self.pending
+            )),
+        }
+        s
+    }
+}
+
 /// A key of everything that determines the output bytes.
 fn settings_key(
     o: &RepresentOptions,
@@ -267,7 +300,7 @@ fn settings_key(
             "is not a directory (an HF model directory is expected)",
         ));
     }
-    let model_files = crate::model_dir::file_stamps(&o.model);
+    let model_files = crate::io::model_dir::file_stamps(&o.model);
     let cfg = std::fs::read(o.model.join("config.json")).unwrap_or_default();
     let hf_source = match template {
         Template::Hf { source, .. } => fnv1a(source.as_bytes()),
@@ -280,10 +313,7 @@ fn settings_key(
         "template": template.name(), "hf_template": hf_source,
         "top_k": o.top_k, "max_length": o.max_length, "rows_per_shard": o.rows_per_shard,
     });
-    Ok((
-        format!("{:016x}", fnv1a(settings.to_string().as_bytes())),
-        settings,
-    ))
+    Ok((crate::pipeline::key::stage_key(&settings), settings))
 }
 
 const KEY_FILE: &str = "represent.key.json";
@@ -325,7 +355,7 @@ fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) ->
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let text = serde_json::to_string_pretty(&serde_json::json!({"key": key, "settings": settings}))
         .unwrap();
-    crate::writer::write_atomic(&out.join(KEY_FILE), text.as_bytes())
+    crate::io::writer::write_atomic(&out.join(KEY_FILE), text.as_bytes())
 }
 
 /// Remove what a representation directory holds (and only that).
@@ -335,20 +365,31 @@ fn clear(out: &Path) -> Result<()> {
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("shard-") || name == crate::repr::MANIFEST || name == KEY_FILE {
+        if name.starts_with("shard-") || name == crate::data::repr::MANIFEST || name == KEY_FILE {
             std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
         }
     }
     Ok(())
 }
 
-/// Run the stage.
-pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentOutcome> {
-    let start = std::time::Instant::now();
+/// What a run reads before it decides anything: the options with absolute
+/// paths, the tokenizer and template, the data bytes and the stage key.
+struct Prepared {
+    o: RepresentOptions,
+    tok_dir: PathBuf,
+    tokenizer: tokenizers::Tokenizer,
+    tok_hash: u64,
+    template: Template,
+    data_bytes: Vec<u8>,
+    key: String,
+    settings: serde_json::Value,
+}
+
+fn prepare(o: &RepresentOptions) -> Result<Prepared> {
     // Manifests name the model and data by absolute path, so later stages find
     // them from any working directory.
     let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let o = &RepresentOptions {
+    let o = RepresentOptions {
         model: absolute(&o.model),
         data: absolute(&o.data),
         tokenizer: o.tokenizer.as_deref().map(absolute),
@@ -372,10 +413,35 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
     let template = Template::load(&o.template, &tok_dir)?;
     let data_bytes = std::fs::read(&o.data).map_err(|e| Error::io(&o.data, e))?;
     let data_hash = fnv1a(&data_bytes);
-    let (key, settings) = settings_key(o, &template, tok_hash, data_hash)?;
+    let (key, settings) = settings_key(&o, &template, tok_hash, data_hash)?;
+    Ok(Prepared {
+        o,
+        tok_dir,
+        tokenizer,
+        tok_hash,
+        template,
+        data_bytes,
+        key,
+        settings,
+    })
+}
+
+/// Whether `o.out` already holds the complete representation these options
+/// would compute (same inputs, same settings).
+pub fn up_to_date(o: &RepresentOptions) -> Result<bool> {
+    let p = prepare(o)?;
+    Ok(Manifest::read(&p.o.out).is_ok_and(|m| m.key == p.key))
+}
+
+/// Run the stage.
+pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentOutcome> {
+    let start = std::time::Instant::now();
+    let mut p = prepare(o)?;
+    let data_bytes = std::mem::take(&mut p.data_bytes);
+    let o = &p.o;
     if !o.force {
         if let Ok(manifest) = Manifest::read(&o.out) {
-            if manifest.key == key {
+            if manifest.key == p.key {
                 return Ok(RepresentOutcome {
                     reused: (0..manifest.shards.len()).collect(),
                     manifest: Some(manifest),
@@ -394,17 +460,68 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
     // Parsed before the output directory is touched, so --strict fails cleanly.
     let dataset = conversation::parse(&text, &o.data, o.strict)?;
     drop(text);
-    let family_hint = o.family.clone();
-    let vocab_len = tokenizer.get_vocab_size(true);
-    prepare_out(o, &key, &settings)?;
+    prepare_out(o, &p.key, &p.settings)?;
+    let (rows, skipped) = encode_rows(&p, &dataset)?;
 
-    // Render and tokenize every record (cheap next to the model; in parallel).
+    let chunks: Vec<&[(u64, Encoded)]> = rows.chunks(o.rows_per_shard).collect();
+    let (si, sn) = o.shard;
+    let mine: Vec<usize> = (0..chunks.len()).filter(|c| c % sn == si).collect();
+    let (reused, todo): (Vec<usize>, Vec<usize>) = mine
+        .iter()
+        .partition(|&&c| o.out.join(shard_file(c)).is_file());
+    let mut outcome = RepresentOutcome {
+        manifest: None,
+        computed: vec![],
+        reused,
+        pending: vec![],
+        tokens: 0,
+        seconds: 0.0,
+        forward_seconds: 0.0,
+        up_to_date: false,
+    };
+    if !outcome.reused.is_empty() {
+        tracing::info!(
+            "represent: resuming, {} shard(s) already written",
+            outcome.reused.len()
+        );
+    }
+    let (vocab_size, family) = if todo.is_empty() {
+        let family = o.family.clone();
+        let family = family.unwrap_or_else(|| detect_family(registry, &o.model));
+        (p.tokenizer.get_vocab_size(true), family)
+    } else {
+        compute_shards(registry, &p, &chunks, &todo, &mut outcome)?
+    };
+    outcome.pending = (0..chunks.len())
+        .filter(|&c| !o.out.join(shard_file(c)).is_file())
+        .collect();
+    outcome.seconds = start.elapsed().as_secs_f64();
+    if !outcome.pending.is_empty() {
+        tracing::info!(
+            "represent: {} shard(s) still to be computed by other --shard runs; the manifest is written when all are present",
+            outcome.pending.len()
+        );
+        return Ok(outcome);
+    }
+    let manifest = manifest_of(&p, &dataset, &chunks, skipped, vocab_size, family);
+    manifest.write(&o.out)?;
+    outcome.manifest = Some(manifest);
+    Ok(outcome)
+}
+
+/// Render and tokenize every record (cheap next to the model; in parallel).
+/// Returns the rows by row id and the records skipped, by row.
+fn encode_rows(
+    p: &Prepared,
+    dataset: &conversation::Dataset,
+) -> Result<(Vec<(u64, Encoded)>, Vec<Skipped>)> {
+    let o = &p.o;
     let encoded: Vec<std::result::Result<(u64, Encoded), Skipped>> = dataset
         .records
         .par_iter()
         .map(|c| {
-            template
-                .encode(&tokenizer, c, o.max_length)
+            p.template
+                .encode(&p.tokenizer, c, o.max_length)
                 // Offsets are not needed past labelling: free them (16 bytes a token).
                 .map(|e| {
                     (
@@ -437,87 +554,76 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
         }
     }
     skipped.sort_by_key(|s| s.row);
+    let vocab_len = p.tokenizer.get_vocab_size(true);
     if let Some(bad) = rows
         .iter()
         .flat_map(|r| r.1.ids.iter())
         .find(|&&id| id as usize >= vocab_len.max(1))
     {
         return Err(Error::model(
-            &tok_dir,
+            &p.tok_dir,
             format!("the tokenizer produced id {bad} beyond its own vocabulary ({vocab_len})"),
         ));
     }
+    Ok((rows, skipped))
+}
 
-    let chunks: Vec<&[(u64, Encoded)]> = rows.chunks(o.rows_per_shard).collect();
-    let mine: Vec<usize> = (0..chunks.len()).filter(|c| c % sn == si).collect();
-    let (reused, todo): (Vec<usize>, Vec<usize>) = mine
-        .iter()
-        .partition(|&&c| o.out.join(shard_file(c)).is_file());
-    let mut outcome = RepresentOutcome {
-        manifest: None,
-        computed: vec![],
-        reused,
-        pending: vec![],
-        tokens: 0,
-        seconds: 0.0,
-        forward_seconds: 0.0,
-        up_to_date: false,
+/// Load the model and compute the shards `todo`, recording them in `outcome`.
+/// Returns the model's vocabulary size and family.
+fn compute_shards(
+    registry: &Registry,
+    p: &Prepared,
+    chunks: &[&[(u64, Encoded)]],
+    todo: &[usize],
+    outcome: &mut RepresentOutcome,
+) -> Result<(usize, String)> {
+    let o = &p.o;
+    let opts = LoadOptions {
+        device: crate::model::parse_device(&o.device)?,
+        dtype: o.dtype,
+        ..LoadOptions::default()
     };
-    if !outcome.reused.is_empty() {
-        tracing::info!(
-            "represent: resuming, {} shard(s) already written",
-            outcome.reused.len()
-        );
+    let model = load_model(registry, &o.model, o.family.as_deref(), &opts)?;
+    let vocab_size = model.vocab_size();
+    let vocab_len = p.tokenizer.get_vocab_size(true);
+    if vocab_len > vocab_size {
+        return Err(Error::model(
+            &o.model,
+            format!("the tokenizer has {vocab_len} tokens but the model only {vocab_size} logits; they do not belong together"),
+        ));
     }
-    let mut vocab_size = vocab_len;
-    let mut family = family_hint.clone().unwrap_or_default();
-    if !todo.is_empty() {
-        let opts = LoadOptions {
-            device: crate::model::parse_device(&o.device)?,
-            dtype: o.dtype,
-            ..LoadOptions::default()
-        };
-        let model = load_model(registry, &o.model, family_hint.as_deref(), &opts)?;
-        vocab_size = model.vocab_size();
-        family = model.family().to_string();
-        if vocab_len > vocab_size {
-            return Err(Error::model(
-                &o.model,
-                format!("the tokenizer has {vocab_len} tokens but the model only {vocab_size} logits; they do not belong together"),
-            ));
-        }
-        let total: u64 = todo
-            .iter()
-            .flat_map(|&c| chunks[c].iter())
-            .map(|r| r.1.ids.len() as u64)
-            .sum();
-        let pb = crate::engine::progress_bar(
-            total,
-            o.progress,
-            "{spinner} represent [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta}",
-        );
-        for &c in &todo {
-            let refs: Vec<&(u64, Encoded)> = chunks[c].iter().collect();
-            let shard = compute_shard(model.as_ref(), &refs, o, &pb, &mut outcome.forward_seconds)?;
-            shard.write(&o.out.join(shard_file(c)), vocab_size)?;
-            outcome.computed.push(c);
-            outcome.tokens += shard.input_ids.len() as u64;
-        }
-        pb.finish_and_clear();
-    } else if family.is_empty() {
-        family = detect_family(registry, &o.model);
+    let total: u64 = todo
+        .iter()
+        .flat_map(|&c| chunks[c].iter())
+        .map(|r| r.1.ids.len() as u64)
+        .sum();
+    let pb = crate::merge::engine::progress_bar(
+        total,
+        o.progress,
+        "{spinner} represent [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta}",
+    );
+    for &c in todo {
+        let refs: Vec<&(u64, Encoded)> = chunks[c].iter().collect();
+        let shard = compute_shard(model.as_ref(), &refs, o, &pb, &mut outcome.forward_seconds)?;
+        shard.write(&o.out.join(shard_file(c)), vocab_size)?;
+        outcome.computed.push(c);
+        outcome.tokens += shard.input_ids.len() as u64;
     }
-    outcome.pending = (0..chunks.len())
-        .filter(|&c| !o.out.join(shard_file(c)).is_file())
-        .collect();
-    outcome.seconds = start.elapsed().as_secs_f64();
-    if !outcome.pending.is_empty() {
-        tracing::info!(
-            "represent: {} shard(s) still to be computed by other --shard runs; the manifest is written when all are present",
-            outcome.pending.len()
-        );
-        return Ok(outcome);
-    }
+    pb.finish_and_clear();
+    Ok((vocab_size, model.family().to_string()))
+}
+
+/// The manifest of a complete set of shards.
+fn manifest_of(
+    p: &Prepared,
+    dataset: &conversation::Dataset,
+    chunks: &[&[(u64, Encoded)]],
+    skipped: Vec<Skipped>,
+    vocab_size: usize,
+    family: String,
+) -> Manifest {
+    let o = &p.o;
+    let rows = || chunks.iter().flat_map(|c| c.iter());
     let shards = chunks
         .iter()
         .enumerate()
@@ -533,26 +639,25 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
                 .sum(),
         })
         .collect();
-    let no_label = rows
-        .iter()
+    let no_label = rows()
         .filter(|r| loss_positions(&r.1.labels).next().is_none())
         .count() as u64;
-    let manifest = Manifest {
+    Manifest {
         format: FORMAT.into(),
         version: VERSION,
         model: o.model.clone(),
         family,
-        tokenizer_hash: format!("{tok_hash:016x}"),
-        template: template.name().into(),
+        tokenizer_hash: format!("{:016x}", p.tok_hash),
+        template: p.template.name().into(),
         top_k: o.top_k,
         max_length: o.max_length,
         vocab_size,
         index_dtype: if vocab_size <= 1 << 16 { "u16" } else { "u32" }.into(),
         data: o.data.clone(),
-        key,
+        key: p.key.clone(),
         records: RecordCounts {
             total: dataset.total,
-            rows: rows.len() as u64,
+            rows: rows().count() as u64,
             skipped: skipped.len() as u64,
             no_label,
         },
@@ -560,10 +665,7 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
         shards,
         aligned: None,
         filtered: None,
-    };
-    manifest.write(&o.out)?;
-    outcome.manifest = Some(manifest);
-    Ok(outcome)
+    }
 }
 
 fn detect_family(registry: &Registry, dir: &Path) -> String {
@@ -580,7 +682,7 @@ mod tests {
 
     #[test]
     fn top_k_matches_a_full_sort() {
-        let mut rng = crate::miniature::SplitMix64(3);
+        let mut rng = crate::rng::SplitMix64(3);
         for n in [1usize, 5, 37, 1000] {
             let v: Vec<f32> = (0..n)
                 .map(|_| (rng.normal() * 2.0).round() as f32 / 2.0)

@@ -7,11 +7,11 @@
 //! output shards at once, so peak memory is a few tensors, not a model.
 
 use crate::error::panic_message;
+use crate::io::model_dir::TOKENIZER_FILES;
+use crate::io::writer::{write_atomic, OutputDir, ShardedWriter, TensorSpec};
+use crate::merge::plan::{MergeRequest, Plan, PlannedTensor};
 use crate::merge::{Merged, StatScope, TensorBuf, TensorGroup};
-use crate::model_dir::TOKENIZER_FILES;
-use crate::plan::{MergeRequest, Plan, PlannedTensor};
-use crate::registry::Registry;
-use crate::writer::{write_atomic, OutputDir, ShardedWriter, TensorSpec};
+use crate::plugin::registry::Registry;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -68,6 +68,21 @@ pub struct MergeReport {
     pub warnings: Vec<String>,
 }
 
+impl MergeReport {
+    /// One line: what was merged, where the output went, how fast.
+    pub fn summary(&self) -> String {
+        let gbs = self.input_bytes as f64 / 1e9 / self.seconds.max(1e-9);
+        format!(
+            "merged {} tensors ({:.3} GB of input) into {} in {:.2}s ({gbs:.2} GB/s); files: {}",
+            self.tensors,
+            self.input_bytes as f64 / 1e9,
+            self.out.display(),
+            self.seconds,
+            self.files.join(", ")
+        )
+    }
+}
+
 /// A counting semaphore over bytes.
 struct Budget {
     cap: u64,
@@ -94,7 +109,7 @@ impl Budget {
 
 /// Plan and execute a merge request: the merge stage's one entry point.
 pub fn merge(req: &MergeRequest, registry: &Registry, opts: &ExecOptions) -> Result<MergeReport> {
-    let plan = crate::plan::plan(req, registry)?;
+    let plan = crate::merge::plan::plan(req, registry)?;
     execute(&plan, opts)
 }
 
@@ -135,8 +150,8 @@ fn load_group<'a>(
 /// Run a kernel call, turning an error or a panic into an error naming the method and tensor.
 fn guarded<T>(plan: &Plan, tensor: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let method = match &plan.method.origin {
-        crate::registry::Origin::BuiltIn => plan.method.info.name.clone(),
-        crate::registry::Origin::Library(p) => {
+        crate::plugin::registry::Origin::BuiltIn => plan.method.info.name.clone(),
+        crate::plugin::registry::Origin::Library(p) => {
             format!("plugin `{}` ({})", plan.method.info.name, p.display())
         }
     };
@@ -175,7 +190,7 @@ fn statistics(
     pool: &rayon::ThreadPool,
     budget: &Budget,
 ) -> Result<Vec<Option<Vec<f64>>>> {
-    let merger = &plan.method.merger;
+    let merger = &plan.method.plugin;
     let keys: Vec<Option<ScopeKey>> = plan
         .tensors
         .iter()
@@ -300,7 +315,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
     let stats = statistics(plan, &pool, &budget)?;
     let pb = progress_bar(plan.input_bytes(), opts.progress, "{spinner} {msg:<10} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}");
     pb.set_message("merging");
-    let merger = &plan.method.merger;
+    let merger = &plan.method.plugin;
     let weights: Vec<Option<Vec<f64>>> = pool.install(|| {
         (0..plan.tensors.len())
             .into_par_iter()
@@ -371,7 +386,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
     )?;
     let final_path = out.commit()?;
     let seconds = start.elapsed().as_secs_f64();
-    tracing::info!(
+    tracing::debug!(
         seconds,
         "merged {} tensors into {}",
         plan.tensors.len(),

@@ -5,7 +5,7 @@
 //! pages are released from the mapping (`MADV_DONTNEED`), so reading a whole
 //! model keeps the resident set at one tensor, not the model.
 
-use crate::dtype::DType;
+use crate::io::dtype::DType;
 use crate::{Error, Result};
 use memmap2::Mmap;
 use std::collections::BTreeMap;

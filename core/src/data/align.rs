@@ -12,9 +12,9 @@
 //! same format as `represent`'s, with the pivot's rows, tokens and positions,
 //! the source's `metric_ce`, and an `aligned` record in its manifest.
 
-use crate::params::{ResolvedParams, Scalar};
-use crate::registry::{PluginInfo, Registry};
-use crate::repr::{loss_positions, Manifest, ReprDir, RowView, Shard};
+use crate::data::repr::{loss_positions, Manifest, ReprDir, RowView, Shard};
+use crate::merge::params::{ResolvedParams, Scalar};
+use crate::plugin::registry::{PluginInfo, Registry};
 use crate::{Error, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -265,55 +265,6 @@ impl VocabPair {
     }
 }
 
-/// Resolve an aligner's parameters against its spec: unknown names and wrong types are errors.
-pub fn resolve_params(
-    info: &PluginInfo,
-    given: &BTreeMap<String, Scalar>,
-) -> Result<ResolvedParams> {
-    let mut problems = Vec::new();
-    for k in given.keys() {
-        if !info.params.iter().any(|p| &p.name == k) {
-            problems.push(format!(
-                "aligner `{}` has no parameter `{k}` (it takes: {})",
-                info.name,
-                if info.params.is_empty() {
-                    "none".to_string()
-                } else {
-                    info.params
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                }
-            ));
-        }
-    }
-    let mut out = ResolvedParams::default();
-    for spec in &info.params {
-        match given.get(&spec.name).or(spec.default.as_ref()) {
-            Some(v) => match v.coerce(&spec.ty) {
-                Ok(v) => {
-                    out.shared.insert(spec.name.clone(), v);
-                }
-                Err(e) => problems.push(format!(
-                    "aligner `{}` parameter `{}`: {e}",
-                    info.name, spec.name
-                )),
-            },
-            None if spec.required => problems.push(format!(
-                "aligner `{}` needs parameter `{}`",
-                info.name, spec.name
-            )),
-            None => {}
-        }
-    }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(Error::Invalid(problems))
-    }
-}
-
 /// What `fusechat align` runs on.
 #[derive(Debug, Clone)]
 pub struct AlignOptions {
@@ -337,8 +288,61 @@ pub struct AlignOutcome {
     pub seconds: f64,
 }
 
+impl AlignOutcome {
+    /// One line about the run (without the stage name), naming its output `out`.
+    pub fn summary(&self, out: &Path) -> String {
+        if self.up_to_date {
+            return format!("{} is up to date", out.display());
+        }
+        format!(
+            "{} positions took the source's top-k, {} fell back to one-hot on the label, {} top-k tokens dropped; {:.2}s; {}",
+            self.stats.transferred,
+            self.stats.fallback,
+            self.stats.dropped_tokens,
+            self.seconds,
+            out.display()
+        )
+    }
+}
+
+impl FilterReport {
+    /// One line about the filter (without the stage name).
+    pub fn summary(&self) -> String {
+        let listed = if self.dropped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (rows {:?}{})",
+                &self.dropped[..self.dropped.len().min(10)],
+                if self.dropped.len() > 10 { ", ..." } else { "" }
+            )
+        };
+        format!(
+            "dropped {} of {} rows with a NaN metric_ce{listed}",
+            self.dropped.len(),
+            self.rows
+        )
+    }
+}
+
 fn tokenizer_dir(given: &Option<PathBuf>, m: &Manifest) -> PathBuf {
     given.clone().unwrap_or_else(|| m.model.clone())
+}
+
+/// The stage key: the two representations' keys, the aligner and its parameters.
+fn stage_key(o: &AlignOptions, pivot: &Manifest, source: &Manifest) -> String {
+    crate::pipeline::key::stage_key(&serde_json::json!({
+        "pivot": pivot.key, "source": source.key, "aligner": o.aligner,
+        "params": o.params.iter().map(|(k, v)| (k.clone(), v.to_json())).collect::<BTreeMap<_, _>>(),
+    }))
+}
+
+/// Whether `o.out` already holds this alignment of these representations.
+pub fn up_to_date(o: &AlignOptions) -> Result<bool> {
+    let pivot = Manifest::read(&o.pivot)?;
+    let source = Manifest::read(&o.source)?;
+    let key = stage_key(o, &pivot, &source);
+    Ok(Manifest::read(&o.out).is_ok_and(|m| m.key == key))
 }
 
 /// Run the stage.
@@ -347,15 +351,8 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
     let pivot = ReprDir::open(&o.pivot)?;
     let source = ReprDir::open(&o.source)?;
     let entry = registry.aligner(&o.aligner)?;
-    let params = resolve_params(&entry.info, &o.params)?;
-    let key_src = serde_json::json!({
-        "pivot": pivot.manifest.key, "source": source.manifest.key, "aligner": o.aligner,
-        "params": o.params.iter().map(|(k, v)| (k.clone(), v.to_json())).collect::<BTreeMap<_, _>>(),
-    });
-    let key = format!(
-        "{:016x}",
-        crate::miniature::fnv1a(key_src.to_string().as_bytes())
-    );
+    let params = entry.info.resolve_scalars(&o.params)?;
+    let key = stage_key(o, &pivot.manifest, &source.manifest);
     if !o.force {
         if let Ok(m) = Manifest::read(&o.out) {
             if m.key == key {
@@ -373,10 +370,10 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
         tokenizer_dir(&o.source_tokenizer, &source.manifest),
     );
     let vocabs = VocabPair::new(
-        Vocab::from_tokenizer(&crate::template::load_tokenizer(&pt)?),
-        Vocab::from_tokenizer(&crate::template::load_tokenizer(&st)?),
+        Vocab::from_tokenizer(&crate::data::template::load_tokenizer(&pt)?),
+        Vocab::from_tokenizer(&crate::data::template::load_tokenizer(&st)?),
     );
-    entry.aligner.check(&vocabs, &params)?;
+    entry.plugin.check(&vocabs, &params)?;
 
     // Pair rows by id; both sides must hold the same rows. Only the row ids are
     // kept here; source shards are loaded when a pivot shard needs them.
@@ -412,7 +409,7 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
             "exists and is not a representation directory; choose another --out (or pass --force to replace it)",
         ));
     }
-    let out_dir = crate::writer::OutputDir::create(&o.out, true)?;
+    let out_dir = crate::io::writer::OutputDir::create(&o.out, true)?;
     let mut stats = AlignStats::default();
     for i in 0..pivot.manifest.shards.len() {
         let ps = pivot.shard(i)?;
@@ -430,7 +427,7 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
                 let pr = ps.row(r);
                 let (si, sr) = where_src[&pr.row_id];
                 let srow = src_shards[&si].row(sr);
-                let a = entry.aligner.align(&vocabs, &params, &pr, &srow, k).map_err(|e| {
+                let a = entry.plugin.align(&vocabs, &params, &pr, &srow, k).map_err(|e| {
                     Error::msg(format!("aligner `{}` on row {}: {e}", o.aligner, pr.row_id))
                 })?;
                 let p = loss_positions(pr.label_mask).count();
@@ -472,7 +469,7 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
     manifest.top_k = k;
     manifest.key = key;
     manifest.filtered = None;
-    manifest.aligned = Some(crate::repr::AlignedFrom {
+    manifest.aligned = Some(crate::data::repr::AlignedFrom {
         aligner: o.aligner.clone(),
         source: std::fs::canonicalize(&o.source).unwrap_or_else(|_| o.source.clone()),
         pivot: std::fs::canonicalize(&o.pivot).unwrap_or_else(|_| o.pivot.clone()),
@@ -530,13 +527,13 @@ pub fn filter(pivot: &Path, teachers: &[PathBuf]) -> Result<FilterReport> {
     let dropped: Vec<u64> = nan.into_iter().collect();
     for dir in &all {
         let mut m = Manifest::read(dir)?;
-        m.filtered = Some(crate::repr::Filtered {
+        m.filtered = Some(crate::data::repr::Filtered {
             against: all.clone(),
             dropped: dropped.clone(),
         });
         m.write(dir)?;
     }
-    tracing::info!(
+    tracing::debug!(
         "filter: dropped {} of {} rows with a NaN metric_ce",
         dropped.len(),
         pivot_rows.len()

@@ -3,45 +3,12 @@
 //! a perturbation whose scale differs per target and per tensor (so that VaRM
 //! has something to weigh). Same spec, same bytes, on every machine.
 
-use crate::dtype::DType;
-use crate::writer::{write_atomic, OutputDir, ShardedWriter, TensorSpec};
+use crate::io::dtype::DType;
+use crate::io::hf_dir::write_hf_dir;
+use crate::io::writer::write_atomic;
+use crate::rng::{fnv1a, mix64, SplitMix64};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
-
-/// SplitMix64: a tiny, high-quality counter-friendly PRNG (Steele et al. 2014).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.0)
-    }
-    /// Uniform in [0, 1) with 53 bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
-
-/// SplitMix64's output function: a bijective 64-bit mixer.
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a over bytes: a stable string hash (std's hasher is not stable across releases).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01B3)
-    })
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MiniatureSpec {
@@ -148,69 +115,6 @@ impl MiniatureSpec {
     }
 }
 
-/// Write an HF model directory (config.json + safetensors) atomically.
-pub fn write_model_dir(
-    dir: &Path,
-    config: &serde_json::Value,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    dtype: DType,
-    max_shard_size: u64,
-) -> Result<()> {
-    write_hf_dir(dir, config, tensors, dtype, max_shard_size, None)
-}
-
-/// Write an HF model directory atomically: config.json (with `torch_dtype`),
-/// sharded safetensors, and the tokenizer files of `tokenizer_from` if given.
-pub fn write_hf_dir(
-    dir: &Path,
-    config: &serde_json::Value,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    dtype: DType,
-    max_shard_size: u64,
-    tokenizer_from: Option<&Path>,
-) -> Result<()> {
-    let out = OutputDir::create(dir, true)?;
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|(n, s, _)| TensorSpec {
-            name: n.clone(),
-            dtype,
-            shape: s.clone(),
-        })
-        .collect();
-    let w = ShardedWriter::create(out.path(), &specs, max_shard_size)?;
-    for (n, s, v) in tensors {
-        if s.iter().product::<usize>() != v.len() {
-            return Err(Error::msg(format!(
-                "tensor `{n}`: {} values for shape {s:?}",
-                v.len()
-            )));
-        }
-        w.write(n, &dtype.encode(v))?;
-    }
-    w.finish()?;
-    let mut config = config.clone();
-    if let Some(o) = config.as_object_mut() {
-        o.insert("torch_dtype".into(), dtype.torch_name().into());
-    }
-    write_atomic(
-        &out.path().join("config.json"),
-        serde_json::to_string_pretty(&config)
-            .expect("JSON")
-            .as_bytes(),
-    )?;
-    if let Some(src) = tokenizer_from {
-        for f in crate::model_dir::TOKENIZER_FILES {
-            let from = src.join(f);
-            if from.is_file() {
-                std::fs::copy(&from, out.path().join(f)).map_err(|e| Error::io(&from, e))?;
-            }
-        }
-    }
-    out.commit()?;
-    Ok(())
-}
-
 /// The generated set: pivot and targets.
 #[derive(Debug, Clone)]
 pub struct MiniatureSet {
@@ -219,18 +123,28 @@ pub struct MiniatureSet {
     pub generated: bool,
 }
 
+const STAMP: &str = "miniature.json";
+
+/// What the stamp file of a set made from `spec` says. The set includes a
+/// tokenizer and a chat dataset when built with `data`.
+fn stamp_text(spec: &MiniatureSpec) -> String {
+    format!("{spec:?} data={}", cfg!(feature = "data"))
+}
+
+/// Whether `out` holds the set that `spec` describes.
+pub fn up_to_date(spec: &MiniatureSpec, out: &Path) -> bool {
+    std::fs::read_to_string(out.join(STAMP)).ok() == Some(stamp_text(spec))
+        && out.join("pivot").is_dir()
+        && spec.targets.iter().all(|t| out.join(t).is_dir())
+}
+
 /// Generate the set under `out` (`out/pivot`, `out/<target>`), unless a set made
 /// from the same spec is already there.
 pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
     let pivot = out.join("pivot");
     let targets: Vec<PathBuf> = spec.targets.iter().map(|t| out.join(t)).collect();
-    let stamp = out.join("miniature.json");
-    // The set includes a tokenizer and a chat dataset when built with `data`.
-    let want = format!("{spec:?} data={}", cfg!(feature = "data"));
-    let fresh = std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str())
-        && pivot.is_dir()
-        && targets.iter().all(|t| t.is_dir());
-    if fresh {
+    let stamp = out.join(STAMP);
+    if up_to_date(spec, out) {
         return Ok(MiniatureSet {
             pivot,
             targets,
@@ -268,7 +182,7 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
         &config,
         &pivot_t,
         spec.dtype,
-        crate::writer::DEFAULT_MAX_SHARD_SIZE,
+        crate::io::writer::DEFAULT_MAX_SHARD_SIZE,
         tokenizer.as_deref(),
     )?;
     for (j, dir) in targets.iter().enumerate() {
@@ -281,11 +195,11 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
             &config,
             &t,
             spec.dtype,
-            crate::writer::DEFAULT_MAX_SHARD_SIZE,
+            crate::io::writer::DEFAULT_MAX_SHARD_SIZE,
             tokenizer.as_deref(),
         )?;
     }
-    write_atomic(&stamp, want.as_bytes())?;
+    write_atomic(&stamp, stamp_text(spec).as_bytes())?;
     Ok(MiniatureSet {
         pivot,
         targets,

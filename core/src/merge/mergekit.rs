@@ -3,9 +3,9 @@
 //! `out_dtype`. Model references are local directories (relative to the
 //! current directory) or HF ids found in the local HF cache.
 
-use crate::config::parse_dtype;
-use crate::params::{Setting, Settings};
-use crate::plan::{MergeRequest, ModelInput, SliceModel, SliceSource};
+use crate::merge::params::{Setting, Settings};
+use crate::merge::plan::{MergeRequest, ModelInput, SliceModel, SliceSource};
+use crate::pipeline::config::parse_dtype;
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -90,7 +90,7 @@ pub fn parse(
     };
     let mk = |reference: &str, params: Settings| ModelInput {
         reference: reference.to_string(),
-        path: crate::hub::resolve_model(reference, relative_to),
+        path: crate::io::hub::resolve_model(reference, relative_to),
         params,
     };
 
@@ -99,7 +99,8 @@ pub fn parse(
         req.base = Some(mk(&model_ref(Some(b), "base_model")?, Settings::new()));
     }
     let dtype_field = |k: &str| -> Result<_> {
-        parse_dtype(obj.get(k).and_then(Value::as_str)).map_err(|e| err(format!("`{k}`: {e}")))
+        parse_dtype(obj.get(k).and_then(Value::as_str), &format!("`{k}`"))
+            .map_err(|e| err(e.to_string()))
     };
     req.dtype = dtype_field("dtype")?;
     req.out_dtype = dtype_field("out_dtype")?;
@@ -192,6 +193,6 @@ mod tests {
         assert_eq!(r.models.len(), 2);
         assert_eq!(r.slices[0].len(), 2);
         assert_eq!(r.base.unwrap().reference, "c");
-        assert_eq!(r.dtype, Some(crate::dtype::DType::BF16));
+        assert_eq!(r.dtype, Some(crate::io::dtype::DType::BF16));
     }
 }

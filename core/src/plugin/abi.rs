@@ -5,7 +5,7 @@
 //! `#[repr(C)]` structs below, C strings (NUL-terminated UTF-8), raw pointers
 //! and function pointers do. Plugin authors never touch this module directly:
 //! they implement [`crate::merge::Merger`] and call [`crate::export_plugin!`]
-//! (see [`crate::sdk`]).
+//! (see [`crate::plugin::sdk`]).
 //!
 //! # Protocol (version 1)
 //! 1. The host opens the library and calls `fusechat_abi_version()`. A value
@@ -143,7 +143,7 @@ pub struct FcMergerV1 {
     pub struct_size: u32,
     pub name: *const c_char,
     pub description: *const c_char,
-    /// The parameter spec as JSON (see [`crate::sdk::params_to_json`]).
+    /// The parameter spec as JSON (see [`crate::plugin::sdk::params_to_json`]).
     pub params_json: *const c_char,
     pub base_use: u32,
     pub min_models: u32,

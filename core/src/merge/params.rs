@@ -14,14 +14,14 @@
 //! the method's default. Shared parameters come from the global settings or the default.
 //!
 //! ```
-//! use fusechat_core::params::{Setting, Scalar};
+//! use fusechat_core::merge::params::{Setting, Scalar};
 //! let s = Setting::from_json(&serde_json::json!([0.0, 0.5, 0.3, 0.7, 1.0])).unwrap();
 //! // layer 8 of 32: t = 8/31, s = 1.032..., between 0.5 and 0.3
 //! let v = s.evaluate("model.layers.8.self_attn.q_proj.weight", 8.0 / 31.0).unwrap();
 //! assert!((v.as_f64().unwrap() - 0.493548).abs() < 1e-6);
 //! ```
 
-use crate::registry::{ParamSpec, ParamType};
+use crate::plugin::registry::{ParamSpec, ParamType};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -262,7 +262,7 @@ impl ResolvedParams {
         tensor: &str,
         t: f64,
     ) -> Result<ResolvedParams, Vec<String>> {
-        use crate::registry::Scope;
+        use crate::plugin::registry::Scope;
         let mut out = ResolvedParams {
             shared: BTreeMap::new(),
             per_model: vec![BTreeMap::new(); models.len()],

@@ -21,8 +21,8 @@
 //! `messages[..=i]` and rendering `messages[..i]` with the generation prompt.
 //!
 //! ```
-//! use fusechat_core::template::Template;
-//! use fusechat_core::conversation::{Conversation, Role, Turn};
+//! use fusechat_core::data::template::Template;
+//! use fusechat_core::data::conversation::{Conversation, Role, Turn};
 //! let c = Conversation { row: 0, id: None, system: None, turns: vec![
 //!     Turn { role: Role::User, content: "Hi".into() },
 //!     Turn { role: Role::Assistant, content: "Yo".into() }] };
@@ -31,7 +31,7 @@
 //! assert_eq!(&r.text[r.labels[0].clone()], " Yo<|end_of_turn|>");
 //! ```
 
-use crate::conversation::{Conversation, Role, Turn};
+use crate::data::conversation::{Conversation, Role, Turn};
 use crate::{Error, Result};
 use std::ops::Range;
 use std::path::Path;

@@ -11,14 +11,14 @@
 //!
 //! in a crate with `crate-type = ["cdylib"]` that depends on `fusechat-core`
 //! with `default-features = false`. The macro generates the two exported C
-//! functions; the shims here translate the C structs of [`crate::abi`] into a
+//! functions; the shims here translate the C structs of [`crate::plugin::abi`] into a
 //! [`TensorGroup`] whose buffers borrow the host's memory (no copy), call the
 //! kernel, catch any panic, and report where the result is.
 
-use crate::abi::*;
+use crate::merge::params::{ResolvedParams, Scalar};
 use crate::merge::{BaseUse, Merger, StatScope, TensorBuf, TensorGroup};
-use crate::params::{ResolvedParams, Scalar};
-use crate::registry::{ParamSpec, ParamType, Scope};
+use crate::plugin::abi::*;
+use crate::plugin::registry::{ParamSpec, ParamType, Scope};
 use serde_json::{json, Value};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -30,16 +30,16 @@ macro_rules! export_plugin {
     ($($merger:expr),+ $(,)?) => {
         #[no_mangle]
         pub extern "C" fn fusechat_abi_version() -> u32 {
-            $crate::abi::ABI_VERSION
+            $crate::plugin::abi::ABI_VERSION
         }
 
         /// # Safety
         /// Called by the fusechat host with a valid registrar.
         #[no_mangle]
         pub unsafe extern "C" fn fusechat_plugin_register(
-            registrar: *const $crate::abi::FcRegistrar,
+            registrar: *const $crate::plugin::abi::FcRegistrar,
         ) -> i32 {
-            $crate::sdk::register(registrar, || {
+            $crate::plugin::sdk::register(registrar, || {
                 vec![$(::std::boxed::Box::new($merger) as ::std::boxed::Box<dyn $crate::merge::Merger>),+]
             })
         }
@@ -153,10 +153,10 @@ fn install_quiet_panic_hook() {
 }
 
 /// Run `f`, turning an error or a panic into a status code and message.
-fn guard(err: *mut FcError, f: impl FnOnce() -> Result<(), String>) -> i32 {
+fn guard(err: *mut FcError, f: impl FnOnce() -> crate::Result<()>) -> i32 {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => FC_OK,
-        Ok(Err(msg)) => set_error(err, FC_ERROR, &msg),
+        Ok(Err(e)) => set_error(err, FC_ERROR, &e.to_string()),
         Err(p) => {
             let at = PANIC_AT
                 .with(|a| a.borrow_mut().take())
@@ -183,13 +183,16 @@ unsafe fn borrow_group<'a>(
     g: &'a FcTensorGroup,
     params: &'a ResolvedParams,
     shape: &'a [usize],
-) -> Result<(TensorGroup<'a>, Option<*const f32>, Vec<*const f32>), String> {
+) -> crate::Result<(TensorGroup<'a>, Option<*const f32>, Vec<*const f32>)> {
     let name = CStr::from_ptr(g.name)
         .to_str()
-        .map_err(|e| format!("tensor name: {e}"))?;
-    let borrow = |t: &FcTensor| -> Result<TensorBuf, String> {
+        .map_err(|e| crate::Error::Plugin(format!("tensor name: {e}")))?;
+    let borrow = |t: &FcTensor| -> crate::Result<TensorBuf> {
         if t.dtype != FC_F32 {
-            return Err(format!("unsupported tensor dtype code {}", t.dtype));
+            return Err(crate::Error::Plugin(format!(
+                "unsupported tensor dtype code {}",
+                t.dtype
+            )));
         }
         Ok(TensorBuf::borrowed(t.data, t.numel as usize))
     };
@@ -236,10 +239,10 @@ unsafe fn group_shape(g: &FcTensorGroup) -> Vec<usize> {
     }
 }
 
-unsafe fn params_of(json: *const c_char) -> Result<ResolvedParams, String> {
+unsafe fn params_of(json: *const c_char) -> crate::Result<ResolvedParams> {
     let text = CStr::from_ptr(json)
         .to_str()
-        .map_err(|e| format!("parameters: {e}"))?;
+        .map_err(|e| crate::Error::Plugin(format!("parameters: {e}")))?;
     resolved_from_json(text)
 }
 
@@ -251,12 +254,16 @@ unsafe extern "C" fn merge_shim(
 ) -> i32 {
     guard(err, || {
         let st = &*(state as *const State);
-        let g = group.as_ref().ok_or("null group")?;
-        let out = out.as_mut().ok_or("null output")?;
+        let g = group
+            .as_ref()
+            .ok_or_else(|| crate::Error::Plugin("null group".into()))?;
+        let out = out
+            .as_mut()
+            .ok_or_else(|| crate::Error::Plugin("null output".into()))?;
         let params = params_of(g.params_json)?;
         let shape = group_shape(g);
         let (tg, base_ptr, model_ptrs) = borrow_group(g, &params, &shape)?;
-        let merged = st.merger.merge(tg).map_err(|e| e.to_string())?;
+        let merged = st.merger.merge(tg)?;
         let p = merged.data.as_ptr();
         out.location = if merged.data.is_empty() {
             FC_OUT_PLUGIN
@@ -310,17 +317,19 @@ unsafe extern "C" fn statistic_shim(
 ) -> i32 {
     guard(err, || {
         let st = &*(state as *const State);
-        let g = group.as_ref().ok_or("null group")?;
+        let g = group
+            .as_ref()
+            .ok_or_else(|| crate::Error::Plugin("null group".into()))?;
         let params = params_of(g.params_json)?;
         let shape = group_shape(g);
         let (tg, _, _) = borrow_group(g, &params, &shape)?;
         let n = g.n_models as usize;
-        let stats = st.merger.statistic(&tg).map_err(|e| e.to_string())?;
+        let stats = st.merger.statistic(&tg)?;
         if stats.len() != n {
-            return Err(format!(
+            return Err(crate::Error::Plugin(format!(
                 "statistic returned {} values for {n} models",
                 stats.len()
-            ));
+            )));
         }
         let (s, c) = (
             std::slice::from_raw_parts_mut(sums, n),
@@ -366,7 +375,7 @@ fn scalar_json(s: &Scalar) -> Value {
     s.to_json()
 }
 
-fn scalar_from_json(v: &Value) -> Result<Scalar, String> {
+fn scalar_from_json(v: &Value) -> crate::Result<Scalar> {
     match v {
         Value::Bool(b) => Ok(Scalar::Bool(*b)),
         Value::String(s) => Ok(Scalar::Str(s.clone())),
@@ -374,8 +383,10 @@ fn scalar_from_json(v: &Value) -> Result<Scalar, String> {
         Value::Number(n) => n
             .as_i64()
             .map(Scalar::Int)
-            .ok_or_else(|| format!("number {n} out of range")),
-        other => Err(format!("{other} is not a parameter value")),
+            .ok_or_else(|| crate::Error::Plugin(format!("number {n} out of range"))),
+        other => Err(crate::Error::Plugin(format!(
+            "{other} is not a parameter value"
+        ))),
     }
 }
 
@@ -404,13 +415,18 @@ pub fn params_to_json(specs: &[ParamSpec]) -> String {
 }
 
 /// Parse [`params_to_json`]'s form.
-pub fn params_from_json(text: &str) -> Result<Vec<ParamSpec>, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let items = v.as_array().ok_or("not a list")?;
+pub fn params_from_json(text: &str) -> crate::Result<Vec<ParamSpec>> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| crate::Error::Plugin(format!("not JSON: {e}")))?;
+    let items = v
+        .as_array()
+        .ok_or_else(|| crate::Error::Plugin("not a list".into()))?;
     items
         .iter()
         .map(|p| {
-            let name = p["name"].as_str().ok_or("a parameter has no name")?;
+            let name = p["name"]
+                .as_str()
+                .ok_or_else(|| crate::Error::Plugin("a parameter has no name".into()))?;
             let ty = match &p["type"] {
                 Value::String(s) if s == "float" => ParamType::Float,
                 Value::String(s) if s == "int" => ParamType::Int,
@@ -418,29 +434,36 @@ pub fn params_from_json(text: &str) -> Result<Vec<ParamSpec>, String> {
                 Value::Object(o) if o.contains_key("choice") => ParamType::Choice(
                     o["choice"]
                         .as_array()
-                        .ok_or("choice is not a list")?
+                        .ok_or_else(|| crate::Error::Plugin("choice is not a list".into()))?
                         .iter()
                         .map(|c| {
-                            c.as_str()
-                                .map(str::to_string)
-                                .ok_or("a choice is not a string")
+                            c.as_str().map(str::to_string).ok_or_else(|| {
+                                crate::Error::Plugin("a choice is not a string".into())
+                            })
                         })
                         .collect::<Result<_, _>>()?,
                 ),
-                other => return Err(format!("parameter `{name}`: unknown type {other}")),
+                other => {
+                    return Err(crate::Error::Plugin(format!(
+                        "parameter `{name}`: unknown type {other}"
+                    )))
+                }
             };
             let scope = match p["scope"].as_str() {
                 Some("shared") => Scope::Shared,
                 Some("per_model") => Scope::PerModel,
-                other => return Err(format!("parameter `{name}`: unknown scope {other:?}")),
+                other => {
+                    return Err(crate::Error::Plugin(format!(
+                        "parameter `{name}`: unknown scope {other:?}"
+                    )))
+                }
             };
             let mut spec = ParamSpec::new(name, ty, scope);
             if !p["default"].is_null() {
                 let d = scalar_from_json(&p["default"])?;
-                spec.default = Some(
-                    d.coerce(&spec.ty)
-                        .map_err(|e| format!("parameter `{name}` default: {e}"))?,
-                );
+                spec.default = Some(d.coerce(&spec.ty).map_err(|e| {
+                    crate::Error::Plugin(format!("parameter `{name}` default: {e}"))
+                })?);
             }
             spec.required = p["required"].as_bool().unwrap_or(false);
             spec.help = p["help"].as_str().unwrap_or_default().to_string();
@@ -459,12 +482,12 @@ pub fn resolved_to_json(p: &ResolvedParams) -> String {
 }
 
 /// Parse [`resolved_to_json`]'s form.
-pub fn resolved_from_json(text: &str) -> Result<ResolvedParams, String> {
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| format!("parameters are not JSON: {e}"))?;
-    let map = |v: &Value| -> Result<std::collections::BTreeMap<String, Scalar>, String> {
+pub fn resolved_from_json(text: &str) -> crate::Result<ResolvedParams> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| crate::Error::Plugin(format!("parameters are not JSON: {e}")))?;
+    let map = |v: &Value| -> crate::Result<std::collections::BTreeMap<String, Scalar>> {
         v.as_object()
-            .ok_or("not an object")?
+            .ok_or_else(|| crate::Error::Plugin("not an object".into()))?
             .iter()
             .map(|(k, x)| scalar_from_json(x).map(|s| (k.clone(), s)))
             .collect()
@@ -473,7 +496,7 @@ pub fn resolved_from_json(text: &str) -> Result<ResolvedParams, String> {
         shared: map(&v["shared"])?,
         per_model: v["per_model"]
             .as_array()
-            .ok_or("no per_model list")?
+            .ok_or_else(|| crate::Error::Plugin("no per_model list".into()))?
             .iter()
             .map(map)
             .collect::<Result<_, _>>()?,

@@ -2,11 +2,11 @@
 //! its ABI version, collect the merge methods it registers, and wrap each as a
 //! [`Merger`] that calls across the boundary without copying tensors.
 
-use crate::abi::*;
+use crate::merge::params::ResolvedParams;
 use crate::merge::{BaseUse, InputContract, Merged, Merger, StatScope, TensorBuf, TensorGroup};
-use crate::params::ResolvedParams;
-use crate::registry::{Origin, PluginInfo, PluginKind};
-use crate::sdk::{params_from_json, resolved_to_json};
+use crate::plugin::abi::*;
+use crate::plugin::registry::{Origin, PluginInfo, PluginKind};
+use crate::plugin::sdk::{params_from_json, resolved_to_json};
 use crate::{Error, Result};
 use std::ffi::{c_void, CStr, CString};
 use std::path::{Path, PathBuf};
@@ -252,15 +252,15 @@ unsafe extern "C" fn register_merger(ctx: *mut c_void, table: *const FcMergerV1)
     FC_OK
 }
 
-fn read_str(p: *const std::ffi::c_char, what: &str) -> std::result::Result<String, String> {
+fn read_str(p: *const std::ffi::c_char, what: &str) -> Result<String> {
     if p.is_null() {
-        return Err(format!("its {what} is null"));
+        return Err(Error::Plugin(format!("its {what} is null")));
     }
     // SAFETY: non-null, NUL-terminated per the ABI, alive while the state is.
     unsafe { CStr::from_ptr(p) }
         .to_str()
         .map(str::to_string)
-        .map_err(|_| format!("its {what} is not UTF-8"))
+        .map_err(|_| Error::Plugin(format!("its {what} is not UTF-8")))
 }
 
 /// Open a plugin library and return its merge methods.
@@ -317,16 +317,22 @@ pub fn load_library(path: &Path) -> Result<Vec<DynMerger>> {
     let mut out = Vec::new();
     let mut problems = collected.errors;
     for t in collected.tables {
-        let parsed = (|| -> std::result::Result<DynMerger, String> {
+        let parsed = (|| -> Result<DynMerger> {
             let name = read_str(t.name, "name")?;
             let description = read_str(t.description, "description")?;
-            let params = params_from_json(&read_str(t.params_json, "parameter spec")?)
-                .map_err(|e| format!("merger `{name}` declares invalid parameters: {e}"))?;
+            let params =
+                params_from_json(&read_str(t.params_json, "parameter spec")?).map_err(|e| {
+                    Error::Plugin(format!("merger `{name}` declares invalid parameters: {e}"))
+                })?;
             let base = match t.base_use {
                 FC_BASE_REQUIRED => BaseUse::Required,
                 FC_BASE_OPTIONAL => BaseUse::Optional,
                 FC_BASE_IGNORED => BaseUse::Ignored,
-                other => return Err(format!("merger `{name}` has an unknown base_use {other}")),
+                other => {
+                    return Err(Error::Plugin(format!(
+                        "merger `{name}` has an unknown base_use {other}"
+                    )))
+                }
             };
             Ok(DynMerger {
                 table: t,
@@ -350,7 +356,7 @@ pub fn load_library(path: &Path) -> Result<Vec<DynMerger>> {
             Err(e) => {
                 // SAFETY: the table's state is dropped once, by its own plugin.
                 unsafe { (t.drop)(t.state) };
-                problems.push(e);
+                problems.push(e.to_string());
             }
         }
     }
@@ -370,7 +376,7 @@ pub fn load_library(path: &Path) -> Result<Vec<DynMerger>> {
 /// name → `"built-in"` or a library path.
 pub type Preferences = std::collections::BTreeMap<String, String>;
 
-impl crate::registry::Registry {
+impl crate::plugin::registry::Registry {
     /// Load a plugin library into the registry. A name that is already taken is
     /// an error unless `prefer` names the origin that wins.
     pub fn load_library(&mut self, path: &Path, prefer: &Preferences) -> Result<Vec<String>> {
@@ -380,8 +386,8 @@ impl crate::registry::Registry {
             let origin = Origin::Library(path.to_path_buf());
             let merger: Arc<dyn Merger> = Arc::new(m);
             match (self.merger(&name).ok().map(|e| e.origin.clone()), prefer.get(&name)) {
-                (None, _) => self.add_merger(merger, origin)?,
-                (Some(_), Some(winner)) if origin_matches(&origin, winner) => self.replace_merger(merger, origin),
+                (None, _) => self.add(merger, origin)?,
+                (Some(_), Some(winner)) if origin_matches(&origin, winner) => self.replace(merger, origin),
                 (Some(_), Some(_)) => {} // the existing one wins, as configured
                 (Some(prev), None) => {
                     return Err(Error::Plugin(format!(

@@ -12,7 +12,7 @@
 //! have wrong types are skipped with a reason, never fatal unless `strict`.
 //!
 //! ```
-//! use fusechat_core::conversation::{parse, Role};
+//! use fusechat_core::data::conversation::{parse, Role};
 //! let text = r#"{"id": "a", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hey"}]}
 //! {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}"#;
 //! let d = parse(text, std::path::Path::new("d.jsonl"), false).unwrap();
@@ -111,7 +111,7 @@ pub fn load(path: &Path, strict: bool) -> Result<Dataset> {
 /// Parse dataset text (`path` names the file in messages). JSON arrays and
 /// JSONL are told apart by the first non-blank character.
 pub fn parse(text: &str, path: &Path, strict: bool) -> Result<Dataset> {
-    let mut raw: Vec<std::result::Result<Value, String>> = Vec::new();
+    let mut raw: Vec<Result<Value>> = Vec::new();
     if text.trim_start().starts_with('[') {
         let v: Value = serde_json::from_str(text).map_err(|e| {
             Error::model(
@@ -128,7 +128,7 @@ pub fn parse(text: &str, path: &Path, strict: bool) -> Result<Dataset> {
         {
             raw.push(
                 serde_json::from_str(line)
-                    .map_err(|e| format!("line {}: not valid JSON: {e}", n + 1)),
+                    .map_err(|e| Error::msg(format!("line {}: not valid JSON: {e}", n + 1))),
             );
         }
     }
@@ -146,16 +146,20 @@ pub fn parse(text: &str, path: &Path, strict: bool) -> Result<Dataset> {
                 system,
                 turns,
             }),
-            Err(reason) if strict => {
+            Err(e) if strict => {
                 return Err(Error::model(
                     path,
                     format!(
-                        "record {row}{}: {reason} (drop --strict to skip such records)",
+                        "record {row}{}: {e} (drop --strict to skip such records)",
                         id.map(|i| format!(" (id {i})")).unwrap_or_default()
                     ),
                 ))
             }
-            Err(reason) => out.skipped.push(Skipped { row, id, reason }),
+            Err(e) => out.skipped.push(Skipped {
+                row,
+                id,
+                reason: e.to_string(),
+            }),
         }
     }
     // Once per file and process: `fusechat run` reads the same data for every model.
@@ -199,27 +203,34 @@ fn role_of(name: &str) -> Option<Role> {
 }
 
 /// Normalise one record into (system, alternating turns).
-fn conversation(v: &Value) -> std::result::Result<(Option<String>, Vec<Turn>), String> {
-    let obj = v.as_object().ok_or("the record is not a JSON object")?;
+fn conversation(v: &Value) -> Result<(Option<String>, Vec<Turn>)> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| Error::msg("the record is not a JSON object"))?;
     let (list, role_key, text_key) = if let Some(c) = obj.get("conversations") {
         (c, "from", "value")
     } else if let Some(m) = obj.get("messages") {
         (m, "role", "content")
     } else {
-        return Err("no `conversations` or `messages` field".into());
+        return Err(Error::msg("no `conversations` or `messages` field"));
     };
-    let list = list.as_array().ok_or("the message list is not an array")?;
+    let list = list
+        .as_array()
+        .ok_or_else(|| Error::msg("the message list is not an array"))?;
     let mut msgs = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let role = m
-            .get(role_key)
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("message {i}: `{role_key}` is missing or not a string"))?;
-        let role = role_of(role).ok_or_else(|| format!("message {i}: unknown role `{role}`"))?;
-        let content = m
-            .get(text_key)
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("message {i}: `{text_key}` is missing or not a string"))?;
+        let role = m.get(role_key).and_then(Value::as_str).ok_or_else(|| {
+            Error::msg(format!(
+                "message {i}: `{role_key}` is missing or not a string"
+            ))
+        })?;
+        let role = role_of(role)
+            .ok_or_else(|| Error::msg(format!("message {i}: unknown role `{role}`")))?;
+        let content = m.get(text_key).and_then(Value::as_str).ok_or_else(|| {
+            Error::msg(format!(
+                "message {i}: `{text_key}` is missing or not a string"
+            ))
+        })?;
         msgs.push(Turn {
             role,
             content: content.to_string(),
@@ -234,12 +245,12 @@ fn conversation(v: &Value) -> std::result::Result<(Option<String>, Vec<Turn>), S
     // A first message that is not from the user is dropped (SPEC §1).
     if let Some(first) = rest.first().filter(|t| t.role != Role::User) {
         if first.role == Role::System {
-            return Err("a second system message".into());
+            return Err(Error::msg("a second system message"));
         }
         rest = &rest[1..];
     }
     if rest.is_empty() {
-        return Err("empty conversation".into());
+        return Err(Error::msg("empty conversation"));
     }
     for (i, t) in rest.iter().enumerate() {
         let want = if i % 2 == 0 {
@@ -248,11 +259,11 @@ fn conversation(v: &Value) -> std::result::Result<(Option<String>, Vec<Turn>), S
             Role::Assistant
         };
         if t.role != want {
-            return Err(format!(
+            return Err(Error::msg(format!(
                 "roles do not alternate: turn {i} is from the {} where the {} was expected",
                 t.role.as_str(),
                 want.as_str()
-            ));
+            )));
         }
     }
     Ok((system, rest.to_vec()))

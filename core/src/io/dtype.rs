@@ -5,7 +5,7 @@
 //! merged bf16 checkpoint is bit-identical to one rounded by `tensor.to(torch.bfloat16)`.
 //!
 //! ```
-//! use fusechat_core::dtype::DType;
+//! use fusechat_core::io::dtype::DType;
 //! let bytes = DType::BF16.encode(&[1.0, -2.5]);
 //! assert_eq!(bytes, vec![0x80, 0x3f, 0x20, 0xc0]);
 //! assert_eq!(DType::BF16.decode(&bytes), vec![1.0, -2.5]);
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn bf16_bit_conversions_agree_with_the_half_crate() {
-        let mut rng = crate::miniature::SplitMix64(11);
+        let mut rng = crate::rng::SplitMix64(11);
         for _ in 0..100_000 {
             let x = f32::from_bits(rng.next_u64() as u32);
             let ours = f32_to_bf16_bits(x);

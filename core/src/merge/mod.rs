@@ -6,8 +6,13 @@
 //! hands the kernel one [`TensorGroup`]. Kernels never parse config and never
 //! touch files; they compute in f32 and return the merged tensor.
 
-use crate::params::ResolvedParams;
-use crate::registry::PluginInfo;
+pub mod engine;
+pub mod mergekit;
+pub mod params;
+pub mod plan;
+
+use crate::merge::params::ResolvedParams;
+use crate::plugin::registry::PluginInfo;
 use crate::Result;
 use std::ops::{Deref, DerefMut};
 

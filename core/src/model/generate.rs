@@ -1,11 +1,18 @@
 //! Text generation with a KV cache: greedy or sampled (temperature, top-k,
-//! top-p, seed), stopping at the model's end-of-sequence tokens.
+//! top-p, seed), stopping at the model's end-of-sequence tokens; and chat
+//! replies: a conversation rendered with a chat template (or sent as it is),
+//! the template's end-of-turn token as a stop, the reply streamed as text.
+//! `fusechat generate`, `fusechat chat` and the evaluators use [`reply`].
 
-use crate::miniature::SplitMix64;
+#[cfg(feature = "data")]
+use crate::data::template::Template;
 use crate::model::{candle_error as ce, CausalLm, KvCache};
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::path::Path;
+#[cfg(feature = "data")]
+use tokenizers::Tokenizer;
 
 /// Generation settings.
 #[derive(Debug, Clone)]
@@ -147,6 +154,77 @@ pub fn stop_tokens(dir: &Path) -> Vec<u32> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// A chat template by name, or `None` for `none` (the prompt is sent as it is).
+#[cfg(feature = "data")]
+pub fn chat_template(name: &str, model_dir: &Path) -> Result<Option<Template>> {
+    if name == "none" {
+        return Ok(None);
+    }
+    Ok(Some(Template::load(name, model_dir)?))
+}
+
+/// Render a conversation (alternating user, assistant, ..., ending with a user
+/// turn) as a prompt that asks for the assistant's reply. Without a template the
+/// turns are joined by newlines.
+#[cfg(feature = "data")]
+pub fn render_prompt(template: Option<&Template>, turns: &[String]) -> Result<String> {
+    let Some(t) = template else {
+        return Ok(turns.join("\n"));
+    };
+    let conv = crate::data::conversation::Conversation::alternating(None, turns);
+    t.prompt(None, &conv.turns)
+}
+
+/// Stop ids of a chat: the model's eos tokens, plus the template's end-of-turn token.
+#[cfg(feature = "data")]
+pub fn chat_stops(model: &dyn CausalLm, tok: &Tokenizer, template: Option<&Template>) -> Vec<u32> {
+    let mut s = stop_tokens(model.dir());
+    if let Some(t) = template {
+        s.extend(tok.token_to_id(t.end_of_turn()));
+    }
+    s
+}
+
+/// Generate the assistant's reply to `turns`, handing each new piece of text to
+/// `on_text` as it comes (a byte-fallback sequence is held back until it forms
+/// a whole character). Returns the reply, trimmed. `opts.stop` should hold
+/// [`chat_stops`].
+#[cfg(feature = "data")]
+pub fn reply(
+    model: &dyn CausalLm,
+    tok: &Tokenizer,
+    template: Option<&Template>,
+    turns: &[String],
+    opts: &GenOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<String> {
+    let prompt = render_prompt(template, turns)?;
+    let enc = tok
+        .encode(prompt.as_str(), true)
+        .map_err(|e| Error::msg(format!("encoding the prompt: {e}")))?;
+    let decode = |ids: &[u32]| {
+        tok.decode(ids, true)
+            .map_err(|e| Error::msg(format!("decoding: {e}")))
+    };
+    let mut generated: Vec<u32> = Vec::new();
+    let mut shown = String::new();
+    generate(model, enc.get_ids(), opts, |id| {
+        generated.push(id);
+        let text = decode(&generated)?;
+        // Hand on only what extends the text already shown.
+        if let Some(new) = text.strip_prefix(shown.as_str()) {
+            on_text(new);
+            shown = text;
+        }
+        Ok(())
+    })?;
+    let text = decode(&generated)?;
+    if let Some(rest) = text.strip_prefix(shown.as_str()) {
+        on_text(rest);
+    }
+    Ok(text.trim().to_string())
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ pub struct Manifest {
     /// A hash of the inputs and settings; a rerun with the same key is up to date.
     pub key: String,
     pub records: RecordCounts,
-    pub skipped: Vec<crate::conversation::Skipped>,
+    pub skipped: Vec<crate::data::conversation::Skipped>,
     pub shards: Vec<ShardEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aligned: Option<AlignedFrom>,
@@ -132,7 +132,7 @@ impl Manifest {
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("a manifest serializes");
-        crate::writer::write_atomic(&dir.join(MANIFEST), text.as_bytes())
+        crate::io::writer::write_atomic(&dir.join(MANIFEST), text.as_bytes())
     }
 
     /// Rows dropped by the filter.
@@ -302,7 +302,7 @@ impl Shard {
 
     /// Write atomically (temp name, then rename).
     pub fn write(&self, path: &Path, vocab_size: usize) -> Result<()> {
-        crate::writer::write_atomic(path, &self.to_bytes(vocab_size)?)
+        crate::io::writer::write_atomic(path, &self.to_bytes(vocab_size)?)
     }
 
     /// Read and validate a shard file.

@@ -3,7 +3,9 @@
 //! of a padded batch, trains (its weights are candle `Var`s), and generates
 //! with a KV cache.
 
-use crate::registry::PluginInfo;
+pub mod generate;
+
+use crate::plugin::registry::PluginInfo;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use std::path::Path;
@@ -69,11 +71,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 /// A candle error as ours, without the backtrace candle appends under RUST_BACKTRACE.
 pub fn candle_error(e: candle_core::Error) -> Error {
-    let text = e.to_string();
-    Error::msg(format!(
-        "tensor computation failed: {}",
-        text.lines().next().unwrap_or_default()
-    ))
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => Error::Candle(*inner),
+        e => Error::Candle(e),
+    }
 }
 
 /// Per-layer key/value cache: (k, v) after RoPE, `[1, kv_heads, S, head_dim]`.
@@ -111,7 +112,7 @@ pub trait CausalLm: Send + Sync {
     /// The trainable weights, by checkpoint name.
     fn trainable(&self) -> Vec<(String, Var)>;
     /// Save the current weights as an HF model directory (atomically).
-    fn save(&self, out: &Path, dtype: crate::dtype::DType) -> Result<()>;
+    fn save(&self, out: &Path, dtype: crate::io::dtype::DType) -> Result<()>;
 }
 
 /// A model family plugin.
@@ -129,7 +130,7 @@ inventory::collect!(BuiltinModel);
 /// Load a model directory with the family named `family`, or the one that
 /// recognises its config.json.
 pub fn load_model(
-    registry: &crate::registry::Registry,
+    registry: &crate::plugin::registry::Registry,
     dir: &Path,
     family: Option<&str>,
     opts: &LoadOptions,
@@ -153,5 +154,5 @@ pub fn load_model(
             })?
         }
     };
-    entry.model.load(dir, opts)
+    entry.plugin.load(dir, opts)
 }

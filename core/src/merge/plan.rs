@@ -6,11 +6,11 @@
 //! once: missing model directories, tensors missing from a model, shape
 //! mismatches, unknown or ill-typed parameters, a broken input contract.
 
-use crate::dtype::DType;
+use crate::io::dtype::DType;
+use crate::io::model_dir::{layer_index, natural_order, with_layer_index, ModelDir};
+use crate::merge::params::{ResolvedParams, Settings};
 use crate::merge::BaseUse;
-use crate::model_dir::{layer_index, natural_order, with_layer_index, ModelDir};
-use crate::params::{ResolvedParams, Settings};
-use crate::registry::{MergerEntry, Registry, Scope};
+use crate::plugin::registry::{MergerEntry, Registry, Scope};
 use crate::{Error, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -88,7 +88,7 @@ impl MergeRequest {
             out_dtype: None,
             seed: 0,
             out: out.into(),
-            max_shard_size: crate::writer::DEFAULT_MAX_SHARD_SIZE,
+            max_shard_size: crate::io::writer::DEFAULT_MAX_SHARD_SIZE,
             force: false,
             origin: "library call".into(),
             stage_key: None,
@@ -105,8 +105,8 @@ impl MergeRequest {
                     .collect(),
             )
         }
-        fn setting_json(s: &crate::params::Setting) -> serde_json::Value {
-            use crate::params::Setting;
+        fn setting_json(s: &crate::merge::params::Setting) -> serde_json::Value {
+            use crate::merge::params::Setting;
             match s {
                 Setting::Scalar(x) => x.to_json(),
                 Setting::Gradient(v) => serde_json::json!(v),
@@ -259,7 +259,7 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
                         "\n`{}` is neither a local directory nor in the local HF cache ({}); fusechat never downloads: \
                          fetch it first (e.g. `huggingface-cli download {}`) or give a local path",
                         inp.reference,
-                        crate::hub::cache_dirs().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                        crate::io::hub::cache_dirs().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
                         inp.reference
                     ));
                 }
@@ -326,7 +326,7 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
     // `members` are (dir index, settings) of the models merged onto the base.
     let mut base: Option<usize> = None;
     let mut members: Vec<(usize, &Settings)> = Vec::new();
-    let contract = entry.as_ref().map(|e| e.merger.contract());
+    let contract = entry.as_ref().map(|e| e.plugin.contract());
     let base_use = contract.map(|c| c.base).unwrap_or(BaseUse::Optional);
     for (i, m) in req.models.iter().enumerate() {
         let d = model_dirs[i];
@@ -431,7 +431,7 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
 
     // Stop here if the basics are broken: tensor checks would only add noise.
     if !problems.is_empty() || dirs.iter().any(|d| d.is_none()) {
-        return Err(Error::Invalid(problems));
+        return Err(Error::invalid("the merge request", problems));
     }
     let dirs: Vec<ModelDir> = dirs.into_iter().map(|d| d.expect("checked")).collect();
     let entry = entry.expect("checked");
@@ -668,13 +668,16 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
     }
 
     if !problems.is_empty() {
-        return Err(Error::Invalid(problems));
+        return Err(Error::invalid("the merge request", problems));
     }
     if tensors.is_empty() {
-        return Err(Error::Invalid(vec![format!(
-            "nothing to merge: `{}` holds no tensors",
-            labels[lead0]
-        )]));
+        return Err(Error::invalid(
+            "the merge request",
+            vec![format!(
+                "nothing to merge: `{}` holds no tensors",
+                labels[lead0]
+            )],
+        ));
     }
 
     // Extra tensors that a model has and the lead does not are not merged.

@@ -1,0 +1,404 @@
+//! From `fusechat.toml` to the stages of a run, checking everything first:
+//! plugin names, parameters (names, types, ranges), numbers, paths and model
+//! directories. Every problem is collected, each naming its table and field,
+//! and reported together, so that a typo in `[merge]` is found before hours
+//! of `represent`.
+
+use crate::data::align::AlignOptions;
+use crate::data::represent::RepresentOptions;
+use crate::merge::params::Settings;
+use crate::pipeline::config::{defaults, toml_scalars, Config, DataSection, ModelSection};
+use crate::pipeline::miniature::MiniatureSpec;
+use crate::pipeline::run::{Job, Pipeline, Stage};
+use crate::plugin::registry::{PluginInfo, Registry, Scope};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// The problems found so far, and the stages laid out so far (a path that an
+/// earlier stage writes need not exist yet).
+struct Resolver<'a> {
+    cfg: &'a Config,
+    registry: &'a Registry,
+    stages: Vec<Stage>,
+    problems: Vec<String>,
+}
+
+pub(super) fn resolve(cfg: &Config, registry: &Registry, force: bool) -> Result<Pipeline> {
+    if cfg.miniature.is_none()
+        && cfg.merge.is_none()
+        && cfg.data.is_none()
+        && cfg.pivot.is_none()
+        && cfg.sources.is_empty()
+    {
+        return Err(Error::config(
+            &cfg.file,
+            "nothing to run: the config has no [miniature], [data] or [merge] table",
+        ));
+    }
+    let mut r = Resolver {
+        cfg,
+        registry,
+        stages: Vec::new(),
+        problems: Vec::new(),
+    };
+    r.miniature();
+    r.data_stages();
+    r.merge();
+    if !r.problems.is_empty() {
+        return Err(Error::invalid(cfg.file.display().to_string(), r.problems));
+    }
+    Ok(Pipeline {
+        file: cfg.file.clone(),
+        stages: r.stages,
+        force,
+    })
+}
+
+impl Resolver<'_> {
+    fn problem(&mut self, msg: impl Into<String>) {
+        self.problems.push(msg.into());
+    }
+
+    /// Whether an earlier stage writes `path`.
+    fn produced(&self, path: &Path) -> bool {
+        self.stages.iter().any(|s| s.writes(path))
+    }
+
+    /// `path` must exist (as a directory when `dir`), unless an earlier stage writes it.
+    fn input(&mut self, field: &str, path: &Path, dir: bool) {
+        if self.produced(path) {
+            return;
+        }
+        let ok = if dir { path.is_dir() } else { path.is_file() };
+        if !ok {
+            let what = if dir { "directory" } else { "file" };
+            let why = if path.exists() {
+                format!("is not a {what}")
+            } else {
+                "does not exist".to_string()
+            };
+            self.problem(format!("{field}: `{}` {why}", path.display()));
+        }
+    }
+
+    /// A count that must be at least `min`.
+    fn at_least(&mut self, field: &str, v: usize, min: usize) {
+        if v < min {
+            self.problem(format!("{field} = {v}: must be at least {min}"));
+        }
+    }
+
+    fn miniature(&mut self) {
+        let Some(m) = &self.cfg.miniature else { return };
+        for (f, v) in [
+            ("vocab_size", m.vocab_size),
+            ("hidden_size", m.hidden_size),
+            ("intermediate_size", m.intermediate_size),
+            ("num_layers", m.num_layers),
+            ("num_heads", m.num_heads),
+            ("num_kv_heads", m.num_kv_heads),
+        ] {
+            self.at_least(&format!("[miniature] {f}"), v, 1);
+        }
+        if m.num_heads > 0
+            && m.num_kv_heads > 0
+            && (m.hidden_size % m.num_heads != 0 || m.num_heads % m.num_kv_heads != 0)
+        {
+            self.problem(
+                "[miniature]: hidden_size must divide by num_heads, and num_heads by num_kv_heads",
+            );
+        }
+        if m.targets.is_empty() {
+            self.problem("[miniature] targets: name at least one target model");
+        }
+        let dtype = crate::io::dtype::DType::parse(&m.dtype);
+        if dtype.is_none() {
+            self.problem(format!(
+                "[miniature] dtype: unknown dtype `{}` (use f32, bf16 or f16)",
+                m.dtype
+            ));
+        }
+        let spec = MiniatureSpec {
+            vocab_size: m.vocab_size,
+            hidden_size: m.hidden_size,
+            intermediate_size: m.intermediate_size,
+            num_layers: m.num_layers,
+            num_heads: m.num_heads,
+            num_kv_heads: m.num_kv_heads,
+            targets: m.targets.clone(),
+            dtype: dtype.unwrap_or(crate::io::dtype::DType::F32),
+            seed: m.seed,
+        };
+        self.stages.push(Stage {
+            name: "miniature".into(),
+            out: self.cfg.resolve(&m.out),
+            job: Job::Miniature(spec),
+        });
+    }
+
+    /// represent for the pivot and every source, align of each source, filter.
+    fn data_stages(&mut self) {
+        let cfg = self.cfg;
+        let Some(data) = &cfg.data else {
+            if cfg.pivot.is_some() || !cfg.sources.is_empty() {
+                self.problem("[pivot] and [[sources]] need a [data] table (the chat dataset)");
+            }
+            return;
+        };
+        let pivot = cfg.pivot.as_ref();
+        if pivot.is_none() {
+            self.problem("[data] needs a [pivot] table: the model the sources are fused into");
+        }
+        if cfg.sources.is_empty() {
+            self.problem("[data] needs at least one [[sources]] table");
+        }
+        self.input("[data] path", &cfg.resolve(&data.path), false);
+        self.check_template("[data] template", &data.template);
+        self.at_least("[data] max_length", data.max_length, 2);
+        let rs = cfg.represent.clone().unwrap_or_default();
+        for (f, v) in [
+            ("top_k", rs.top_k),
+            ("batch_size", rs.batch_size),
+            ("batch_tokens", rs.batch_tokens),
+            ("rows_per_shard", rs.rows_per_shard),
+        ] {
+            self.at_least(&format!("[represent] {f}"), v, 1);
+        }
+        if let Err(e) = crate::model::parse_device(&rs.device) {
+            self.problem(format!("[represent] device: {e}"));
+        }
+        let out = cfg.resolve(&rs.out.clone().unwrap_or_else(|| cfg.run.dir.join("repr")));
+        let names = self.source_names();
+        let Some(pivot) = pivot else { return };
+        let pivot_repr = out.join("pivot");
+        self.represent("[pivot]", "pivot", pivot, data, &rs, &pivot_repr);
+        let mut teachers = Vec::new();
+        for (s, name) in cfg.sources.iter().zip(names) {
+            let Some(name) = name else { continue };
+            let table = format!("[[sources]] {name}");
+            let repr = out.join(&name);
+            self.represent(&table, &name, s, data, &rs, &repr);
+            let aligned = out.join(format!("{name}@pivot"));
+            self.align(&table, &name, pivot, s, &pivot_repr, &repr, &aligned);
+            teachers.push(aligned);
+        }
+        self.stages.push(Stage {
+            name: "filter".into(),
+            out: pivot_repr.clone(),
+            job: Job::Filter {
+                pivot: pivot_repr,
+                teachers,
+            },
+        });
+    }
+
+    /// The sources' names (they name directories), `None` for a bad one.
+    fn source_names(&mut self) -> Vec<Option<String>> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for (i, s) in self.cfg.sources.iter().enumerate() {
+            let name = s.name.clone().unwrap_or_default();
+            if name.is_empty() || name == "pivot" || name.contains(['/', '\\', '@']) {
+                self.problem(format!("[[sources]] #{}: `name` must be set, not `pivot`, and without / \\ or @ (it names the representation directories)", i + 1));
+                out.push(None);
+            } else if !seen.insert(name.clone()) {
+                self.problem(format!("[[sources]]: the name `{name}` is used twice"));
+                out.push(None);
+            } else {
+                out.push(Some(name));
+            }
+        }
+        out
+    }
+
+    fn check_template(&mut self, field: &str, name: &str) {
+        if !crate::data::template::NAMES.contains(&name) {
+            self.problem(format!(
+                "{field}: unknown template `{name}` (use one of {})",
+                crate::data::template::NAMES.join(", ")
+            ));
+        }
+    }
+
+    /// The represent stage of one model.
+    fn represent(
+        &mut self,
+        table: &str,
+        name: &str,
+        m: &ModelSection,
+        data: &DataSection,
+        rs: &crate::pipeline::config::RepresentSection,
+        out: &Path,
+    ) {
+        let cfg = self.cfg;
+        let model = crate::io::hub::resolve_model(&m.path, &cfg.root);
+        self.input(&format!("{table} path"), &model, true);
+        let tokenizer = m.tokenizer.as_ref().map(|t| cfg.resolve(t));
+        if let Some(t) = &tokenizer {
+            self.input(&format!("{table} tokenizer"), t, true);
+        }
+        if let Some(f) = &m.family {
+            if let Err(e) = self.registry.model(f) {
+                self.problem(format!("{table} family: {e}"));
+            }
+        }
+        let template = m.template.clone().unwrap_or_else(|| data.template.clone());
+        if m.template.is_some() {
+            self.check_template(&format!("{table} template"), &template);
+        }
+        let mut o = RepresentOptions::new(&model, &cfg.resolve(&data.path), out);
+        o.family = m.family.clone();
+        o.tokenizer = tokenizer;
+        o.template = template;
+        o.max_length = data.max_length;
+        o.strict = data.strict;
+        o.top_k = rs.top_k;
+        o.batch_size = rs.batch_size;
+        o.batch_tokens = rs.batch_tokens;
+        o.rows_per_shard = rs.rows_per_shard;
+        o.device = rs.device.clone();
+        o.replace_stale = true;
+        self.stages.push(Stage {
+            name: format!("represent {name}"),
+            out: out.to_path_buf(),
+            job: Job::Represent(o),
+        });
+    }
+
+    /// The align stage of one source onto the pivot.
+    #[allow(clippy::too_many_arguments)]
+    fn align(
+        &mut self,
+        table: &str,
+        name: &str,
+        pivot: &ModelSection,
+        s: &ModelSection,
+        pivot_repr: &Path,
+        source_repr: &Path,
+        out: &Path,
+    ) {
+        let cfg = self.cfg;
+        let aligner = s
+            .aligner
+            .clone()
+            .unwrap_or_else(|| defaults::ALIGNER.into());
+        let params = match toml_scalars(&s.align, &format!("{table} align")) {
+            Ok(p) => p,
+            Err(e) => {
+                self.problem(e.to_string());
+                Default::default()
+            }
+        };
+        match self.registry.aligner(&aligner) {
+            Err(e) => self.problem(format!("{table} aligner: {e}")),
+            Ok(entry) => {
+                if let Err(e) = entry.info.resolve_scalars(&params) {
+                    self.invalid(&format!("{table} align"), e);
+                }
+            }
+        }
+        self.stages.push(Stage {
+            name: format!("align {name}"),
+            out: out.to_path_buf(),
+            job: Job::Align(AlignOptions {
+                pivot: pivot_repr.to_path_buf(),
+                source: source_repr.to_path_buf(),
+                pivot_tokenizer: pivot.tokenizer.as_ref().map(|t| cfg.resolve(t)),
+                source_tokenizer: s.tokenizer.as_ref().map(|t| cfg.resolve(t)),
+                aligner,
+                params,
+                out: out.to_path_buf(),
+                force: false,
+            }),
+        });
+    }
+
+    /// Record the problems of an error, each under `field`.
+    fn invalid(&mut self, field: &str, e: Error) {
+        match e {
+            Error::Invalid { problems, .. } => {
+                for p in problems {
+                    self.problem(format!("{field}: {p}"));
+                }
+            }
+            e => self.problem(format!("{field}: {e}")),
+        }
+    }
+
+    fn merge(&mut self) {
+        if self.cfg.merge.is_none() {
+            return;
+        }
+        let req = match self.cfg.merge_request() {
+            Ok(r) => r,
+            Err(e) => return self.problem(strip_file(&e, &self.cfg.file)),
+        };
+        let before = self.problems.len();
+        match self.registry.merger(&req.method) {
+            Err(e) => self.problem(format!("[merge] method: {e}")),
+            Ok(entry) => {
+                let info = entry.info.clone();
+                self.merge_params("[merge] parameters", &info, &req.params, None);
+                for (i, m) in req.models.iter().enumerate() {
+                    let field = format!("[merge] models[{i}].parameters");
+                    let of = format!("model `{}`", m.reference);
+                    self.merge_params(&field, &info, &m.params, Some(&of));
+                }
+            }
+        }
+        let inputs: Vec<(String, PathBuf)> = req
+            .base
+            .iter()
+            .map(|b| ("[merge] base".to_string(), b.path.clone()))
+            .chain(
+                req.models
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| (format!("[merge] models[{i}]"), m.path.clone())),
+            )
+            .collect();
+        let produced = inputs.iter().any(|(_, p)| self.produced(p));
+        for (field, p) in &inputs {
+            self.input(field, p, true);
+        }
+        // Inputs that exist and no stage rewrites: plan the merge in full now
+        // (tensor names, shapes, dtypes, the method's input contract).
+        if self.problems.len() == before && !produced {
+            if let Err(e) = crate::merge::plan::plan(&req, self.registry) {
+                self.invalid("[merge]", e);
+            }
+        }
+        self.stages.push(Stage {
+            name: "merge".into(),
+            out: req.out.clone(),
+            job: Job::Merge(req),
+        });
+    }
+
+    /// Names, types and scope of a merge method's parameter settings.
+    fn merge_params(
+        &mut self,
+        field: &str,
+        info: &PluginInfo,
+        settings: &Settings,
+        of: Option<&str>,
+    ) {
+        for (k, v) in settings {
+            if let Some(p) = info.check_setting(k, v, of) {
+                self.problem(format!("{field}: {p}"));
+            } else if of.is_some() && info.param(k).is_some_and(|s| s.scope == Scope::Shared) {
+                self.problem(format!(
+                    "{field}: parameter `{k}` of {} is shared by all models; set it in [merge.parameters]",
+                    info.label()
+                ));
+            }
+        }
+    }
+}
+
+/// An error's message without the config file's name in front (the report names it once).
+fn strip_file(e: &Error, file: &Path) -> String {
+    let s = e.to_string();
+    let prefix = format!("{}: ", file.display());
+    s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s)
+}

@@ -1,0 +1,340 @@
+//! Executing the stages: what each stage is, whether it is up to date, and
+//! what it did.
+
+use crate::data::align::{self, AlignOptions, AlignOutcome, FilterReport};
+use crate::data::represent::{self, RepresentOptions, RepresentOutcome};
+use crate::merge::engine::{self, ExecOptions, MergeReport, MERGE_RECORD};
+use crate::merge::plan::MergeRequest;
+use crate::pipeline::config::Config;
+use crate::pipeline::key::stage_key;
+use crate::pipeline::miniature::{self, MiniatureSpec};
+use crate::plugin::registry::Registry;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What a stage computes, with every option resolved.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// Generate the demo model set into the stage's output directory.
+    Miniature(MiniatureSpec),
+    Represent(RepresentOptions),
+    Align(AlignOptions),
+    /// Drop rows with a NaN `metric_ce` from the pivot's and the teachers' manifests.
+    Filter {
+        pivot: PathBuf,
+        teachers: Vec<PathBuf>,
+    },
+    Merge(MergeRequest),
+}
+
+/// One stage of a run.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// "represent pivot", "align solar", "merge".
+    pub name: String,
+    /// The directory the stage writes.
+    pub out: PathBuf,
+    pub job: Job,
+}
+
+impl Stage {
+    /// The paths the stage reads.
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        match &self.job {
+            Job::Miniature(_) => vec![],
+            Job::Represent(o) => {
+                let mut v = vec![o.model.clone(), o.data.clone()];
+                v.extend(o.tokenizer.clone());
+                v
+            }
+            Job::Align(o) => {
+                let mut v = vec![o.pivot.clone(), o.source.clone()];
+                v.extend(o.pivot_tokenizer.clone());
+                v.extend(o.source_tokenizer.clone());
+                v
+            }
+            Job::Filter { pivot, teachers } => {
+                let mut v = vec![pivot.clone()];
+                v.extend(teachers.iter().cloned());
+                v
+            }
+            Job::Merge(req) => req
+                .base
+                .iter()
+                .chain(req.models.iter())
+                .map(|m| m.path.clone())
+                .collect(),
+        }
+    }
+
+    /// Whether this stage writes `path` (or a directory above it).
+    pub fn writes(&self, path: &Path) -> bool {
+        !matches!(self.job, Job::Filter { .. }) && path.starts_with(&self.out)
+    }
+}
+
+/// Whether a stage will run, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    UpToDate,
+    Run(String),
+}
+
+/// What a stage did.
+#[derive(Debug)]
+pub enum Outcome {
+    Miniature {
+        generated: bool,
+    },
+    Represent(RepresentOutcome),
+    Align(AlignOutcome),
+    Filter(FilterReport),
+    /// `None`: the output was up to date.
+    Merge(Option<MergeReport>),
+}
+
+/// A finished stage.
+#[derive(Debug)]
+pub struct StageResult {
+    pub name: String,
+    pub out: PathBuf,
+    pub outcome: Outcome,
+    pub seconds: f64,
+}
+
+impl StageResult {
+    pub fn up_to_date(&self) -> bool {
+        match &self.outcome {
+            Outcome::Miniature { generated } => !generated,
+            Outcome::Represent(r) => r.up_to_date,
+            Outcome::Align(r) => r.up_to_date,
+            Outcome::Filter(_) => false,
+            Outcome::Merge(r) => r.is_none(),
+        }
+    }
+
+    /// One line saying what the stage did and where its output is.
+    pub fn line(&self) -> String {
+        let out = self.out.display();
+        match &self.outcome {
+            Outcome::Miniature { generated: true } => {
+                format!("miniature: generated the model set in {out}")
+            }
+            Outcome::Miniature { generated: false } => {
+                format!("miniature: {out} is up to date")
+            }
+            Outcome::Represent(r) => format!("{}: {}", self.name, r.summary(&self.out)),
+            Outcome::Align(r) => format!("{}: {}", self.name, r.summary(&self.out)),
+            Outcome::Filter(r) => format!("filter: {}", r.summary()),
+            Outcome::Merge(Some(r)) => format!("merge: {}", r.summary()),
+            Outcome::Merge(None) => {
+                format!("merge: {out} is up to date (use --force to redo it)")
+            }
+        }
+    }
+}
+
+/// The stages of a run, validated and in order.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The config file the pipeline was made from (for messages).
+    pub file: PathBuf,
+    pub stages: Vec<Stage>,
+    /// Re-run every stage, even those that are up to date.
+    pub force: bool,
+}
+
+impl Pipeline {
+    /// Resolve and check every stage of `cfg` before anything runs; every
+    /// problem of the config is reported at once, naming the file, the table
+    /// and the field.
+    pub fn from_config(cfg: &Config, registry: &Registry, force: bool) -> Result<Pipeline> {
+        crate::pipeline::resolve::resolve(cfg, registry, force)
+    }
+
+    /// Whether each stage would run now, and why. A stage that reads what an
+    /// earlier stage will rewrite runs after it.
+    pub fn statuses(&self) -> Vec<Status> {
+        let mut out: Vec<Status> = Vec::new();
+        for (i, stage) in self.stages.iter().enumerate() {
+            let rewritten_input = stage.inputs().into_iter().find_map(|p| {
+                self.stages[..i]
+                    .iter()
+                    .zip(&out)
+                    .find(|(s, st)| matches!(st, Status::Run(_)) && s.writes(&p))
+                    .map(|(s, _)| s.name.clone())
+            });
+            let status = if self.force {
+                Status::Run("--force".into())
+            } else if let Some(earlier) = rewritten_input {
+                Status::Run(format!("its inputs are rebuilt first by `{earlier}`"))
+            } else {
+                stage_status(stage)
+            };
+            out.push(status);
+        }
+        out
+    }
+
+    /// The plan as text (`fusechat run --dry-run`): each stage, whether it
+    /// would run and why, and what it writes.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "plan of {} ({} stages):\n",
+            self.file.display(),
+            self.stages.len()
+        );
+        for (i, (stage, status)) in self.stages.iter().zip(self.statuses()).enumerate() {
+            let what = match status {
+                Status::UpToDate => "up to date, skipped".to_string(),
+                Status::Run(why) => format!("runs: {why}"),
+            };
+            s.push_str(&format!(
+                "{:>2}. {:<20} {what}\n    writes {}\n",
+                i + 1,
+                stage.name,
+                stage.out.display()
+            ));
+        }
+        s.push_str("dry run: nothing computed, nothing written\n");
+        s
+    }
+
+    /// Run every stage in order; `done` hears of each as it finishes.
+    pub fn run(
+        &self,
+        registry: &Registry,
+        exec: &ExecOptions,
+        mut done: impl FnMut(&StageResult),
+    ) -> Result<Vec<StageResult>> {
+        let mut results = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            let start = Instant::now();
+            let outcome = run_stage(stage, registry, exec, self.force)?;
+            let r = StageResult {
+                name: stage.name.clone(),
+                out: stage.out.clone(),
+                outcome,
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            done(&r);
+            results.push(r);
+        }
+        Ok(results)
+    }
+}
+
+/// A table of what each stage did, where its output went and how long it took.
+pub fn summary_table(results: &[StageResult]) -> String {
+    let mut s = format!("{:<20} {:<11} {:>9}  output\n", "stage", "result", "time");
+    for r in results {
+        s.push_str(&format!(
+            "{:<20} {:<11} {:>8.2}s  {}\n",
+            r.name,
+            if r.up_to_date() { "up to date" } else { "ran" },
+            r.seconds,
+            r.out.display()
+        ));
+    }
+    s
+}
+
+fn stage_status(stage: &Stage) -> Status {
+    let fresh = match &stage.job {
+        Job::Miniature(spec) => Ok(miniature::up_to_date(spec, &stage.out)),
+        Job::Represent(o) => represent::up_to_date(o),
+        Job::Align(o) => align::up_to_date(o),
+        Job::Filter { .. } => return Status::Run("always (it reads the manifests only)".into()),
+        Job::Merge(req) => Ok(recorded_merge_key(&req.out).flatten() == Some(merge_key(req))),
+    };
+    match fresh {
+        Ok(true) => Status::UpToDate,
+        Ok(false) if stage.out.exists() => Status::Run("its inputs or settings changed".into()),
+        Ok(false) => Status::Run("no output yet".into()),
+        Err(e) => Status::Run(format!("cannot tell yet ({e})")),
+    }
+}
+
+fn run_stage(
+    stage: &Stage,
+    registry: &Registry,
+    exec: &ExecOptions,
+    force: bool,
+) -> Result<Outcome> {
+    Ok(match &stage.job {
+        Job::Miniature(spec) => Outcome::Miniature {
+            generated: miniature::generate(spec, &stage.out)?.generated,
+        },
+        Job::Represent(o) => {
+            let o = RepresentOptions {
+                force,
+                progress: exec.progress,
+                ..o.clone()
+            };
+            let r = represent::represent(registry, &o)?;
+            if r.manifest.is_none() {
+                return Err(Error::model(&o.out, "is incomplete after represent; rerun"));
+            }
+            Outcome::Represent(r)
+        }
+        Job::Align(o) => Outcome::Align(align::align(
+            registry,
+            &AlignOptions { force, ..o.clone() },
+        )?),
+        Job::Filter { pivot, teachers } => Outcome::Filter(align::filter(pivot, teachers)?),
+        Job::Merge(req) => Outcome::Merge(run_merge(req, registry, exec, force)?),
+    })
+}
+
+/// The merge stage: skipped when its output records the same key.
+fn run_merge(
+    req: &MergeRequest,
+    registry: &Registry,
+    exec: &ExecOptions,
+    force: bool,
+) -> Result<Option<MergeReport>> {
+    let key = merge_key(req);
+    let recorded = recorded_merge_key(&req.out);
+    if !force && recorded.as_ref().and_then(|k| k.as_deref()) == Some(key.as_str()) {
+        return Ok(None);
+    }
+    // `run` owns its stage outputs: a stale one is replaced, but a directory
+    // that fusechat did not write is never touched without --force.
+    if req.out.exists() && recorded.is_none() && !force {
+        return Err(Error::model(
+            &req.out,
+            "exists and is not a fusechat merge output; move it away or pass --force to replace it",
+        ));
+    }
+    let req = MergeRequest {
+        force: true,
+        stage_key: Some(key),
+        ..req.clone()
+    };
+    Ok(Some(engine::merge(&req, registry, exec)?))
+}
+
+/// The merge stage's key: the request, its output and its input files.
+fn merge_key(req: &MergeRequest) -> String {
+    let inputs: Vec<serde_json::Value> = req
+        .base
+        .iter()
+        .chain(req.models.iter())
+        .map(|m| serde_json::json!({"dir": m.path, "files": crate::io::model_dir::file_stamps(&m.path)}))
+        .collect();
+    stage_key(&serde_json::json!({"request": req.to_json(), "out": req.out, "inputs": inputs}))
+}
+
+/// The stage key recorded in a merge output: `None` when `out` is not a
+/// fusechat merge output at all, `Some(None)` when it is one without a key
+/// (written by `fusechat merge`).
+fn recorded_merge_key(out: &Path) -> Option<Option<String>> {
+    let text = std::fs::read_to_string(out.join(MERGE_RECORD)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(
+        v.get("stage_key")
+            .and_then(|k| k.as_str())
+            .map(str::to_string),
+    )
+}
