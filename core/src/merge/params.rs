@@ -254,50 +254,59 @@ impl ResolvedParams {
 
     /// Resolve every declared parameter for one tensor.
     ///
-    /// Returns the values, or the messages of problems (missing required values).
+    /// Returns the values, or the problems (missing required values, a value
+    /// that does not fit its type) as values, so that a caller planning many
+    /// tensors can report each parameter and model once.
     pub fn resolve(
         specs: &[ParamSpec],
         global: &Settings,
         models: &[&Settings],
         tensor: &str,
         t: f64,
-    ) -> Result<ResolvedParams, Vec<String>> {
+    ) -> Result<ResolvedParams, Vec<ParamProblem>> {
         use crate::plugin::registry::Scope;
         let mut out = ResolvedParams {
             shared: BTreeMap::new(),
             per_model: vec![BTreeMap::new(); models.len()],
         };
         let mut problems = Vec::new();
+        let missing = |spec: &ParamSpec, model| ParamProblem::Missing {
+            param: spec.name.clone(),
+            model,
+            tensor: tensor.to_string(),
+        };
+        let coerce = |spec: &ParamSpec, model, v: Scalar| {
+            v.coerce(&spec.ty).map_err(|msg| {
+                vec![ParamProblem::Invalid {
+                    param: spec.name.clone(),
+                    model,
+                    msg,
+                }]
+            })
+        };
         for spec in specs {
             let from_global = global.get(&spec.name).and_then(|s| s.evaluate(tensor, t));
             let default = spec.default.clone();
             match spec.scope {
                 Scope::Shared => match from_global.or(default) {
                     Some(v) => {
-                        out.shared
-                            .insert(spec.name.clone(), v.coerce(&spec.ty).map_err(|e| vec![e])?);
+                        out.shared.insert(spec.name.clone(), coerce(spec, None, v)?);
                     }
-                    None if spec.required => problems.push(format!(
-                        "required parameter `{}` has no value for tensor `{tensor}`",
-                        spec.name
-                    )),
+                    None if spec.required => problems.push(missing(spec, None)),
                     None => {}
                 },
                 Scope::PerModel => {
                     for (i, m) in models.iter().enumerate() {
                         let own = m.get(&spec.name).and_then(|s| s.evaluate(tensor, t));
-                        match own.or_else(|| from_global.clone()).or_else(|| default.clone()) {
+                        match own
+                            .or_else(|| from_global.clone())
+                            .or_else(|| default.clone())
+                        {
                             Some(v) => {
-                                out.per_model[i].insert(
-                                    spec.name.clone(),
-                                    v.coerce(&spec.ty).map_err(|e| vec![e])?,
-                                );
+                                out.per_model[i]
+                                    .insert(spec.name.clone(), coerce(spec, Some(i), v)?);
                             }
-                            None if spec.required => problems.push(format!(
-                                "required per-model parameter `{}` has no value for model #{} on tensor `{tensor}`",
-                                spec.name,
-                                i + 1
-                            )),
+                            None if spec.required => problems.push(missing(spec, Some(i))),
                             None => {}
                         }
                     }
@@ -308,6 +317,61 @@ impl ResolvedParams {
             Ok(out)
         } else {
             Err(problems)
+        }
+    }
+}
+
+/// Why a parameter has no usable value for one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamProblem {
+    /// A required parameter has no value for `tensor`.
+    Missing {
+        param: String,
+        /// The model's position among the tensor's models, for a per-model parameter.
+        model: Option<usize>,
+        tensor: String,
+    },
+    /// A value (e.g. a method's default) that does not fit the declared type.
+    Invalid {
+        param: String,
+        model: Option<usize>,
+        msg: String,
+    },
+}
+
+impl ParamProblem {
+    /// The parameter concerned.
+    pub fn param(&self) -> &str {
+        match self {
+            ParamProblem::Missing { param, .. } | ParamProblem::Invalid { param, .. } => param,
+        }
+    }
+    /// The model's position among the tensor's models, for a per-model parameter.
+    pub fn model(&self) -> Option<usize> {
+        match self {
+            ParamProblem::Missing { model, .. } | ParamProblem::Invalid { model, .. } => *model,
+        }
+    }
+}
+
+impl fmt::Display for ParamProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamProblem::Missing {
+                param,
+                model: None,
+                tensor,
+            } => write!(f, "required parameter `{param}` has no value for tensor `{tensor}`"),
+            ParamProblem::Missing {
+                param,
+                model: Some(i),
+                tensor,
+            } => write!(
+                f,
+                "required per-model parameter `{param}` has no value for model #{} on tensor `{tensor}`",
+                i + 1
+            ),
+            ParamProblem::Invalid { msg, .. } => f.write_str(msg),
         }
     }
 }
@@ -383,5 +447,43 @@ mod tests {
         let g = Setting::from_json(&json!([0, 1])).unwrap();
         assert!(g.check_type(&ParamType::Bool).is_err());
         assert!(g.check_type(&ParamType::Float).is_ok());
+    }
+
+    #[test]
+    fn unresolved_parameters_are_values_that_name_parameter_and_model() {
+        use crate::plugin::registry::Scope;
+        let specs = [
+            ParamSpec::float("t", Scope::Shared).required(),
+            ParamSpec::float("w", Scope::PerModel).required(),
+        ];
+        let mut own = Settings::new();
+        own.insert("w".into(), Setting::from_json(&json!(0.5)).unwrap());
+        let none = Settings::new();
+        let err =
+            ResolvedParams::resolve(&specs, &none, &[&own, &none], "x.weight", 0.0).unwrap_err();
+        assert_eq!(
+            err,
+            [
+                ParamProblem::Missing {
+                    param: "t".into(),
+                    model: None,
+                    tensor: "x.weight".into()
+                },
+                ParamProblem::Missing {
+                    param: "w".into(),
+                    model: Some(1),
+                    tensor: "x.weight".into()
+                },
+            ]
+        );
+        assert_eq!((err[1].param(), err[1].model()), ("w", Some(1)));
+        assert_eq!(
+            err[0].to_string(),
+            "required parameter `t` has no value for tensor `x.weight`"
+        );
+        assert_eq!(
+            err[1].to_string(),
+            "required per-model parameter `w` has no value for model #2 on tensor `x.weight`"
+        );
     }
 }

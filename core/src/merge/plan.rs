@@ -7,10 +7,10 @@
 //! mismatches, unknown or ill-typed parameters, a broken input contract.
 
 use crate::io::dtype::DType;
-use crate::io::model_dir::{layer_index, natural_order, with_layer_index, ModelDir};
-use crate::merge::params::{ResolvedParams, Settings};
-use crate::merge::BaseUse;
-use crate::plugin::registry::{MergerEntry, Registry, Scope};
+use crate::io::model_dir::{layer_index, natural_order, with_layer_index, ModelDir, TensorEntry};
+use crate::merge::params::{ParamProblem, ResolvedParams, Settings};
+use crate::merge::{BaseUse, InputContract};
+use crate::plugin::registry::{MergerEntry, ParamSpec, Registry, Scope};
 use crate::{Error, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -192,22 +192,6 @@ pub struct Plan {
     pub stage_key: Option<String>,
 }
 
-/// Cap a list of similar problems so that a model missing 300 tensors gives a readable report.
-fn push_capped(
-    problems: &mut Vec<String>,
-    kind_counts: &mut std::collections::HashMap<String, usize>,
-    kind: &str,
-    msg: String,
-) {
-    let c = kind_counts.entry(kind.to_string()).or_insert(0);
-    *c += 1;
-    if *c <= 8 {
-        problems.push(msg);
-    } else if *c == 9 {
-        problems.push(format!("(further `{kind}` problems omitted)"));
-    }
-}
-
 fn looks_like_hf_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2 && !s.starts_with('.') && parts.iter().all(|p| !p.is_empty())
@@ -222,115 +206,375 @@ fn same_path(a: &Path, b: &Path) -> bool {
 
 /// Validate a request and build its plan. All problems are reported together.
 pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
-    let mut problems: Vec<String> = Vec::new();
-    let mut counts = std::collections::HashMap::new();
     let mut warnings: Vec<String> = Vec::new();
+    let Checked {
+        entry,
+        models,
+        roles,
+        slices,
+    } = check_request(req, registry, &mut warnings)?;
+    let mut problems = Problems::default();
+    let planner = TensorPlanner {
+        models: &models,
+        base: roles.base,
+        specs: &entry.info.params,
+        global: &req.params,
+        out_dtype: req.out_dtype.or(req.dtype),
+    };
+    let planned = planner.plan_all(&slices, &mut problems);
+    if planned.tensors.is_empty() && problems.is_empty() {
+        let lead = &models[planned.lead].label;
+        problems.request(format!("nothing to merge: `{lead}` holds no tensors"));
+    }
+    if !problems.is_empty() {
+        return Err(problems.into_error());
+    }
+    if req.slices.is_empty() {
+        warnings.extend(extra_tensor_warnings(&models, &slices, planned.lead));
+    }
+    let config = output_config(&models[planned.lead].dir, &planned, req);
+    let (models, labels): (Vec<ModelDir>, Vec<String>) =
+        models.into_iter().map(|m| (m.dir, m.label)).unzip();
+    Ok(Plan {
+        method: entry,
+        models,
+        labels,
+        tensors: planned.tensors,
+        load_dtype: req.dtype,
+        out: req.out.clone(),
+        force: req.force,
+        max_shard_size: req.max_shard_size,
+        seed: req.seed,
+        config,
+        tokenizer_from: planned.lead,
+        warnings,
+        request: req.to_json(),
+        origin: req.origin.clone(),
+        stage_key: req.stage_key.clone(),
+    })
+}
 
+/// A request whose models, parameters, slices and contract passed the checks.
+struct Checked<'r> {
+    entry: MergerEntry,
+    models: Vec<Model<'r>>,
+    roles: Roles,
+    /// The explicit slices, else the one implicit slice.
+    slices: Vec<Vec<SliceSrc>>,
+}
+
+/// Everything that can be checked before looking at tensors: the method, the
+/// model directories, parameter names and types, roles, slices, the contract.
+fn check_request<'r>(
+    req: &'r MergeRequest,
+    registry: &Registry,
+    warnings: &mut Vec<String>,
+) -> Result<Checked<'r>> {
+    let mut problems = Problems::default();
     let entry = match registry.merger(&req.method) {
         Ok(e) => Some(e.clone()),
         Err(e) => {
-            problems.push(e.to_string());
+            problems.request(e.to_string());
             None
         }
     };
-
-    // --- Open every model directory once (a base listed among the models too is one model).
-    let mut inputs: Vec<&ModelInput> = Vec::new();
-    if let Some(b) = &req.base {
-        inputs.push(b);
-    }
-    inputs.extend(req.models.iter());
-    let mut dirs: Vec<Option<ModelDir>> = Vec::new();
-    let mut labels: Vec<String> = Vec::new();
-    let mut dir_of_input: Vec<usize> = Vec::new();
-    let mut dir_paths: Vec<&Path> = Vec::new();
-    for inp in &inputs {
-        if let Some(i) = dir_paths.iter().position(|p| same_path(p, &inp.path)) {
-            dir_of_input.push(i);
-            continue;
-        }
-        dir_paths.push(&inp.path);
-        let opened = match ModelDir::open(&inp.path) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                let mut msg = format!("model `{}`: {e}", inp.reference);
-                if !inp.path.exists() && looks_like_hf_id(&inp.reference) {
-                    msg.push_str(&format!(
-                        "\n`{}` is neither a local directory nor in the local HF cache ({}); fusechat never downloads: \
-                         fetch it first (e.g. `huggingface-cli download {}`) or give a local path",
-                        inp.reference,
-                        crate::io::hub::cache_dirs().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                        inp.reference
-                    ));
-                }
-                problems.push(msg);
-                None
-            }
-        };
-        dir_of_input.push(dirs.len());
-        dirs.push(opened);
-        labels.push(inp.reference.clone());
-    }
-    let has_base = req.base.is_some();
-    let base_dir: Option<usize> = has_base.then(|| dir_of_input[0]);
-    let model_dirs: Vec<usize> = dir_of_input[has_base as usize..].to_vec();
-
-    // --- Parameter names and types, before anything else.
+    let mut inputs = open_inputs(req, &mut problems);
     if let Some(e) = &entry {
-        let specs = &e.info.params;
-        let known = || {
-            specs
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        for (k, v) in &req.params {
-            match specs.iter().find(|s| &s.name == k) {
-                None => problems.push(format!(
-                    "unknown parameter `{k}` for method `{}` (known: {})",
-                    e.info.name,
-                    known()
-                )),
-                Some(s) => {
-                    if let Err(msg) = v.check_type(&s.ty) {
-                        problems.push(format!("parameter `{k}`: {msg}"));
-                    }
-                }
-            }
-        }
-        for m in &req.models {
-            for (k, v) in &m.params {
-                match specs.iter().find(|s| &s.name == k) {
-                    None => problems.push(format!(
-                        "unknown parameter `{k}` for model `{}` under method `{}` (known: {})",
-                        m.reference,
-                        e.info.name,
-                        known()
-                    )),
-                    Some(s) if s.scope == Scope::Shared => problems.push(format!(
-                        "parameter `{k}` of `{}` is shared by all models; set it in the merge's parameters, not for model `{}`",
-                        e.info.name, m.reference
-                    )),
-                    Some(s) => {
-                        if let Err(msg) = v.check_type(&s.ty) {
-                            problems.push(format!("parameter `{k}` of model `{}`: {msg}", m.reference));
-                        }
-                    }
-                }
-            }
+        check_params(req, e, &mut problems);
+    }
+    let contract = entry.as_ref().map(|e| e.plugin.contract());
+    let base_use = contract.map_or(BaseUse::Optional, |c| c.base);
+    let mut roles = assign_roles(req, &mut inputs, base_use, warnings);
+    let mut slices = lay_out_slices(req, &inputs, &mut roles, base_use, &mut problems, warnings);
+    if let Some(c) = contract {
+        check_contract(req, c, &roles, &slices, &mut problems);
+    }
+    // Stop here if the basics are broken: tensor checks would only add noise.
+    if !problems.is_empty() {
+        return Err(problems.into_error());
+    }
+    let models = inputs.into_models();
+    if slices.is_empty() {
+        slices.push(implicit_slice(&models, &roles));
+    }
+    Ok(Checked {
+        entry: entry.expect("an unknown method is a problem"),
+        models,
+        roles,
+        slices,
+    })
+}
+
+// --- Problems: collected as values, reported once per kind and key.
+
+/// What a problem is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The request itself (a model directory, a parameter name or type, the
+    /// input contract, a slice): each one is reported as it is.
+    Request,
+    /// A tensor missing from a model (key: that model).
+    MissingTensor,
+    /// A tensor whose shape differs from the lead's (key: that model).
+    Shape,
+    /// A tensor of a dtype fusechat does not merge (key: that model).
+    DType,
+    /// A slice layer the slice's lead does not have (key: the lead).
+    NoLayer,
+    /// A required parameter without a value (key: parameter and model).
+    MissingParam,
+    /// A parameter value that does not fit its type (key: parameter and model).
+    BadParam,
+}
+
+/// What identifies a repeated problem, across the tensors and layers it repeats for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    /// An opened model (index into the plan's models).
+    Model(usize),
+    /// A parameter, and the model's position among a tensor's models for a per-model one.
+    Param(String, Option<usize>),
+}
+
+/// At most this many lines of one capped kind (a model missing 300 tensors,
+/// many models with wrong shapes) before the rest is summarised.
+const CAP: usize = 8;
+
+impl Kind {
+    /// The name in the "further problems omitted" line, for the capped kinds.
+    fn capped_as(self) -> Option<&'static str> {
+        match self {
+            Kind::MissingTensor => Some("missing tensor"),
+            Kind::Shape => Some("shape"),
+            Kind::DType => Some("dtype"),
+            _ => None,
         }
     }
 
-    // --- Which models take part, and which one is the base.
-    // `members` are (dir index, settings) of the models merged onto the base.
-    let mut base: Option<usize> = None;
-    let mut members: Vec<(usize, &Settings)> = Vec::new();
-    let contract = entry.as_ref().map(|e| e.plugin.contract());
-    let base_use = contract.map(|c| c.base).unwrap_or(BaseUse::Optional);
-    for (i, m) in req.models.iter().enumerate() {
-        let d = model_dirs[i];
-        if base_use != BaseUse::Ignored && Some(d) == base_dir {
+    /// What is appended to the first message of a problem met `count` (> 1) times.
+    fn repeated(self, count: usize) -> String {
+        let n = count - 1;
+        let more = |one: &str, many: &str| format!("{n} more {}", if n == 1 { one } else { many });
+        match self {
+            Kind::Request => String::new(),
+            Kind::MissingTensor => format!(", and {}", more("missing tensor", "missing tensors")),
+            Kind::Shape => format!(", and {}", more("shape mismatch", "shape mismatches")),
+            Kind::DType => format!(" (and {} of that model)", more("tensor", "tensors")),
+            Kind::NoLayer => format!(", nor for {}", more("layer", "layers")),
+            Kind::MissingParam | Kind::BadParam => format!(" (and {})", more("tensor", "tensors")),
+        }
+    }
+}
+
+/// One problem: the message of its first occurrence, and how often it occurred.
+#[derive(Debug)]
+struct Problem {
+    kind: Kind,
+    /// `None` for a problem reported as it is (and for a cap's "omitted" line).
+    key: Option<Key>,
+    message: String,
+    count: usize,
+}
+
+/// The problems of a request, in the order first met.
+#[derive(Debug, Default)]
+struct Problems {
+    list: Vec<Problem>,
+}
+
+impl Problems {
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// A problem with the request, reported as it is.
+    fn request(&mut self, message: String) {
+        self.push(Kind::Request, None, message);
+    }
+
+    /// A problem that may repeat (per tensor, per layer): one line per kind and
+    /// key, with a count; capped kinds stop after [`CAP`] lines.
+    fn repeated(&mut self, kind: Kind, key: Key, message: String) {
+        let key = Some(key);
+        if let Some(p) = self
+            .list
+            .iter_mut()
+            .find(|p| p.kind == kind && p.key == key)
+        {
+            p.count += 1;
+            return;
+        }
+        if let Some(name) = kind.capped_as() {
+            let of_kind = |p: &&Problem| p.kind == kind;
+            if self.list.iter().filter(of_kind).count() >= CAP {
+                if self.list.iter().filter(of_kind).count() == CAP {
+                    self.push(kind, None, format!("(further `{name}` problems omitted)"));
+                }
+                return;
+            }
+        }
+        self.push(kind, key, message);
+    }
+
+    fn push(&mut self, kind: Kind, key: Option<Key>, message: String) {
+        self.list.push(Problem {
+            kind,
+            key,
+            message,
+            count: 1,
+        });
+    }
+
+    /// The one place where collected problems become the request's error.
+    fn into_error(self) -> Error {
+        let messages = self.list.into_iter().map(|p| match p.count {
+            1 => p.message,
+            n => p.message + &p.kind.repeated(n),
+        });
+        Error::invalid("the merge request", messages.collect())
+    }
+}
+
+// --- Inputs: every model directory opened once.
+
+/// One distinct model directory of the request (a base also listed among
+/// the models is one).
+struct Input<'r> {
+    /// `None` when it could not be opened (a problem says why).
+    dir: Option<ModelDir>,
+    /// What the user wrote, for messages.
+    label: String,
+    /// The settings it is merged with, when it is merged onto the base (the
+    /// first listing's, for a model listed twice).
+    settings: Option<&'r Settings>,
+}
+
+/// The request's models.
+struct Inputs<'r> {
+    models: Vec<Input<'r>>,
+    /// Which of `models` the request's base is.
+    base: Option<usize>,
+    /// Which of `models` each of the request's models is.
+    listed: Vec<usize>,
+}
+
+/// An opened input model, once every directory opened.
+struct Model<'r> {
+    dir: ModelDir,
+    label: String,
+    /// Its per-model settings (none for the base).
+    settings: &'r Settings,
+}
+
+static NO_SETTINGS: Settings = Settings::new();
+
+impl<'r> Inputs<'r> {
+    /// The opened models; only called once no problem was found, so each opened.
+    fn into_models(self) -> Vec<Model<'r>> {
+        self.models
+            .into_iter()
+            .map(|m| Model {
+                dir: m.dir.expect("a directory that did not open is a problem"),
+                label: m.label,
+                settings: m.settings.unwrap_or(&NO_SETTINGS),
+            })
+            .collect()
+    }
+}
+
+fn open_inputs<'r>(req: &'r MergeRequest, problems: &mut Problems) -> Inputs<'r> {
+    let mut inputs = Inputs {
+        models: Vec::new(),
+        base: None,
+        listed: Vec::new(),
+    };
+    let mut paths: Vec<&Path> = Vec::new();
+    for (i, inp) in req.base.iter().chain(&req.models).enumerate() {
+        let index = match paths.iter().position(|p| same_path(p, &inp.path)) {
+            Some(index) => index,
+            None => {
+                paths.push(&inp.path);
+                let dir = open_model(inp, problems);
+                inputs.models.push(Input {
+                    dir,
+                    label: inp.reference.clone(),
+                    settings: None,
+                });
+                inputs.models.len() - 1
+            }
+        };
+        if i == 0 && req.base.is_some() {
+            inputs.base = Some(index);
+        } else {
+            inputs.listed.push(index);
+        }
+    }
+    inputs
+}
+
+fn open_model(inp: &ModelInput, problems: &mut Problems) -> Option<ModelDir> {
+    let e = match ModelDir::open(&inp.path) {
+        Ok(d) => return Some(d),
+        Err(e) => e,
+    };
+    let mut msg = format!("model `{}`: {e}", inp.reference);
+    if !inp.path.exists() && looks_like_hf_id(&inp.reference) {
+        msg.push_str(&format!(
+            "\n`{}` is neither a local directory nor in the local HF cache ({}); fusechat never downloads: \
+             fetch it first (e.g. `huggingface-cli download {}`) or give a local path",
+            inp.reference,
+            crate::io::hub::cache_dirs().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            inp.reference
+        ));
+    }
+    problems.request(msg);
+    None
+}
+
+// --- Parameters: names, types and scopes, before anything else.
+
+/// Parameter names, types and scope, through the check every plugin kind shares.
+fn check_params(req: &MergeRequest, entry: &MergerEntry, problems: &mut Problems) {
+    let info = &entry.info;
+    for (k, v) in &req.params {
+        if let Some(p) = info.check_setting(k, v, None) {
+            problems.request(p);
+        }
+    }
+    for m in &req.models {
+        let of = format!("model `{}`", m.reference);
+        for (k, v) in &m.params {
+            if let Some(p) = info.check_setting(k, v, Some(&of)) {
+                problems.request(p);
+            } else if info.param(k).is_some_and(|s| s.scope == Scope::Shared) {
+                problems.request(format!(
+                    "parameter `{k}` of `{}` is shared by all models; set it in the merge's parameters, not for model `{}`",
+                    info.name, m.reference
+                ));
+            }
+        }
+    }
+}
+
+// --- Roles, slices and the input contract.
+
+/// Which models take part, and how.
+struct Roles {
+    /// The model the others are merged onto.
+    base: Option<usize>,
+    /// The models merged onto the base, in request order.
+    members: Vec<usize>,
+}
+
+fn assign_roles<'r>(
+    req: &'r MergeRequest,
+    inputs: &mut Inputs<'r>,
+    base_use: BaseUse,
+    warnings: &mut Vec<String>,
+) -> Roles {
+    let mut members = Vec::new();
+    for (m, &d) in req.models.iter().zip(&inputs.listed) {
+        if base_use != BaseUse::Ignored && Some(d) == inputs.base {
             if !m.params.is_empty() {
                 warnings.push(format!(
                     "the base model `{}` is also listed as a model; its parameters there are ignored",
@@ -339,395 +583,481 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
             }
             continue;
         }
-        members.push((d, &m.params));
+        members.push(d);
+        inputs.models[d].settings.get_or_insert(&m.params);
     }
-    match base_use {
-        BaseUse::Ignored if has_base => warnings.push(format!(
-            "method `{}` does not use a base model; `{}` is merged only if it is listed among the models",
-            req.method,
-            labels[base_dir.unwrap()]
-        )),
-        BaseUse::Required | BaseUse::Optional => base = base_dir,
-        _ => {}
-    }
-
-    // --- Slices: an explicit list, or one implicit slice over every layer.
-    // Each slice is a list of (dir index or base, layer range).
-    let mut slices: Vec<Vec<(Option<usize>, (usize, usize))>> = Vec::new();
-    if !req.slices.is_empty() {
-        for (si, s) in req.slices.iter().enumerate() {
-            let mut srcs = Vec::new();
-            for src in s {
-                let dir = match src.model {
-                    SliceModel::Base => base_dir,
-                    SliceModel::Model(i) => model_dirs.get(i).copied(),
-                };
-                srcs.push((dir, src.layers));
-            }
-            let lens: BTreeSet<usize> = srcs.iter().map(|(_, r)| r.1.saturating_sub(r.0)).collect();
-            if lens.len() > 1 || lens.contains(&0) {
-                problems.push(format!(
-                    "slice {}: every source must cover the same, non-empty number of layers (got {:?})",
-                    si + 1,
-                    srcs.iter().map(|(_, r)| [r.0, r.1]).collect::<Vec<_>>()
-                ));
-            }
-            slices.push(srcs);
-        }
-        // mergekit semantics: a method with a base merges each slice's sources onto the
-        // base's slice; the base must therefore be one of the slice's sources.
-        if base_use == BaseUse::Required {
-            let base_in_slices =
-                base.is_some_and(|b| slices.iter().all(|s| s.iter().any(|(d, _)| *d == Some(b))));
-            if !base_in_slices {
-                if let Some(first) = slices.first().and_then(|s| s.first()).and_then(|(d, _)| *d) {
-                    let named = base
-                        .map(|b| {
-                            format!(
-                                "names base_model `{}`, which is not one of its slice sources",
-                                labels[b]
-                            )
-                        })
-                        .unwrap_or_else(|| "has no base_model".into());
-                    warnings.push(format!(
-                        "the config {named}; mergekit rejects this. fusechat uses the first source, `{}`, as the base \
-                         (t = 0 gives it). To say so explicitly, set `base_model: {}`",
-                        labels[first], labels[first]
-                    ));
-                    base = Some(first);
-                }
-            }
-        }
-    }
-
-    if let Some(c) = contract {
-        if c.base == BaseUse::Required && base.is_none() {
-            problems.push(format!(
-                "method `{}` needs a base model (θ⁰, the pivot the others were fine-tuned from): give `base` / `--base` / `base_model`",
-                req.method
+    let base = match (base_use, inputs.base) {
+        (BaseUse::Ignored, Some(b)) => {
+            warnings.push(format!(
+                "method `{}` does not use a base model; `{}` is merged only if it is listed among the models",
+                req.method, inputs.models[b].label
             ));
+            None
         }
-        let n = if slices.is_empty() {
-            members.len()
-        } else {
-            slices
-                .iter()
-                .map(|s| s.iter().filter(|(d, _)| *d != base).count())
-                .max()
-                .unwrap_or(0)
-        };
-        if n < c.min_models || c.max_models.is_some_and(|m| n > m) {
-            let want = match c.max_models {
-                Some(m) if m == c.min_models => format!("exactly {m}"),
-                Some(m) => format!("{} to {m}", c.min_models),
-                None => format!("at least {}", c.min_models),
-            };
-            problems.push(format!(
-                "method `{}` merges {want} model(s) besides the base; this request has {n}",
-                req.method
+        (BaseUse::Ignored, None) => None,
+        (BaseUse::Required | BaseUse::Optional, base) => base,
+    };
+    Roles { base, members }
+}
+
+/// One source of an output slice: a model (`None` where the request names
+/// none, e.g. `base` without a base) and a half-open layer range.
+struct SliceSrc {
+    model: Option<usize>,
+    layers: (usize, usize),
+}
+
+/// The request's explicit slices (none: one implicit slice is laid out once
+/// the models are open), each checked for equal, non-empty layer counts.
+fn lay_out_slices(
+    req: &MergeRequest,
+    inputs: &Inputs,
+    roles: &mut Roles,
+    base_use: BaseUse,
+    problems: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Vec<Vec<SliceSrc>> {
+    let slices: Vec<Vec<SliceSrc>> = req
+        .slices
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|src| SliceSrc {
+                    model: match src.model {
+                        SliceModel::Base => inputs.base,
+                        SliceModel::Model(i) => inputs.listed.get(i).copied(),
+                    },
+                    layers: src.layers,
+                })
+                .collect()
+        })
+        .collect();
+    for (si, srcs) in slices.iter().enumerate() {
+        let lens: BTreeSet<usize> = srcs
+            .iter()
+            .map(|x| x.layers.1.saturating_sub(x.layers.0))
+            .collect();
+        if lens.len() > 1 || lens.contains(&0) {
+            problems.request(format!(
+                "slice {}: every source must cover the same, non-empty number of layers (got {:?})",
+                si + 1,
+                srcs.iter()
+                    .map(|x| [x.layers.0, x.layers.1])
+                    .collect::<Vec<_>>()
             ));
         }
     }
-
-    // Stop here if the basics are broken: tensor checks would only add noise.
-    if !problems.is_empty() || dirs.iter().any(|d| d.is_none()) {
-        return Err(Error::invalid("the merge request", problems));
+    if base_use == BaseUse::Required && !slices.is_empty() {
+        choose_slice_base(&slices, inputs, roles, warnings);
     }
-    let dirs: Vec<ModelDir> = dirs.into_iter().map(|d| d.expect("checked")).collect();
-    let entry = entry.expect("checked");
+    slices
+}
 
-    if slices.is_empty() {
-        let lead = base
-            .or(members.first().map(|m| m.0))
-            .expect("contract checked");
-        let n_layers = dirs[lead].num_layers().unwrap_or_else(|| {
-            dirs[lead]
-                .tensors()
-                .keys()
-                .filter_map(|n| layer_index(n))
-                .max()
-                .map_or(0, |m| m + 1)
-        });
-        let mut s: Vec<(Option<usize>, (usize, usize))> = Vec::new();
-        if let Some(b) = base {
-            s.push((Some(b), (0, n_layers)));
-        }
-        s.extend(members.iter().map(|(d, _)| (Some(*d), (0, n_layers))));
-        slices.push(s);
+/// mergekit semantics: a method with a base merges each slice's sources onto
+/// the base's slice, so the base must be one of every slice's sources.
+/// mergekit rejects a config where it is not; fusechat uses the first source.
+fn choose_slice_base(
+    slices: &[Vec<SliceSrc>],
+    inputs: &Inputs,
+    roles: &mut Roles,
+    warnings: &mut Vec<String>,
+) {
+    let in_every_slice = |b: usize| slices.iter().all(|s| s.iter().any(|x| x.model == Some(b)));
+    if roles.base.is_some_and(in_every_slice) {
+        return;
     }
-
-    // Settings per dir (the base has none).
-    let settings_of = |d: usize| -> &Settings {
-        static EMPTY: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
-        members
-            .iter()
-            .find(|(m, _)| *m == d)
-            .map(|(_, s)| *s)
-            .unwrap_or_else(|| EMPTY.get_or_init(Settings::new))
+    let Some(first) = slices.first().and_then(|s| s.first()).and_then(|x| x.model) else {
+        return;
     };
+    let label = |m: usize| &inputs.models[m].label;
+    let named = roles
+        .base
+        .map(|b| {
+            format!(
+                "names base_model `{}`, which is not one of its slice sources",
+                label(b)
+            )
+        })
+        .unwrap_or_else(|| "has no base_model".into());
+    warnings.push(format!(
+        "the config {named}; mergekit rejects this. fusechat uses the first source, `{}`, as the base \
+         (t = 0 gives it). To say so explicitly, set `base_model: {}`",
+        label(first),
+        label(first)
+    ));
+    roles.base = Some(first);
+}
 
-    // --- Output tensors.
-    let mut tensors: Vec<PlannedTensor> = Vec::new();
-    let mut resolve_problems: BTreeSet<String> = BTreeSet::new();
-    let mut out_layer = 0usize;
-    let mut plan_tensor = |out_name: String,
-                           layer: Option<usize>,
-                           t: f64,
-                           srcs: &[(usize, String)],
-                           tensors: &mut Vec<PlannedTensor>,
-                           problems: &mut Vec<String>| {
-        let lead = srcs[0].0;
-        let lead_t = dirs[lead].tensor(&srcs[0].1).expect("taken from the lead");
-        let mut ok = true;
-        for (d, name) in srcs {
-            match dirs[*d].tensor(name) {
-                None => {
-                    push_capped(
-                        problems,
-                        &mut counts,
-                        "missing tensor",
-                        format!(
-                            "tensor `{name}` is missing from `{}` (present in `{}`)",
-                            labels[*d], labels[lead]
-                        ),
-                    );
-                    ok = false;
-                }
-                Some(t) if t.shape != lead_t.shape => {
-                    push_capped(
-                        problems,
-                        &mut counts,
-                        "shape",
-                        format!(
-                            "shape mismatch for `{name}`: `{}` has {:?}, `{}` has {:?}",
-                            labels[lead], lead_t.shape, labels[*d], t.shape
-                        ),
-                    );
-                    ok = false;
-                }
-                Some(t) if t.dtype.is_none() => {
-                    push_capped(problems, &mut counts, "dtype", format!(
-                        "tensor `{name}` of `{}` has dtype {}; fusechat merges F32, F16 and BF16 tensors",
-                        labels[*d], t.raw_dtype
-                    ));
-                    ok = false;
-                }
-                Some(_) => {}
-            }
-        }
-        if !ok {
-            return;
-        }
-        let (base_src, model_srcs): (Option<TensorSource>, Vec<TensorSource>) = {
-            let mut b = None;
-            let mut ms = Vec::new();
-            for (d, name) in srcs {
-                let s = TensorSource {
-                    model: *d,
-                    name: name.clone(),
-                };
-                if Some(*d) == base && b.is_none() {
-                    b = Some(s);
-                } else {
-                    ms.push(s);
-                }
-            }
-            (b, ms)
+fn check_contract(
+    req: &MergeRequest,
+    c: InputContract,
+    roles: &Roles,
+    slices: &[Vec<SliceSrc>],
+    problems: &mut Problems,
+) {
+    if c.base == BaseUse::Required && roles.base.is_none() {
+        problems.request(format!(
+            "method `{}` needs a base model (θ⁰, the pivot the others were fine-tuned from): give `base` / `--base` / `base_model`",
+            req.method
+        ));
+    }
+    let n = if slices.is_empty() {
+        roles.members.len()
+    } else {
+        let besides_base = |s: &Vec<SliceSrc>| s.iter().filter(|x| x.model != roles.base).count();
+        slices.iter().map(besides_base).max().unwrap_or(0)
+    };
+    if n < c.min_models || c.max_models.is_some_and(|m| n > m) {
+        let want = match c.max_models {
+            Some(m) if m == c.min_models => format!("exactly {m}"),
+            Some(m) => format!("{} to {m}", c.min_models),
+            None => format!("at least {}", c.min_models),
         };
-        let model_settings: Vec<&Settings> =
-            model_srcs.iter().map(|s| settings_of(s.model)).collect();
-        let params = match ResolvedParams::resolve(
-            &entry.info.params,
-            &req.params,
-            &model_settings,
-            &out_name,
-            t,
-        ) {
-            Ok(p) => p,
-            Err(ps) => {
-                for p in ps {
-                    // One line per parameter and model, not per tensor.
-                    let key = p.split(" on tensor").next().unwrap_or(&p).to_string();
-                    if resolve_problems.insert(key) {
-                        problems.push(p);
-                    }
-                }
-                return;
-            }
-        };
-        let in_dtype = lead_t.dtype.expect("checked");
-        let out_dtype = req.out_dtype.or(req.dtype).unwrap_or(in_dtype);
-        let input_bytes = srcs
-            .iter()
-            .map(|(d, n)| {
-                let t = dirs[*d].tensor(n).expect("checked");
-                (t.end - t.start) as u64
-            })
-            .sum();
-        tensors.push(PlannedTensor {
-            name: out_name,
-            shape: lead_t.shape.clone(),
-            out_dtype,
-            layer,
-            t,
-            base: base_src,
-            inputs: model_srcs,
-            params,
-            input_bytes,
-        });
-    };
+        problems.request(format!(
+            "method `{}` merges {want} model(s) besides the base; this request has {n}",
+            req.method
+        ));
+    }
+}
 
-    // Each slice's sources as (dir, first layer), its lead (the base, else the
-    // first source) first: the lead is the reference for names and shapes.
-    let lead_first = |s: &Vec<(Option<usize>, (usize, usize))>| -> Vec<(usize, usize)> {
-        let mut v: Vec<(usize, usize)> =
-            s.iter().filter_map(|(d, r)| d.map(|d| (d, r.0))).collect();
-        if let Some(p) = v.iter().position(|(d, _)| Some(*d) == base) {
-            let x = v.remove(p);
-            v.insert(0, x);
-        }
-        v
-    };
+/// Without explicit slices: one slice over every layer of the lead (the
+/// base, else the first model), base first.
+fn implicit_slice(models: &[Model], roles: &Roles) -> Vec<SliceSrc> {
+    let lead = roles
+        .base
+        .or(roles.members.first().copied())
+        .expect("contract checked");
+    let dir = &models[lead].dir;
+    let n_layers = dir.num_layers().unwrap_or_else(|| {
+        dir.tensors()
+            .keys()
+            .filter_map(|n| layer_index(n))
+            .max()
+            .map_or(0, |m| m + 1)
+    });
+    roles
+        .base
+        .iter()
+        .chain(&roles.members)
+        .map(|&d| SliceSrc {
+            model: Some(d),
+            layers: (0, n_layers),
+        })
+        .collect()
+}
 
-    // Non-layer tensors (embeddings, final norm, lm_head) come from the first
-    // slice's sources, at t = 0; embeddings first, the rest after the layers.
-    let first = lead_first(&slices[0]);
-    let lead0 = first[0].0;
-    let mut non_layer: Vec<&String> = dirs[lead0]
+// --- Output tensors.
+
+/// What planning a tensor needs to know about the request.
+struct TensorPlanner<'a> {
+    models: &'a [Model<'a>],
+    base: Option<usize>,
+    specs: &'a [ParamSpec],
+    global: &'a Settings,
+    /// The requested output dtype, if any (else the input's).
+    out_dtype: Option<DType>,
+}
+
+/// One output tensor to plan: its name, layer, layer position and sources,
+/// the lead's (the reference for names and shapes) first.
+struct Candidate {
+    name: String,
+    layer: Option<usize>,
+    t: f64,
+    sources: Vec<TensorSource>,
+}
+
+/// The planned tensors, the output's layer count and the lead model (of
+/// names, config and tokenizer).
+struct Planned {
+    tensors: Vec<PlannedTensor>,
+    layers: usize,
+    lead: usize,
+}
+
+/// A slice's sources as (model, first layer), the lead (the base, else the
+/// first source) first.
+fn lead_first(s: &[SliceSrc], base: Option<usize>) -> Vec<(usize, usize)> {
+    let mut v: Vec<(usize, usize)> = s
+        .iter()
+        .filter_map(|x| x.model.map(|d| (d, x.layers.0)))
+        .collect();
+    if let Some(p) = v.iter().position(|(d, _)| Some(*d) == base) {
+        let x = v.remove(p);
+        v.insert(0, x);
+    }
+    v
+}
+
+/// The tensors outside the layers, in natural order, as (embeddings, the rest).
+fn non_layer_names(dir: &ModelDir) -> (Vec<String>, Vec<String>) {
+    let mut names: Vec<&String> = dir
         .tensors()
         .keys()
         .filter(|n| layer_index(n).is_none())
         .collect();
-    non_layer.sort_by(|a, b| natural_order(a, b));
-    let (pre, post): (Vec<&String>, Vec<&String>) = non_layer
+    names.sort_by(|a, b| natural_order(a, b));
+    names
         .into_iter()
-        .partition(|n| n.contains("embed") || n.contains("wte") || n.contains("wpe"));
-    let non_layer_srcs = |name: &String| -> Vec<(usize, String)> {
-        first.iter().map(|(d, _)| (*d, name.clone())).collect()
-    };
-    for name in &pre {
-        plan_tensor(
-            (*name).clone(),
-            None,
-            0.0,
-            &non_layer_srcs(name),
-            &mut tensors,
-            &mut problems,
-        );
-    }
-    for s in &slices {
-        let srcs_order = lead_first(s);
-        let lead = srcs_order[0].0;
-        let len = s.iter().map(|(_, r)| r.1 - r.0).min().unwrap_or(0);
-        for k in 0..len {
-            let t = if len > 1 {
-                k as f64 / (len - 1) as f64
-            } else {
-                0.0
-            };
-            let lead_layer = srcs_order[0].1 + k;
-            let mut names: Vec<&String> = dirs[lead]
-                .tensors()
-                .keys()
-                .filter(|n| layer_index(n) == Some(lead_layer))
-                .collect();
-            if names.is_empty() {
-                problems.push(format!(
-                    "`{}` has no tensors for layer {lead_layer}",
-                    labels[lead]
-                ));
+        .cloned()
+        .partition(|n| n.contains("embed") || n.contains("wte") || n.contains("wpe"))
+}
+
+impl TensorPlanner<'_> {
+    /// Every output tensor in output order: the embeddings, each slice's
+    /// layers, the other non-layer tensors (final norm, lm_head). Non-layer
+    /// tensors come from the first slice's sources, at t = 0.
+    fn plan_all(&self, slices: &[Vec<SliceSrc>], problems: &mut Problems) -> Planned {
+        let first = lead_first(&slices[0], self.base);
+        let lead = first[0].0;
+        let (pre, post) = non_layer_names(&self.models[lead].dir);
+        let non_layer = |name: &String| Candidate {
+            name: name.clone(),
+            layer: None,
+            t: 0.0,
+            sources: first
+                .iter()
+                .map(|&(d, _)| TensorSource {
+                    model: d,
+                    name: name.clone(),
+                })
+                .collect(),
+        };
+        let mut tensors = Vec::new();
+        for name in &pre {
+            tensors.extend(self.plan(non_layer(name), problems));
+        }
+        let mut layers = 0;
+        for s in slices {
+            let srcs = lead_first(s, self.base);
+            let len = s.iter().map(|x| x.layers.1 - x.layers.0).min().unwrap_or(0);
+            for k in 0..len {
+                for c in self.layer_candidates(&srcs, (k, len), layers, problems) {
+                    tensors.extend(self.plan(c, problems));
+                }
+                layers += 1;
             }
-            names.sort();
-            for name in names {
-                let out_name = with_layer_index(name, out_layer);
-                let srcs: Vec<(usize, String)> = srcs_order
-                    .iter()
-                    .map(|(d, start)| (*d, with_layer_index(name, start + k)))
-                    .collect();
-                plan_tensor(
-                    out_name,
-                    Some(out_layer),
-                    t,
-                    &srcs,
-                    &mut tensors,
-                    &mut problems,
-                );
-            }
-            out_layer += 1;
+        }
+        for name in &post {
+            tensors.extend(self.plan(non_layer(name), problems));
+        }
+        Planned {
+            tensors,
+            layers,
+            lead,
         }
     }
-    for name in &post {
-        plan_tensor(
-            (*name).clone(),
-            None,
-            0.0,
-            &non_layer_srcs(name),
-            &mut tensors,
-            &mut problems,
-        );
-    }
 
-    if !problems.is_empty() {
-        return Err(Error::invalid("the merge request", problems));
-    }
-    if tensors.is_empty() {
-        return Err(Error::invalid(
-            "the merge request",
-            vec![format!(
-                "nothing to merge: `{}` holds no tensors",
-                labels[lead0]
-            )],
-        ));
-    }
-
-    // Extra tensors that a model has and the lead does not are not merged.
-    for (d, dir) in dirs.iter().enumerate() {
-        if d == lead0 || !slices.iter().any(|s| s.iter().any(|(x, _)| *x == Some(d))) {
-            continue;
-        }
-        let extra = dir
+    /// The tensors of output layer `out_layer`: layer `k` of `len` of a slice
+    /// whose sources (lead first) are `srcs`.
+    fn layer_candidates(
+        &self,
+        srcs: &[(usize, usize)],
+        (k, len): (usize, usize),
+        out_layer: usize,
+        problems: &mut Problems,
+    ) -> Vec<Candidate> {
+        let t = if len > 1 {
+            k as f64 / (len - 1) as f64
+        } else {
+            0.0
+        };
+        let (lead, lead_start) = srcs[0];
+        let lead_layer = lead_start + k;
+        let lead = &self.models[lead];
+        let mut names: Vec<&String> = lead
+            .dir
             .tensors()
             .keys()
-            .filter(|n| dirs[lead0].tensor(n).is_none())
-            .count();
-        if extra > 0 && req.slices.is_empty() {
-            warnings.push(format!(
-                "`{}` has {extra} tensor(s) that `{}` lacks; they are not merged",
-                labels[d], labels[lead0]
-            ));
+            .filter(|n| layer_index(n) == Some(lead_layer))
+            .collect();
+        if names.is_empty() {
+            let msg = format!("`{}` has no tensors for layer {lead_layer}", lead.label);
+            problems.repeated(Kind::NoLayer, Key::Model(srcs[0].0), msg);
         }
+        names.sort();
+        let sources = |name: &str| -> Vec<TensorSource> {
+            srcs.iter()
+                .map(|&(d, start)| TensorSource {
+                    model: d,
+                    name: with_layer_index(name, start + k),
+                })
+                .collect()
+        };
+        names
+            .into_iter()
+            .map(|name| Candidate {
+                name: with_layer_index(name, out_layer),
+                layer: Some(out_layer),
+                t,
+                sources: sources(name),
+            })
+            .collect()
     }
 
-    // Output config: the lead's, with the output dtype and layer count.
-    let mut config = dirs[lead0].config.clone();
+    /// Plan one tensor, or record why it cannot be merged.
+    fn plan(&self, c: Candidate, problems: &mut Problems) -> Option<PlannedTensor> {
+        let lead = self.entry(&c.sources[0]).expect("taken from the lead");
+        if !self.check_sources(&c.sources, lead, problems) {
+            return None;
+        }
+        let input_bytes = c
+            .sources
+            .iter()
+            .map(|s| self.entry(s).map_or(0, |t| (t.end - t.start) as u64))
+            .sum();
+        let shape = lead.shape.clone();
+        let out_dtype = self.out_dtype.unwrap_or(lead.dtype.expect("checked"));
+        let (base, inputs) = self.split_base(c.sources);
+        let params = self.resolve_params(&c.name, c.t, &inputs, problems)?;
+        Some(PlannedTensor {
+            name: c.name,
+            shape,
+            out_dtype,
+            layer: c.layer,
+            t: c.t,
+            base,
+            inputs,
+            params,
+            input_bytes,
+        })
+    }
+
+    fn entry(&self, s: &TensorSource) -> Option<&TensorEntry> {
+        self.models[s.model].dir.tensor(&s.name)
+    }
+
+    /// Every source has the tensor, in the lead's shape and a dtype fusechat
+    /// merges; each failure is recorded (once per kind and model, counted).
+    fn check_sources(
+        &self,
+        sources: &[TensorSource],
+        lead: &TensorEntry,
+        problems: &mut Problems,
+    ) -> bool {
+        let lead_label = &self.models[sources[0].model].label;
+        let mut ok = true;
+        for s in sources {
+            let (name, label) = (&s.name, &self.models[s.model].label);
+            let (kind, msg) = match self.entry(s) {
+                None => (
+                    Kind::MissingTensor,
+                    format!("tensor `{name}` is missing from `{label}` (present in `{lead_label}`)"),
+                ),
+                Some(t) if t.shape != lead.shape => (
+                    Kind::Shape,
+                    format!(
+                        "shape mismatch for `{name}`: `{lead_label}` has {:?}, `{label}` has {:?}",
+                        lead.shape, t.shape
+                    ),
+                ),
+                Some(t) if t.dtype.is_none() => (
+                    Kind::DType,
+                    format!(
+                        "tensor `{name}` of `{label}` has dtype {}; fusechat merges F32, F16 and BF16 tensors",
+                        t.raw_dtype
+                    ),
+                ),
+                Some(_) => continue,
+            };
+            problems.repeated(kind, Key::Model(s.model), msg);
+            ok = false;
+        }
+        ok
+    }
+
+    /// The base's source (the first from the base model) and the others, in order.
+    fn split_base(&self, sources: Vec<TensorSource>) -> (Option<TensorSource>, Vec<TensorSource>) {
+        let mut base = None;
+        let mut inputs = Vec::new();
+        for s in sources {
+            if Some(s.model) == self.base && base.is_none() {
+                base = Some(s);
+            } else {
+                inputs.push(s);
+            }
+        }
+        (base, inputs)
+    }
+
+    /// The tensor's parameters; a parameter without a usable value is recorded
+    /// once per parameter and model, with the number of tensors it concerns.
+    fn resolve_params(
+        &self,
+        tensor: &str,
+        t: f64,
+        inputs: &[TensorSource],
+        problems: &mut Problems,
+    ) -> Option<ResolvedParams> {
+        let settings: Vec<&Settings> = inputs
+            .iter()
+            .map(|s| self.models[s.model].settings)
+            .collect();
+        let ps = match ResolvedParams::resolve(self.specs, self.global, &settings, tensor, t) {
+            Ok(p) => return Some(p),
+            Err(ps) => ps,
+        };
+        for p in ps {
+            let kind = match p {
+                ParamProblem::Missing { .. } => Kind::MissingParam,
+                ParamProblem::Invalid { .. } => Kind::BadParam,
+            };
+            problems.repeated(
+                kind,
+                Key::Param(p.param().to_string(), p.model()),
+                p.to_string(),
+            );
+        }
+        None
+    }
+}
+
+// --- What the plan carries besides its tensors.
+
+/// Tensors that a model has and the lead lacks are not merged: say so.
+fn extra_tensor_warnings(models: &[Model], slices: &[Vec<SliceSrc>], lead: usize) -> Vec<String> {
+    let in_slices = |d: usize| slices.iter().any(|s| s.iter().any(|x| x.model == Some(d)));
+    let lead_model = &models[lead];
+    models
+        .iter()
+        .enumerate()
+        .filter(|&(d, _)| d != lead && in_slices(d))
+        .filter_map(|(_, m)| {
+            let lead = lead_model;
+            let extra = m
+                .dir
+                .tensors()
+                .keys()
+                .filter(|n| lead.dir.tensor(n).is_none())
+                .count();
+            (extra > 0).then(|| {
+                format!(
+                    "`{}` has {extra} tensor(s) that `{}` lacks; they are not merged",
+                    m.label, lead.label
+                )
+            })
+        })
+        .collect()
+}
+
+/// The output's config.json: the lead's, with the output dtype and, for
+/// explicit slices, the output's layer count.
+fn output_config(lead: &ModelDir, planned: &Planned, req: &MergeRequest) -> serde_json::Value {
+    let mut config = lead.config.clone();
     if let Some(obj) = config.as_object_mut() {
-        let out_dtype = tensors[0].out_dtype;
+        let out_dtype = planned.tensors[0].out_dtype;
         obj.insert(
             "torch_dtype".into(),
             serde_json::Value::String(out_dtype.torch_name().into()),
         );
         if !req.slices.is_empty() {
-            obj.insert("num_hidden_layers".into(), serde_json::json!(out_layer));
+            obj.insert(
+                "num_hidden_layers".into(),
+                serde_json::json!(planned.layers),
+            );
         }
     }
-
-    Ok(Plan {
-        method: entry,
-        models: dirs,
-        labels,
-        tensors,
-        load_dtype: req.dtype,
-        out: req.out.clone(),
-        force: req.force,
-        max_shard_size: req.max_shard_size,
-        seed: req.seed,
-        config,
-        tokenizer_from: lead0,
-        warnings,
-        request: req.to_json(),
-        origin: req.origin.clone(),
-        stage_key: req.stage_key.clone(),
-    })
+    config
 }
 
 impl Plan {
@@ -827,5 +1157,83 @@ impl Plan {
             if budget == 0 { self.largest_job() } else { budget } as f64 / 1e9
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(p: Problems) -> Vec<String> {
+        match p.into_error() {
+            Error::Invalid { problems: m, .. } => m,
+            e => panic!("not a request error: {e}"),
+        }
+    }
+
+    #[test]
+    fn repeated_problems_are_reported_once_with_a_count() {
+        let mut p = Problems::default();
+        p.request("model `x`: not found".into());
+        for i in 0..291 {
+            let msg = format!("tensor `t{i}` is missing from `b` (present in `a`)");
+            p.repeated(Kind::MissingTensor, Key::Model(1), msg);
+        }
+        for i in 0..37 {
+            let msg = format!("required parameter `t` has no value for tensor `x{i}`");
+            p.repeated(Kind::MissingParam, Key::Param("t".into(), None), msg);
+        }
+        // Another model, another key: its own line.
+        p.repeated(
+            Kind::MissingParam,
+            Key::Param("t".into(), Some(0)),
+            "per model".into(),
+        );
+        p.repeated(
+            Kind::NoLayer,
+            Key::Model(0),
+            "`a` has no tensors for layer 40".into(),
+        );
+        p.repeated(
+            Kind::NoLayer,
+            Key::Model(0),
+            "`a` has no tensors for layer 41".into(),
+        );
+        p.request("model `x`: not found".into());
+        assert_eq!(
+            messages(p),
+            [
+                "model `x`: not found",
+                "tensor `t0` is missing from `b` (present in `a`), and 290 more missing tensors",
+                "required parameter `t` has no value for tensor `x0` (and 36 more tensors)",
+                "per model",
+                "`a` has no tensors for layer 40, nor for 1 more layer",
+                "model `x`: not found",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_capped_kind_stops_after_eight_lines() {
+        let mut p = Problems::default();
+        for m in 0..12 {
+            for _ in 0..2 {
+                p.repeated(
+                    Kind::Shape,
+                    Key::Model(m),
+                    format!("shape mismatch in #{m}"),
+                );
+            }
+        }
+        p.repeated(Kind::DType, Key::Model(0), "dtype of #0".into());
+        let got = messages(p);
+        assert_eq!(got.len(), CAP + 2, "{got:?}");
+        assert_eq!(got[0], "shape mismatch in #0, and 1 more shape mismatch");
+        assert_eq!(
+            got[CAP - 1],
+            "shape mismatch in #7, and 1 more shape mismatch"
+        );
+        assert_eq!(got[CAP], "(further `shape` problems omitted)");
+        assert_eq!(got[CAP + 1], "dtype of #0");
     }
 }
