@@ -205,7 +205,7 @@ impl PluginInfo {
         value
             .check_type(&spec.ty)
             .err()
-            .map(|msg| format!("parameter `{name}`{whose} of {}: {msg}", self.label()))
+            .map(|msg| format!("parameter `{name}`{whose}: {msg} (for {})", self.label()))
     }
 
     /// Resolve single-valued parameters (aligners and the other per-stage
