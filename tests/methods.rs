@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use fusechat::core::io::dtype::DType;
 use fusechat::core::merge::engine::ExecOptions;
+use fusechat::core::merge::plan::{SliceModel, SliceSource};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -392,4 +393,78 @@ fn sharded_output_has_an_index_and_loads_back_equal() {
         tensors(&one).len()
     );
     assert_eq!(tensors(&one), tensors(&many));
+}
+
+/// The problems of a request the planner rejects.
+fn plan_problems(r: &MergeRequestAlias) -> Vec<String> {
+    match fusechat::core::merge::plan::plan(r, &fusechat::registry()) {
+        Err(fusechat::core::Error::Invalid { problems: ps, .. }) => ps,
+        Err(e) => panic!("not a request problem: {e}"),
+        Ok(_) => panic!("the request was accepted"),
+    }
+}
+
+#[test]
+fn a_required_parameter_that_no_filter_matches_is_reported_once_with_a_count() {
+    let (tmp, pivot, t) = setup(1);
+    let mut r = request("slerp", Some(&pivot), &refs(&t), &tmp.path().join("o"));
+    set(&mut r, "t", json!([{"filter": "no_such_tensor", "value": 0.5}]));
+    let ps = plan_problems(&r);
+    // 21 tensors: embeddings, 2 layers of 9, final norm, lm_head.
+    assert_eq!(
+        ps,
+        ["required parameter `t` has no value for tensor `model.embed_tokens.weight` (and 20 more tensors)"]
+    );
+    // Filters that match some tensors: the count is of the others.
+    set(
+        &mut r,
+        "t",
+        json!([{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": 0.5}]),
+    );
+    let ps = plan_problems(&r);
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert!(ps[0].ends_with("(and 6 more tensors)"), "{ps:?}");
+}
+
+#[test]
+fn a_layer_range_past_the_leads_layers_is_reported_once() {
+    let (tmp, _, t) = setup(2);
+    let mut r = request("linear", None, &refs(&t), &tmp.path().join("o"));
+    r.slices = vec![(0..2)
+        .map(|i| SliceSource {
+            model: SliceModel::Model(i),
+            layers: (1, 6),
+        })
+        .collect()];
+    let ps = plan_problems(&r);
+    let lead = t[0].display();
+    assert_eq!(
+        ps,
+        [format!("`{lead}` has no tensors for layer 2, nor for 3 more layers")]
+    );
+}
+
+#[test]
+fn a_layer_range_past_another_sources_layers_is_reported_once() {
+    let (tmp, _, t) = setup(2);
+    let mut r = request("linear", None, &refs(&t), &tmp.path().join("o"));
+    r.slices = vec![vec![
+        SliceSource {
+            model: SliceModel::Model(0),
+            layers: (0, 2),
+        },
+        SliceSource {
+            model: SliceModel::Model(1),
+            layers: (4, 6),
+        },
+    ]];
+    let ps = plan_problems(&r);
+    let (lead, other) = (t[0].display(), t[1].display());
+    assert_eq!(
+        ps,
+        [format!(
+            "tensor `model.layers.4.input_layernorm.weight` is missing from `{other}` (present in `{lead}`), \
+             and 17 more missing tensors"
+        )]
+    );
 }
