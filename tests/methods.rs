@@ -408,7 +408,11 @@ fn plan_problems(r: &MergeRequestAlias) -> Vec<String> {
 fn a_required_parameter_that_no_filter_matches_is_reported_once_with_a_count() {
     let (tmp, pivot, t) = setup(1);
     let mut r = request("slerp", Some(&pivot), &refs(&t), &tmp.path().join("o"));
-    set(&mut r, "t", json!([{"filter": "no_such_tensor", "value": 0.5}]));
+    set(
+        &mut r,
+        "t",
+        json!([{"filter": "no_such_tensor", "value": 0.5}]),
+    );
     let ps = plan_problems(&r);
     // 21 tensors: embeddings, 2 layers of 9, final norm, lm_head.
     assert_eq!(
@@ -440,7 +444,9 @@ fn a_layer_range_past_the_leads_layers_is_reported_once() {
     let lead = t[0].display();
     assert_eq!(
         ps,
-        [format!("`{lead}` has no tensors for layer 2, nor for 3 more layers")]
+        [format!(
+            "`{lead}` has no tensors for layer 2, nor for 3 more layers"
+        )]
     );
 }
 

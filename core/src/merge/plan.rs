@@ -10,7 +10,7 @@ use crate::io::dtype::DType;
 use crate::io::model_dir::{layer_index, natural_order, with_layer_index, ModelDir, TensorEntry};
 use crate::merge::params::{ParamProblem, ResolvedParams, Settings};
 use crate::merge::{BaseUse, InputContract};
-use crate::plugin::registry::{MergerEntry, ParamSpec, Registry, Scope};
+use crate::plugin::registry::{MergerEntry, ParamSpec, Registry};
 use crate::{Error, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -546,11 +546,6 @@ fn check_params(req: &MergeRequest, entry: &MergerEntry, problems: &mut Problems
         for (k, v) in &m.params {
             if let Some(p) = info.check_setting(k, v, Some(&of)) {
                 problems.request(p);
-            } else if info.param(k).is_some_and(|s| s.scope == Scope::Shared) {
-                problems.request(format!(
-                    "parameter `{k}` of `{}` is shared by all models; set it in the merge's parameters, not for model `{}`",
-                    info.name, m.reference
-                ));
             }
         }
     }

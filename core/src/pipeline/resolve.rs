@@ -10,7 +10,7 @@ use crate::merge::params::Settings;
 use crate::pipeline::config::{defaults, toml_scalars, Config, DataSection, ModelSection};
 use crate::pipeline::miniature::MiniatureSpec;
 use crate::pipeline::run::{Job, Pipeline, Stage};
-use crate::plugin::registry::{PluginInfo, Registry, Scope};
+use crate::plugin::registry::{PluginInfo, Registry};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -386,11 +386,6 @@ impl Resolver<'_> {
         for (k, v) in settings {
             if let Some(p) = info.check_setting(k, v, of) {
                 self.problem(format!("{field}: {p}"));
-            } else if of.is_some() && info.param(k).is_some_and(|s| s.scope == Scope::Shared) {
-                self.problem(format!(
-                    "{field}: parameter `{k}` of {} is shared by all models; set it in [merge.parameters]",
-                    info.label()
-                ));
             }
         }
     }

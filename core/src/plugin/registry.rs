@@ -191,8 +191,9 @@ impl PluginInfo {
     }
 
     /// The problem with a parameter given by name, if any: a name the plugin does
-    /// not declare (the message lists those it does), or a value of the wrong type.
-    /// `of` says whose setting it is in the message ("model `a`"), if not the plugin's own.
+    /// not declare (the message lists those it does), a value of the wrong type,
+    /// or a shared parameter set for one model. `of` names the model whose
+    /// setting it is ("model `a`"); `None` for the plugin's own settings.
     pub fn check_setting(&self, name: &str, value: &Setting, of: Option<&str>) -> Option<String> {
         let whose = of.map(|o| format!(" of {o}")).unwrap_or_default();
         let Some(spec) = self.param(name) else {
@@ -202,6 +203,12 @@ impl PluginInfo {
                 self.known_params()
             ));
         };
+        if let (Some(of), Scope::Shared) = (of, spec.scope) {
+            return Some(format!(
+                "parameter `{name}` of {} is shared by all models; set it in the merge's parameters, not for {of}",
+                self.label()
+            ));
+        }
         value
             .check_type(&spec.ty)
             .err()
