@@ -10,9 +10,10 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fusechat::core::model::ops::cross_entropy;
 use fusechat::core::model::LoadOptions;
 use fusechat::core::rng::SplitMix64;
-use fusechat::plugins::models::decoder::{cross_entropy, Decoder};
+use fusechat::plugins::models::decoder::Decoder;
 
 mod common;
 

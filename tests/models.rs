@@ -4,8 +4,9 @@ use candle_core::{DType as CDType, Device, Tensor};
 use candle_nn::Optimizer;
 use fusechat::core::io::dtype::DType;
 use fusechat::core::io::hf_dir::write_model_dir;
+use fusechat::core::model::ops::cross_entropy;
 use fusechat::core::model::{KvCache, LoadOptions};
-use fusechat::plugins::models::decoder::{cross_entropy, Decoder, DecoderConfig, Flavour};
+use fusechat::plugins::models::decoder::{Decoder, DecoderConfig, Flavour};
 use serde_json::json;
 use std::path::Path;
 

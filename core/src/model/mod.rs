@@ -1,9 +1,11 @@
 //! The `SourceModel` extension point: a causal-LM family that loads an HF
 //! model directory into a [`CausalLm`], which gives logits for every position
 //! of a padded batch, trains (its weights are candle `Var`s), and generates
-//! with a KV cache.
+//! with a KV cache. [`ops`] holds the differentiable ops that models, losses
+//! and trainers share.
 
 pub mod generate;
+pub mod ops;
 
 use crate::plugin::registry::PluginInfo;
 use crate::{Error, Result};
@@ -77,6 +79,39 @@ pub fn candle_error(e: candle_core::Error) -> Error {
     }
 }
 
+/// Save named weights as an HF model directory, atomically: `config` (with
+/// `torch_dtype` set to `dtype`), sharded safetensors, and the tokenizer files
+/// of `tokenizer_from`. Tensors are converted one at a time.
+pub fn save_hf_dir(
+    out: &Path,
+    config: &serde_json::Value,
+    weights: &[(String, Tensor)],
+    dtype: crate::io::dtype::DType,
+    tokenizer_from: &Path,
+) -> Result<()> {
+    let shapes: Vec<(String, Vec<usize>)> = weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    crate::io::hf_dir::write_hf_dir_with(
+        out,
+        config,
+        &shapes,
+        dtype,
+        crate::io::writer::DEFAULT_MAX_SHARD_SIZE,
+        Some(tokenizer_from),
+        |i| {
+            weights[i]
+                .1
+                .flatten_all()
+                .and_then(|x| x.to_dtype(candle_core::DType::F32))
+                .and_then(|x| x.to_vec1::<f32>())
+                .map(std::borrow::Cow::Owned)
+                .map_err(candle_error)
+        },
+    )
+}
+
 /// Per-layer key/value cache: (k, v) after RoPE, `[1, kv_heads, S, head_dim]`.
 #[derive(Default)]
 pub struct KvCache {
@@ -104,9 +139,17 @@ pub trait CausalLm: Send + Sync {
     fn device(&self) -> &Device;
     /// The directory it was loaded from (config, tokenizer and generation files).
     fn dir(&self) -> &Path;
+    /// The final hidden states `[B, L, H]` (after the last norm) for every
+    /// position; `attention_mask` `[B, L]` is 1 for tokens and 0 for right padding.
+    fn hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+    /// Logits in f32 from final hidden states `[..., H]` (the LM head alone, so
+    /// that callers can apply it to the positions they need).
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
     /// Logits `[B, L, V]` in f32 for every position; `attention_mask` `[B, L]` is 1
     /// for tokens and 0 for right padding.
-    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.logits(&self.hidden(input_ids, attention_mask)?)
+    }
     /// Logits `[1, T, V]` for `input_ids` `[1, T]` after the cached positions; extends the cache.
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
     /// The trainable weights, by checkpoint name.

@@ -1,35 +1,38 @@
-//! One decoder for the Llama family, with three flavours: Llama/Solar (dense),
-//! Mistral (dense, sliding-window attention) and Mixtral (sparse MoE feed-forward).
+//! The Llama-family decoder, shared by the `llama`, `mistral` and `mixtral`
+//! plugins. What differs between them sits in their own files (a
+//! [`FlavourSpec`] each): how config.json names them, the config fields they
+//! add (sliding window, experts) and their feed-forward block.
 //!
 //! Per layer, with RMSNorm `n(x) = x / sqrt(mean(x²) + ε) · w`:
 //! `h = x + Wo · attn(RoPE(Wq n(x)), RoPE(Wk n(x)), Wv n(x))`, then
-//! `y = h + FFN(n(h))` where the dense FFN is `W2 (silu(W1 z) ⊙ W3 z)` and the
-//! MoE FFN routes each token to the top-k experts of `softmax(Wg z)`, weighted
-//! by their renormalised router probabilities. Attention is grouped-query
-//! (`num_key_value_heads` ≤ `num_attention_heads`), causal, restricted to
-//! `i − j < sliding_window` when the config sets one, and never attends to
-//! padding. RoPE rotates the two halves of each head (`rotate_half`), with
-//! frequencies `rope_theta^(−2i/d)`.
+//! `y = h + FFN(n(h))`. Attention is grouped-query (`num_key_value_heads` ≤
+//! `num_attention_heads`), causal, restricted to `i − j < sliding_window` when
+//! the flavour and the config set one, and never attends to padding. RoPE
+//! rotates the two halves of each head (`rotate_half`), with frequencies
+//! `rope_theta^(−2i/d)`. The model ends with a final RMSNorm and the LM head
+//! (the embedding matrix when `tie_word_embeddings`).
 //!
-//! When any weight is trainable, every op used has a backward in candle: RMSNorm,
-//! RoPE and softmax are written out from differentiable ops (candle's fused
-//! `rms_norm`, `rope` and `softmax_last_dim` have no backward and would cut the
-//! graph). A model loaded for inference only uses the fused kernels, which are
-//! faster; a test checks both paths give the same logits.
+//! Every part is a plain struct whose tensors are resolved by their checkpoint
+//! names once, at load. When any weight is trainable, every op used has a
+//! backward in candle (see [`fusechat_core::model::ops`]); a model loaded for
+//! inference only uses candle's fused kernels, which are faster; a test checks
+//! both paths give the same logits.
 //! Compute dtype: f32 on CPU by default (bf16 checkpoints are upcast at load,
 //! which doubles their memory but uses candle's fast f32 GEMM; candle's CPU
 //! bf16 GEMM is several times slower), bf16 on CUDA. Whatever the compute
 //! dtype, softmax and RMSNorm statistics run in f32 and logits come back in f32.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use fusechat_core::io::model_dir::ModelDir;
+use fusechat_core::model::ops::{self, linear};
 use fusechat_core::model::{candle_error as ce, CausalLm, KvCache, LoadOptions, SourceModel};
 use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 use fusechat_core::{Error, Result};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Which flavour of the family.
+/// Which member of the family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavour {
     Llama,
@@ -37,13 +40,36 @@ pub enum Flavour {
     Mixtral,
 }
 
+/// What one flavour adds to the shared decoder (declared in its own file).
+pub struct FlavourSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Substrings of config.json's lower-cased `architectures` or `model_type`
+    /// that identify the flavour.
+    pub markers: &'static [&'static str],
+    /// Read the config fields this flavour adds (`file` names config.json in errors).
+    pub read_config: fn(&Value, &Path, &mut DecoderConfig) -> Result<()>,
+    /// The feed-forward weights of layer `prefix` (`model.layers.N`), with shapes.
+    pub ffn_weights: fn(&DecoderConfig, &str) -> Vec<(String, Vec<usize>)>,
+    /// Build the feed-forward block of layer `prefix` from the loaded checkpoint.
+    pub ffn: fn(&DecoderConfig, &str, &Checkpoint) -> Result<Box<dyn FeedForward>>,
+}
+
 impl Flavour {
-    pub fn name(self) -> &'static str {
+    /// In detection order: the first whose marker matches wins.
+    pub const ALL: [Flavour; 3] = [Flavour::Mixtral, Flavour::Mistral, Flavour::Llama];
+
+    /// The flavour's declaration (the one place that maps the name to its file).
+    pub fn spec(self) -> &'static FlavourSpec {
         match self {
-            Flavour::Llama => "llama",
-            Flavour::Mistral => "mistral",
-            Flavour::Mixtral => "mixtral",
+            Flavour::Llama => &super::llama::SPEC,
+            Flavour::Mistral => &super::mistral::SPEC,
+            Flavour::Mixtral => &super::mixtral::SPEC,
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().name
     }
 
     /// Detect the flavour from config.json's `architectures` / `model_type`.
@@ -60,19 +86,19 @@ impl Flavour {
         if let Some(t) = config["model_type"].as_str() {
             names.push(t.to_lowercase());
         }
-        if names.iter().any(|n| n.contains("mixtral")) {
-            Some(Flavour::Mixtral)
-        } else if names.iter().any(|n| n.contains("mistral")) {
-            Some(Flavour::Mistral)
-        } else if names
-            .iter()
-            .any(|n| n.contains("llama") || n.contains("solar"))
-        {
-            Some(Flavour::Llama)
-        } else {
-            None
-        }
+        Flavour::ALL.into_iter().find(|f| {
+            names
+                .iter()
+                .any(|n| f.spec().markers.iter().any(|m| n.contains(m)))
+        })
     }
+}
+
+/// Mixture-of-experts routing (Mixtral).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Experts {
+    pub num: usize,
+    pub per_token: usize,
 }
 
 /// The fields of config.json the decoder needs.
@@ -88,10 +114,43 @@ pub struct DecoderConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// Set by flavours with sliding-window attention.
     pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
-    pub num_experts: usize,
-    pub experts_per_token: usize,
+    /// Set by sparse flavours.
+    pub experts: Option<Experts>,
+}
+
+/// A required positive integer field of config.json.
+pub fn required(v: &Value, k: &str, file: &Path, flavour: &str) -> Result<usize> {
+    match v[k].as_u64() {
+        Some(x) if x >= 1 && x <= u32::MAX as u64 => Ok(x as usize),
+        Some(x) => Err(Error::config(
+            file,
+            format!(
+                "`{k}` is {x}; a {flavour} model needs a value in 1..={}",
+                u32::MAX
+            ),
+        )),
+        None => Err(Error::config(
+            file,
+            format!("missing or non-integer field `{k}`, which a {flavour} model needs"),
+        )),
+    }
+}
+
+/// An optional positive integer field of config.json (`null` counts as absent).
+pub fn optional(v: &Value, k: &str, file: &Path) -> Result<Option<usize>> {
+    match &v[k] {
+        Value::Null => Ok(None),
+        x => match x.as_u64() {
+            Some(n) if n >= 1 && n <= u32::MAX as u64 => Ok(Some(n as usize)),
+            _ => Err(Error::config(
+                file,
+                format!("`{k}` is {x}; use a positive integer or leave it out"),
+            )),
+        },
+    }
 }
 
 impl DecoderConfig {
@@ -110,42 +169,36 @@ impl DecoderConfig {
                 ))
             }
         };
-        let req = |k: &str| -> Result<usize> {
-            v[k].as_u64().map(|x| x as usize).ok_or_else(|| {
-                Error::config(
-                    file,
-                    format!(
-                        "missing or non-integer field `{k}`, which a {} model needs",
-                        flavour.name()
-                    ),
-                )
-            })
-        };
-        let opt = |k: &str| v[k].as_u64().map(|x| x as usize);
+        let req = |k: &str| required(v, k, file, flavour.name());
         let hidden_size = req("hidden_size")?;
         let num_heads = req("num_attention_heads")?;
-        let num_kv_heads = opt("num_key_value_heads").unwrap_or(num_heads);
-        let head_dim = opt("head_dim").unwrap_or(hidden_size / num_heads.max(1));
-        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        let num_kv_heads = optional(v, "num_key_value_heads", file)?.unwrap_or(num_heads);
+        if num_heads % num_kv_heads != 0 {
             return Err(Error::config(
                 file,
                 format!("num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"),
             ));
         }
-        let (num_experts, experts_per_token) = if flavour == Flavour::Mixtral {
-            let e = req("num_local_experts")?;
-            let k = req("num_experts_per_tok")?;
-            if k == 0 || k > e {
-                return Err(Error::config(
-                    file,
-                    format!("num_experts_per_tok ({k}) must be in 1..={e}"),
-                ));
+        let head_dim = optional(v, "head_dim", file)?.unwrap_or(hidden_size / num_heads);
+        if head_dim < 2 || head_dim % 2 != 0 {
+            return Err(Error::config(
+                file,
+                format!("head_dim is {head_dim}; RoPE needs an even head_dim of at least 2 (set `head_dim`, or `hidden_size` to a multiple of 2 × num_attention_heads)"),
+            ));
+        }
+        let float = |k: &str, default: f64| -> Result<f64> {
+            match &v[k] {
+                Value::Null => Ok(default),
+                x => match x.as_f64() {
+                    Some(f) if f.is_finite() && f > 0.0 => Ok(f),
+                    _ => Err(Error::config(
+                        file,
+                        format!("`{k}` is {x}; use a positive number"),
+                    )),
+                },
             }
-            (e, k)
-        } else {
-            (0, 0)
         };
-        Ok(DecoderConfig {
+        let mut cfg = DecoderConfig {
             flavour,
             vocab_size: req("vocab_size")?,
             hidden_size,
@@ -154,46 +207,30 @@ impl DecoderConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-5),
-            rope_theta: v["rope_theta"].as_f64().unwrap_or(10000.0),
-            sliding_window: if flavour == Flavour::Llama {
-                None
-            } else {
-                opt("sliding_window")
-            },
+            rms_norm_eps: float("rms_norm_eps", 1e-5)?,
+            rope_theta: float("rope_theta", 10000.0)?,
+            sliding_window: None,
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
-            num_experts,
-            experts_per_token,
-        })
+            experts: None,
+        };
+        (flavour.spec().read_config)(v, file, &mut cfg)?;
+        Ok(cfg)
     }
 
     /// Random weights for this config, deterministic per seed (tiny checkpoints
-    /// for tests, benches and demos): norms `1 + norm_std·N(0,1)`, the rest `std·N(0,1)`.
+    /// for tests, benches and demos); see [`fusechat_core::io::hf_dir::random_tensors`].
     pub fn random_weights(
         &self,
         seed: u64,
         std: f32,
         norm_std: f32,
     ) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        let mut rng = fusechat_core::rng::SplitMix64(seed);
-        self.weights()
-            .into_iter()
-            .map(|(name, shape)| {
-                let n: usize = shape.iter().product();
-                let (base, scale) = if name.contains("norm") {
-                    (1.0, norm_std)
-                } else {
-                    (0.0, std)
-                };
-                let v = (0..n).map(|_| base + scale * rng.normal() as f32).collect();
-                (name, shape, v)
-            })
-            .collect()
+        fusechat_core::io::hf_dir::random_tensors(&self.weights(), seed, std, norm_std)
     }
 
-    /// Every weight the checkpoint must hold, with its shape.
+    /// Every weight the checkpoint must hold, with its shape, in checkpoint order.
     pub fn weights(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (h, v) = (self.hidden_size, self.vocab_size);
         let (q, kv) = (
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
@@ -207,22 +244,7 @@ impl DecoderConfig {
             w.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
             w.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
             w.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            if self.flavour == Flavour::Mixtral {
-                w.push((
-                    format!("{p}.block_sparse_moe.gate.weight"),
-                    vec![self.num_experts, h],
-                ));
-                for e in 0..self.num_experts {
-                    let x = format!("{p}.block_sparse_moe.experts.{e}");
-                    w.push((format!("{x}.w1.weight"), vec![i, h]));
-                    w.push((format!("{x}.w2.weight"), vec![h, i]));
-                    w.push((format!("{x}.w3.weight"), vec![i, h]));
-                }
-            } else {
-                w.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-                w.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-                w.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-            }
+            w.extend((self.flavour.spec().ffn_weights)(self, &p));
         }
         w.push(("model.norm.weight".to_string(), vec![h]));
         if !self.tie_word_embeddings {
@@ -232,14 +254,184 @@ impl DecoderConfig {
     }
 }
 
-/// A loaded decoder: its weights by checkpoint name (trainable ones as `Var`s).
+/// The loaded weights of a checkpoint, by name, from which the parts take theirs.
+pub struct Checkpoint {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// The tensor named `name` (checked present at load).
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::msg(format!("weight `{name}` not loaded")))
+    }
+}
+
+/// A feed-forward block: dense SiLU MLP (llama, mistral) or sparse experts (mixtral).
+pub trait FeedForward: Send + Sync {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// RMSNorm with its statistics in f32, returned in the input's dtype.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(ck: &Checkpoint, name: &str, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: ck.get(name)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        let dt = x.dtype();
+        let (x32, w32) = (x.to_dtype(DType::F32)?, self.weight.to_dtype(DType::F32)?);
+        let y = if fused {
+            candle_nn::ops::rms_norm(&x32.contiguous()?, &w32, self.eps as f32)?
+        } else {
+            ops::rms_norm(&x32, &w32, self.eps)?
+        };
+        y.to_dtype(dt)
+    }
+}
+
+/// The positions a forward pass covers: RoPE tables and the additive attention bias.
+struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    /// `[B, 1, T, past+T]`, f32: 0 where query i may attend key j, −1e9 elsewhere.
+    bias: Tensor,
+}
+
+/// Grouped-query self-attention with RoPE.
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(ck: &Checkpoint, p: &str, cfg: &DecoderConfig) -> Result<Attention> {
+        Ok(Attention {
+            q: ck.get(&format!("{p}.self_attn.q_proj.weight"))?,
+            k: ck.get(&format!("{p}.self_attn.k_proj.weight"))?,
+            v: ck.get(&format!("{p}.self_attn.v_proj.weight"))?,
+            o: ck.get(&format!("{p}.self_attn.o_proj.weight"))?,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    fn rope(&self, x: &Tensor, pos: &Positions, fused: bool) -> candle_core::Result<Tensor> {
+        if fused {
+            let half = self.head_dim / 2;
+            let c = pos.cos.narrow(1, 0, half)?.contiguous()?;
+            let s = pos.sin.narrow(1, 0, half)?.contiguous()?;
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)
+        } else {
+            ops::rope(x, &pos.cos, &pos.sin)
+        }
+    }
+
+    fn forward(
+        &self,
+        h: &Tensor,
+        pos: &Positions,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let split = |w: &Tensor, n: usize| linear(h, w)?.reshape((b, t, n, d))?.transpose(1, 2);
+        let q = self.rope(&split(&self.q, nh)?, pos, fused)?;
+        let mut k = self.rope(&split(&self.k, nkv)?, pos, fused)?;
+        let mut v = split(&self.v, nkv)?.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let k = ops::repeat_kv(&k, nh / nkv)?;
+        let v = ops::repeat_kv(&v, nh / nkv)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        // scale q (T·d values) rather than the scores (T·S values);
+        // scores and softmax in f32 whatever the compute dtype (the bias is f32)
+        let att = (q * scale)?
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&pos.bias)?;
+        let att = if fused {
+            candle_nn::ops::softmax_last_dim(&att)?
+        } else {
+            ops::softmax(&att)?
+        };
+        let att = att.to_dtype(v.dtype())?;
+        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        linear(&o, &self.o)
+    }
+}
+
+/// One decoder layer: pre-norm attention, then pre-norm feed-forward, each residual.
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    ffn: Box<dyn FeedForward>,
+}
+
+impl Layer {
+    fn new(ck: &Checkpoint, cfg: &DecoderConfig, l: usize) -> Result<Layer> {
+        let p = format!("model.layers.{l}");
+        let eps = cfg.rms_norm_eps;
+        Ok(Layer {
+            input_norm: RmsNorm::new(ck, &format!("{p}.input_layernorm.weight"), eps)?,
+            attn: Attention::new(ck, &p, cfg)?,
+            post_norm: RmsNorm::new(ck, &format!("{p}.post_attention_layernorm.weight"), eps)?,
+            ffn: (cfg.flavour.spec().ffn)(cfg, &p, ck)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_norm.forward(x, fused)?;
+        let x = (x + self.attn.forward(&h, pos, cache, fused)?)?;
+        let h = self.post_norm.forward(&x, fused)?;
+        x + self.ffn.forward(&h)?
+    }
+}
+
+/// A loaded decoder: typed parts, plus every weight by checkpoint name
+/// (trainable ones as `Var`s) for saving and inspection.
 pub struct Decoder {
     pub cfg: DecoderConfig,
     pub dir: PathBuf,
     pub config_json: Value,
     device: Device,
-    names: Vec<String>,
-    weights: std::collections::HashMap<String, Tensor>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    /// Fused inference kernels (no weight is trainable).
+    fused: bool,
+    /// Every weight, in checkpoint order.
+    named: Vec<(String, Tensor)>,
     vars: Vec<(String, Var)>,
 }
 
@@ -248,39 +440,20 @@ impl Decoder {
     pub fn load(dir: &Path, opts: &LoadOptions, flavour: Option<Flavour>) -> Result<Decoder> {
         let md = ModelDir::open(dir)?;
         let cfg = DecoderConfig::from_json(&md.config, &dir.join("config.json"), flavour)?;
-        let mut weights = std::collections::HashMap::new();
-        let mut vars = Vec::new();
-        let mut names = Vec::new();
-        let mut problems = Vec::new();
-        for (name, shape) in cfg.weights() {
-            match md.tensor(&name) {
-                None => problems.push(format!(
+        let expected = cfg.weights();
+        let problems: Vec<String> = expected
+            .iter()
+            .filter_map(|(name, shape)| match md.tensor(name) {
+                None => Some(format!(
                     "tensor `{name}` is missing (expected shape {shape:?})"
                 )),
-                Some(t) if t.shape != shape => problems.push(format!(
+                Some(t) if &t.shape != shape => Some(format!(
                     "tensor `{name}` has shape {:?}, but config.json implies {shape:?}",
                     t.shape
                 )),
-                Some(_) => {
-                    let values = md.read_f32(&name)?;
-                    let t = Tensor::from_vec(values, shape.as_slice(), &opts.device)
-                        .and_then(|t| t.to_dtype(opts.compute_dtype()))
-                        .map_err(ce)?;
-                    let t = if opts.trainable
-                        && !opts.freeze.iter().any(|p| name.contains(p.as_str()))
-                    {
-                        let var = Var::from_tensor(&t).map_err(ce)?;
-                        let t = var.as_tensor().clone();
-                        vars.push((name.clone(), var));
-                        t
-                    } else {
-                        t
-                    };
-                    weights.insert(name.clone(), t);
-                    names.push(name);
-                }
-            }
-        }
+                Some(_) => None,
+            })
+            .collect();
         if !problems.is_empty() {
             return Err(Error::model(
                 dir,
@@ -291,13 +464,42 @@ impl Decoder {
                 ),
             ));
         }
+        let mut named = Vec::with_capacity(expected.len());
+        let mut vars = Vec::new();
+        for (name, shape) in expected {
+            let t = Tensor::from_vec(md.read_f32(&name)?, shape.as_slice(), &opts.device)
+                .and_then(|t| t.to_dtype(opts.compute_dtype()))
+                .map_err(ce)?;
+            let t = if opts.trainable && !opts.freeze.iter().any(|p| name.contains(p.as_str())) {
+                let var = Var::from_tensor(&t).map_err(ce)?;
+                vars.push((name.clone(), var.clone()));
+                var.as_tensor().clone()
+            } else {
+                t
+            };
+            named.push((name, t));
+        }
+        let ck = Checkpoint {
+            tensors: named.iter().cloned().collect(),
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|l| Layer::new(&ck, &cfg, l))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Decoder {
+            embed: ck.get("model.embed_tokens.weight")?,
+            norm: RmsNorm::new(&ck, "model.norm.weight", cfg.rms_norm_eps)?,
+            lm_head: ck.get(if cfg.tie_word_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            })?,
+            layers,
+            fused: vars.is_empty(),
             cfg,
             dir: dir.to_path_buf(),
             config_json: md.config.clone(),
             device: opts.device.clone(),
-            names,
-            weights,
+            named,
             vars,
         })
     }
@@ -312,27 +514,24 @@ impl Decoder {
     }
 
     /// A weight by checkpoint name.
+    ///
+    /// # Panics
+    /// If the checkpoint has no such weight (names come from [`DecoderConfig::weights`]).
     pub fn weight(&self, name: &str) -> &Tensor {
-        &self.weights[name]
-    }
-
-    fn w(&self, name: &str) -> Result<&Tensor> {
-        self.weights
-            .get(name)
-            .ok_or_else(|| Error::msg(format!("weight `{name}` not loaded")))
-    }
-
-    fn lm_head(&self) -> Result<&Tensor> {
-        if self.cfg.tie_word_embeddings {
-            self.w("model.embed_tokens.weight")
-        } else {
-            self.w("lm_head.weight")
+        match self.named.iter().find(|(n, _)| n == name) {
+            Some((_, t)) => t,
+            None => panic!("the decoder has no weight `{name}`"),
         }
     }
 
     /// Logits `[B, L, V]` (f32) for every position of a right-padded batch.
     /// `attention_mask` is `[B, L]`, 1 for real tokens and 0 for padding.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.logits(&self.hidden(input_ids, attention_mask)?)
+    }
+
+    /// The final hidden states `[B, L, H]` (after the last norm) of a right-padded batch.
+    pub fn hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let (b, l) = input_ids.dims2().map_err(ce)?;
         let mask: Vec<u32> = attention_mask
             .to_dtype(DType::U32)
@@ -345,8 +544,16 @@ impl Decoder {
                 mask.len()
             )));
         }
-        let bias = self.attention_bias(b, l, 0, &mask)?;
-        self.run(input_ids, 0, &bias, None)
+        let pos = self.positions(b, l, 0, &mask)?;
+        self.run(input_ids, &pos, None)
+    }
+
+    /// Logits (f32) from final hidden states `[..., H]`: the LM head alone, so
+    /// that a caller can apply it to the positions it needs.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.lm_head)
+            .and_then(|l| l.to_dtype(DType::F32))
+            .map_err(ce)
     }
 
     /// Logits `[1, T, V]` for `input_ids` `[1, T]` following the cached positions,
@@ -354,18 +561,18 @@ impl Decoder {
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, t) = input_ids.dims2().map_err(ce)?;
         let past = cache.len();
-        let mask = vec![1u32; past + t];
-        let bias = self.attention_bias(1, t, past, &mask)?;
+        let pos = self.positions(1, t, past, &vec![1u32; past + t])?;
         if cache.layers.len() != self.cfg.num_layers {
             cache.layers = (0..self.cfg.num_layers).map(|_| None).collect();
         }
-        self.run(input_ids, past, &bias, Some(cache))
+        self.logits(&self.run(input_ids, &pos, Some(cache))?)
     }
 
-    /// Additive attention bias `[B, 1, T, past+T]`: 0 where query i (at position
-    /// past+i) may attend key j, a large negative number elsewhere.
-    fn attention_bias(&self, b: usize, t: usize, past: usize, key_mask: &[u32]) -> Result<Tensor> {
+    /// RoPE tables and attention bias for `b` rows of `t` queries after `past`
+    /// cached positions; `key_mask` `[b, past+t]` is 0 for padding.
+    fn positions(&self, b: usize, t: usize, past: usize, key_mask: &[u32]) -> Result<Positions> {
         let s = past + t;
+        let window = self.cfg.sliding_window;
         let mut bias = vec![0f32; b * t * s];
         for bi in 0..b {
             for i in 0..t {
@@ -373,325 +580,69 @@ impl Decoder {
                 for j in 0..s {
                     let allowed = j <= qpos
                         && key_mask[bi * s + j] != 0
-                        && self.cfg.sliding_window.is_none_or(|w| qpos - j < w);
+                        && window.is_none_or(|w| qpos - j < w);
                     if !allowed {
                         bias[(bi * t + i) * s + j] = -1e9;
                     }
                 }
             }
         }
-        Tensor::from_vec(bias, (b, 1, t, s), &self.device).map_err(ce)
-    }
-
-    /// The compute dtype (the embeddings' dtype).
-    fn dtype(&self) -> DType {
-        self.weights["model.embed_tokens.weight"].dtype()
-    }
-
-    /// RoPE tables `[T, d]` for positions `past..past+T`.
-    fn rope_tables(&self, past: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let d = self.cfg.head_dim;
-        let half = d / 2;
-        let mut cos = Vec::with_capacity(t * d);
-        let mut sin = Vec::with_capacity(t * d);
-        for p in past..past + t {
-            for k in 0..d {
-                let i = k % half;
-                let freq = 1.0 / self.cfg.rope_theta.powf(2.0 * i as f64 / d as f64);
-                let a = p as f64 * freq;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        let dt = self.dtype();
-        let cos = Tensor::from_vec(cos, (t, d), &self.device)
-            .and_then(|c| c.to_dtype(dt))
-            .map_err(ce)?;
-        let sin = Tensor::from_vec(sin, (t, d), &self.device)
-            .and_then(|s| s.to_dtype(dt))
-            .map_err(ce)?;
-        Ok((cos, sin))
+        let bias = Tensor::from_vec(bias, (b, 1, t, s), &self.device).map_err(ce)?;
+        let (cos, sin) = ops::rope_tables(
+            self.cfg.rope_theta,
+            self.cfg.head_dim,
+            past,
+            t,
+            self.embed.dtype(),
+            &self.device,
+        )
+        .map_err(ce)?;
+        Ok(Positions { cos, sin, bias })
     }
 
     fn run(
         &self,
         input_ids: &Tensor,
-        past: usize,
-        bias: &Tensor,
+        pos: &Positions,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2().map_err(ce)?;
-        let cfg = &self.cfg;
         let ids = input_ids
             .to_dtype(DType::U32)
             .and_then(|x| x.flatten_all())
             .map_err(ce)?;
         let mut x = self
-            .w("model.embed_tokens.weight")?
+            .embed
             .index_select(&ids, 0)
-            .and_then(|e| e.reshape((b, t, cfg.hidden_size)))
+            .and_then(|e| e.reshape((b, t, self.cfg.hidden_size)))
             .map_err(ce)?;
-        let (cos, sin) = self.rope_tables(past, t)?;
-        for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
+        for (l, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = self.layer(&p, &x, &cos, &sin, bias, kv).map_err(ce)?;
+            x = layer.forward(&x, pos, kv, self.fused).map_err(ce)?;
         }
-        let x = self
-            .norm(&x, self.w("model.norm.weight")?, self.vars.is_empty())
-            .map_err(ce)?;
-        linear(&x, self.lm_head()?)
-            .and_then(|l| l.to_dtype(DType::F32))
-            .map_err(ce)
+        self.norm.forward(&x, self.fused).map_err(ce)
     }
 
-    fn layer(
-        &self,
-        p: &str,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> candle_core::Result<Tensor> {
-        let cfg = &self.cfg;
-        let w = |n: &str| {
-            self.weights
-                .get(&format!("{p}.{n}"))
-                .ok_or_else(|| candle_core::Error::Msg(format!("{p}.{n} missing")))
-        };
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let fused = self.vars.is_empty();
-        let h = self.norm(x, w("input_layernorm.weight")?, fused)?;
-        let q = linear(&h, w("self_attn.q_proj.weight")?)?
-            .reshape((b, t, nh, d))?
-            .transpose(1, 2)?;
-        let k = linear(&h, w("self_attn.k_proj.weight")?)?
-            .reshape((b, t, nkv, d))?
-            .transpose(1, 2)?;
-        let v = linear(&h, w("self_attn.v_proj.weight")?)?
-            .reshape((b, t, nkv, d))?
-            .transpose(1, 2)?;
-        let q = self.rope(&q, cos, sin, fused)?;
-        let mut k = self.rope(&k, cos, sin, fused)?;
-        let mut v = v.contiguous()?;
-        if let Some(slot) = kv {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let rep = nh / nkv;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v, rep)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        // scale q (T·d values) rather than the scores (T·S values)
-        // scores and softmax in f32 whatever the compute dtype (the bias is f32)
-        let att = (q * scale)?
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(bias)?;
-        let att = if fused {
-            candle_nn::ops::softmax_last_dim(&att)?
-        } else {
-            softmax(&att)?
-        };
-        let att = att.to_dtype(v.dtype())?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
-        let x = (x + linear(&o, w("self_attn.o_proj.weight")?)?)?;
-        let h = self.norm(&x, w("post_attention_layernorm.weight")?, fused)?;
-        let f = if cfg.flavour == Flavour::Mixtral {
-            self.moe(p, &h)?
-        } else {
-            mlp(
-                &h,
-                w("mlp.gate_proj.weight")?,
-                w("mlp.up_proj.weight")?,
-                w("mlp.down_proj.weight")?,
-            )?
-        };
-        x + f
-    }
-
-    /// RMSNorm with its statistics in f32, returned in the compute dtype.
-    fn norm(&self, x: &Tensor, w: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
-        let dt = x.dtype();
-        let (x32, w32) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?);
-        let y = if fused {
-            candle_nn::ops::rms_norm(&x32.contiguous()?, &w32, self.cfg.rms_norm_eps as f32)?
-        } else {
-            rms_norm(&x32, &w32, self.cfg.rms_norm_eps)?
-        };
-        y.to_dtype(dt)
-    }
-
-    fn rope(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        fused: bool,
-    ) -> candle_core::Result<Tensor> {
-        if fused {
-            let half = self.cfg.head_dim / 2;
-            let (c, s) = (
-                cos.narrow(1, 0, half)?.contiguous()?,
-                sin.narrow(1, 0, half)?.contiguous()?,
-            );
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)
-        } else {
-            rope(x, cos, sin)
-        }
-    }
-
-    /// Sparse MoE: each token goes to its top-k experts, weighted by the router's
-    /// renormalised probabilities. Selection is discrete; the weights keep their gradient.
-    fn moe(&self, p: &str, h: &Tensor) -> candle_core::Result<Tensor> {
-        let cfg = &self.cfg;
-        let (b, t, hd) = h.dims3()?;
-        let x = h.reshape((b * t, hd))?;
-        let gate = &self.weights[&format!("{p}.block_sparse_moe.gate.weight")];
-        // [N, E] router probabilities in f32 (small: always the differentiable form)
-        let probs = softmax(&linear(&x, gate)?.to_dtype(DType::F32)?)?;
-        let pv: Vec<Vec<f32>> = probs.to_vec2()?;
-        let k = cfg.experts_per_token;
-        let mut chosen = Vec::with_capacity(b * t * k);
-        for row in &pv {
-            let mut idx: Vec<usize> = (0..row.len()).collect();
-            idx.sort_by(|a, c| row[*c].total_cmp(&row[*a]).then(a.cmp(c)));
-            chosen.extend(idx[..k].iter().map(|i| *i as u32));
-        }
-        let chosen_t = Tensor::from_vec(chosen.clone(), (b * t, k), x.device())?;
-        let top = probs.gather(&chosen_t, 1)?; // [N, k]
-        let top = top.broadcast_div(&top.sum_keepdim(1)?)?;
-        let mut out = x.zeros_like()?;
-        for e in 0..cfg.num_experts {
-            let (mut rows, mut slots) = (Vec::new(), Vec::new());
-            for (n, c) in chosen.chunks(k).enumerate() {
-                if let Some(s) = c.iter().position(|x| *x as usize == e) {
-                    rows.push(n as u32);
-                    slots.push((n * k + s) as u32);
-                }
-            }
-            if rows.is_empty() {
-                continue;
-            }
-            let rows_t = Tensor::from_vec(rows.clone(), rows.len(), x.device())?;
-            let slots_t = Tensor::from_vec(slots, rows.len(), x.device())?;
-            let xe = x.index_select(&rows_t, 0)?;
-            let ex = format!("{p}.block_sparse_moe.experts.{e}");
-            let ye = mlp(
-                &xe,
-                &self.weights[&format!("{ex}.w1.weight")],
-                &self.weights[&format!("{ex}.w3.weight")],
-                &self.weights[&format!("{ex}.w2.weight")],
-            )?;
-            let we = top
-                .flatten_all()?
-                .index_select(&slots_t, 0)?
-                .unsqueeze(1)?
-                .to_dtype(ye.dtype())?;
-            out = out.index_add(&rows_t, &ye.broadcast_mul(&we)?, 0)?;
-        }
-        out.reshape((b, t, hd))
-    }
-
-    /// Current weights as f32 vectors, in checkpoint order (for saving).
+    /// Current weights as f32 vectors, in checkpoint order.
     pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
-        self.names
+        self.named
             .iter()
-            .map(|n| {
-                let t = &self.weights[n];
-                let v = t
-                    .flatten_all()
-                    .and_then(|x| x.to_dtype(DType::F32))
-                    .and_then(|x| x.to_vec1::<f32>())
-                    .map_err(ce)?;
-                Ok((n.clone(), t.dims().to_vec(), v))
-            })
+            .map(|(n, t)| Ok((n.clone(), t.dims().to_vec(), to_f32_vec(t)?)))
             .collect()
     }
 
     /// Save the (trained) weights as an HF model directory, written atomically,
     /// with config.json and the tokenizer files of the directory it was loaded from.
     pub fn save(&self, out: &Path, dtype: fusechat_core::io::dtype::DType) -> Result<()> {
-        fusechat_core::io::hf_dir::write_hf_dir(
-            out,
-            &self.config_json,
-            &self.tensors()?,
-            dtype,
-            fusechat_core::io::writer::DEFAULT_MAX_SHARD_SIZE,
-            Some(&self.dir),
-        )
+        fusechat_core::model::save_hf_dir(out, &self.config_json, &self.named, dtype, &self.dir)
     }
 }
 
-/// `x · Wᵀ` for a weight `W` of shape `[out, in]`. The leading dimensions of `x`
-/// are flattened so that the whole batch is one GEMM (larger panels than one
-/// GEMM per sequence).
-pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let inner = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-    let mut out = dims.to_vec();
-    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
-    y.reshape(out)
-}
-
-/// RMSNorm from differentiable ops, accumulated in f32.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
-}
-
-/// Softmax over the last dimension from differentiable ops (the max shift is a constant).
-pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32), from
-/// differentiable ops: `−mean(log_softmax(logits)[i, targets[i]])`.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let z = logits.broadcast_sub(&max)?;
-    let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let n = targets.dim(0)?;
-    z.broadcast_sub(&lse)?
-        .gather(&targets.reshape((n, 1))?, 1)?
-        .mean_all()?
-        .neg()
-}
-
-/// Rotary embedding on `[B, H, T, d]` with `cos`/`sin` `[T, d]` (rotate_half form).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
-/// `[B, kv, T, d]` → `[B, kv·rep, T, d]`, each key/value head repeated `rep` times.
-fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
-    if rep == 1 {
-        return x.contiguous();
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, rep, t, d))?
-        .contiguous()?
-        .reshape((b, kv * rep, t, d))
-}
-
-/// SiLU-gated MLP: `down(silu(gate x) ⊙ up x)`.
-fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> candle_core::Result<Tensor> {
-    // candle's silu has a backward
-    linear(&(linear(x, gate)?.silu()? * linear(x, up)?)?, down)
+fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()
+        .and_then(|x| x.to_dtype(DType::F32))
+        .and_then(|x| x.to_vec1::<f32>())
+        .map_err(ce)
 }
 
 impl CausalLm for Decoder {
@@ -707,8 +658,11 @@ impl CausalLm for Decoder {
     fn dir(&self) -> &Path {
         &self.dir
     }
-    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        Decoder::forward(self, input_ids, attention_mask)
+    fn hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        Decoder::hidden(self, input_ids, attention_mask)
+    }
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Decoder::logits(self, hidden)
     }
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Decoder::forward_cached(self, input_ids, cache)
@@ -721,25 +675,19 @@ impl CausalLm for Decoder {
     }
 }
 
-/// A flavour of the decoder as a `SourceModel` plugin (declared by mistral.rs, mixtral.rs, llama.rs).
-pub struct Family {
-    pub flavour: Flavour,
-    pub description: &'static str,
-}
-
-impl SourceModel for Family {
+impl SourceModel for Flavour {
     fn info(&self) -> PluginInfo {
         PluginInfo {
             kind: PluginKind::Model,
-            name: self.flavour.name().into(),
-            description: self.description.into(),
+            name: self.name().into(),
+            description: self.spec().description.into(),
             params: Vec::new(),
         }
     }
     fn detects(&self, config: &Value) -> bool {
-        Flavour::detect(config) == Some(self.flavour)
+        Flavour::detect(config) == Some(*self)
     }
     fn load(&self, dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
-        Ok(Box::new(Decoder::load(dir, opts, Some(self.flavour))?))
+        Ok(Box::new(Decoder::load(dir, opts, Some(*self))?))
     }
 }
