@@ -67,7 +67,7 @@ impl Scalar {
     /// Check (and coerce) a value against a declared type: ints are accepted as
     /// floats, integral floats as ints, and `true`/`false` as a choice when the
     /// choice list names them.
-    pub fn coerce(&self, ty: &ParamType) -> Result<Scalar, String> {
+    pub fn coerce(&self, ty: &ParamType) -> crate::Result<Scalar> {
         match (ty, self) {
             (ParamType::Float, Scalar::Float(_)) => Ok(self.clone()),
             (ParamType::Float, Scalar::Int(i)) => Ok(Scalar::Float(*i as f64)),
@@ -82,7 +82,7 @@ impl Scalar {
             {
                 Ok(Scalar::Str(b.to_string()))
             }
-            _ => Err(format!("expected {ty}, got {self}")),
+            _ => Err(bad(format!("expected {ty}, got {self}"))),
         }
     }
 }
@@ -115,15 +115,15 @@ pub enum Setting {
 
 impl Setting {
     /// Parse a setting from JSON (TOML and YAML configs are converted to JSON values first).
-    pub fn from_json(v: &Value) -> Result<Setting, String> {
+    pub fn from_json(v: &Value) -> crate::Result<Setting> {
         match v {
             Value::Bool(b) => Ok(Setting::Scalar(Scalar::Bool(*b))),
             Value::Number(n) => Ok(Setting::Scalar(match n.as_i64() {
                 Some(i) => Scalar::Int(i),
-                None => Scalar::Float(n.as_f64().ok_or("number out of range")?),
+                None => Scalar::Float(n.as_f64().ok_or_else(|| bad("number out of range"))?),
             })),
             Value::String(s) => Ok(Setting::Scalar(Scalar::Str(s.clone()))),
-            Value::Array(items) if items.is_empty() => Err("an empty list".into()),
+            Value::Array(items) if items.is_empty() => Err(bad("an empty list")),
             Value::Array(items) if items.iter().all(Value::is_number) => Ok(Setting::Gradient(
                 items
                     .iter()
@@ -135,38 +135,40 @@ impl Setting {
                 for item in items {
                     let obj = item.as_object().expect("checked above");
                     if let Some(k) = obj.keys().find(|k| *k != "filter" && *k != "value") {
-                        return Err(format!(
+                        return Err(bad(format!(
                             "a filter rule has the unknown key `{k}` (allowed: filter, value)"
-                        ));
+                        )));
                     }
                     let filter = match obj.get("filter") {
                         None | Some(Value::Null) => None,
                         Some(Value::String(s)) => Some(s.clone()),
                         Some(other) => {
-                            return Err(format!("a rule's `filter` must be a string, got {other}"))
+                            return Err(bad(format!(
+                                "a rule's `filter` must be a string, got {other}"
+                            )))
                         }
                     };
                     let value = obj
                         .get("value")
-                        .ok_or("a filter rule has no `value`")
+                        .ok_or_else(|| bad("a filter rule has no `value`"))
                         .and_then(|v| {
-                            Setting::from_json(v).map_err(|_| "a filter rule's `value` is invalid")
+                            Setting::from_json(v)
+                                .map_err(|_| bad("a filter rule's `value` is invalid"))
                         })?;
                     if matches!(value, Setting::Filters(_)) {
-                        return Err("filter rules cannot be nested".into());
+                        return Err(bad("filter rules cannot be nested"));
                     }
                     rules.push(FilterRule { filter, value });
                 }
                 Ok(Setting::Filters(rules))
             }
-            Value::Array(_) => Err(
-                "a list must be all numbers (a layer gradient) or all {filter, value} tables"
-                    .into(),
-            ),
-            Value::Null => Err("an empty value".into()),
-            Value::Object(_) => {
-                Err("a table is not a parameter value (a list of {filter, value} rules is)".into())
-            }
+            Value::Array(_) => Err(bad(
+                "a list must be all numbers (a layer gradient) or all {filter, value} tables",
+            )),
+            Value::Null => Err(bad("an empty value")),
+            Value::Object(_) => Err(bad(
+                "a table is not a parameter value (a list of {filter, value} rules is)",
+            )),
         }
     }
 
@@ -184,16 +186,22 @@ impl Setting {
     }
 
     /// Check every leaf of the setting against the declared type.
-    pub fn check_type(&self, ty: &ParamType) -> Result<(), String> {
+    pub fn check_type(&self, ty: &ParamType) -> crate::Result<()> {
         match self {
             Setting::Scalar(s) => s.coerce(ty).map(|_| ()),
             Setting::Gradient(_) if matches!(ty, ParamType::Float) => Ok(()),
-            Setting::Gradient(_) => Err(format!(
+            Setting::Gradient(_) => Err(bad(format!(
                 "a layer gradient (list of numbers) only fits a float parameter; this one is {ty}"
-            )),
+            ))),
             Setting::Filters(rules) => rules.iter().try_for_each(|r| r.value.check_type(ty)),
         }
     }
+}
+
+/// A parameter value that does not fit (the message is shown as is, after
+/// the caller's context).
+fn bad(msg: impl Into<String>) -> crate::Error {
+    crate::Error::Plugin(msg.into())
 }
 
 /// Piecewise-linear interpolation of `v` at `t` in [0, 1] (mergekit's gradient).
@@ -280,7 +288,7 @@ impl ResolvedParams {
                 vec![ParamProblem::Invalid {
                     param: spec.name.clone(),
                     model,
-                    msg,
+                    msg: msg.to_string(),
                 }]
             })
         };

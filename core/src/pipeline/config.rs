@@ -397,11 +397,11 @@ pub fn toml_settings(params: &BTreeMap<String, toml::Value>, field: &str) -> Res
     params
         .iter()
         .map(|(k, v)| {
-            let bad = |e: String| Error::Plugin(format!("{field}: `{k}`: {e}"));
-            let json = serde_json::to_value(v).map_err(|e| bad(e.to_string()))?;
+            let bad = |e: &dyn std::fmt::Display| Error::Plugin(format!("{field}: `{k}`: {e}"));
+            let json = serde_json::to_value(v).map_err(|e| bad(&e))?;
             Setting::from_json(&json)
                 .map(|s| (k.clone(), s))
-                .map_err(bad)
+                .map_err(|e| bad(&e))
         })
         .collect()
 }
