@@ -222,6 +222,35 @@ fn contiguous_f32_tensors_cross_without_a_copy() {
     assert_eq!(merged.data.into_vec().unwrap().len(), 64);
 }
 
+/// A buffer the plugin allocated keeps its library loaded: reading and
+/// releasing it after every handle to the plugin is gone is sound.
+#[test]
+fn a_plugin_allocated_result_outlives_the_plugin_handle() {
+    let mut mergers =
+        fusechat::core::plugin::dynamic::load_library(&lib("fixture_wrong_shape")).unwrap();
+    let m = mergers.pop().unwrap();
+    let p = ResolvedParams {
+        per_model: vec![Default::default()],
+        ..Default::default()
+    };
+    let g = TensorGroup {
+        name: "w",
+        layer: None,
+        shape: &[8],
+        base: None,
+        models: vec![vec![1.0f32; 8].into()],
+        params: &p,
+        seed: 0,
+        scope_stats: None,
+    };
+    let merged = m.merge(g).unwrap();
+    drop(m);
+    drop(mergers);
+    // the fixture returns 7 zeros (one short) in its own allocation
+    assert_eq!(&merged.data[..], &[0.0f32; 7][..]);
+    drop(merged); // calls the library's free_f32
+}
+
 #[test]
 fn plugins_come_from_the_config_and_are_listed_with_their_origin() {
     let (_t, d) = setup();

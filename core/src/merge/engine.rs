@@ -196,13 +196,13 @@ fn statistics(
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            merger.stat_scope(&t.params).map(|s| match (s, t.layer) {
+            Ok(merger.stat_scope(&t.params)?.map(|s| match (s, t.layer) {
                 (StatScope::Tensor, _) | (StatScope::Layer, None) => ScopeKey::Tensor(i),
                 (StatScope::Layer, Some(l)) => ScopeKey::Layer(l),
                 (StatScope::Model, _) => ScopeKey::Model,
-            })
+            }))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     // Tensor-scoped statistics are computed by the kernel itself from its own inputs.
     let needs_pass: Vec<usize> = (0..plan.tensors.len())
         .filter(|&i| matches!(keys[i], Some(ScopeKey::Layer(_) | ScopeKey::Model)))

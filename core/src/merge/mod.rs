@@ -20,60 +20,100 @@ use std::ops::{Deref, DerefMut};
 /// return as its output. It derefs to `[f32]`.
 ///
 /// In fusechat it owns its memory (a `Vec`). Inside a plugin loaded at run
-/// time it may instead borrow the host's buffer (so nothing is copied across
-/// the boundary), or hold memory the host must give back to the plugin.
+/// time it may instead borrow the host's buffer for the duration of one call
+/// (`'a`), so nothing is copied across the boundary: exclusively
+/// ([`TensorBuf::borrowed`], writable in place) or shared
+/// ([`TensorBuf::shared`], read-only: the first write copies it). The lifetime
+/// keeps safe code from holding a borrowed buffer past the call. A buffer the
+/// plugin allocated is held by the host as [`TensorBuf::foreign`], with the
+/// library kept loaded until it is released.
+///
+/// A borrowed buffer cannot be kept past its borrow, in a static or a thread:
+///
+/// ```compile_fail
+/// use fusechat_core::merge::TensorBuf;
+/// static KEPT: std::sync::Mutex<Option<TensorBuf<'static>>> = std::sync::Mutex::new(None);
+/// fn kernel(b: TensorBuf<'_>) {
+///     *KEPT.lock().unwrap() = Some(b); // error: borrowed data escapes
+/// }
+/// ```
+///
+/// ```compile_fail
+/// use fusechat_core::merge::TensorBuf;
+/// fn kernel(b: TensorBuf<'_>) {
+///     std::thread::spawn(move || drop(b)); // error: `b` must be 'static
+/// }
+/// ```
+///
+/// Writing a shared buffer copies it; the lender's memory never changes:
+///
+/// ```
+/// use fusechat_core::merge::TensorBuf;
+/// let host = vec![1.0f32, 2.0];
+/// let mut b = TensorBuf::shared(&host);
+/// b[0] = 5.0;
+/// assert_eq!((&b[..], &host[..]), (&[5.0, 2.0][..], &[1.0, 2.0][..]));
+/// ```
 #[derive(Default)]
-pub struct TensorBuf(BufInner);
+pub struct TensorBuf<'a>(BufInner<'a>);
 
 #[derive(Default)]
-enum BufInner {
+enum BufInner<'a> {
     Owned(Vec<f32>),
-    /// Memory owned by someone else for the duration of one kernel call.
-    Borrowed {
-        ptr: *mut f32,
-        len: usize,
-    },
-    /// Memory from another allocator, released by `free` on drop.
+    /// Someone else's memory, exclusively ours for `'a`.
+    Borrowed(&'a mut [f32]),
+    /// Someone else's memory, shared for `'a`; copied into `Owned` on first write.
+    Shared(&'a [f32]),
+    /// Memory from another allocator, released by `free` on drop; `_keep`
+    /// holds whatever must outlive it (the plugin library that made it).
     Foreign {
         ptr: *mut f32,
         len: usize,
         cap: usize,
         free: unsafe extern "C" fn(*mut f32, usize, usize),
+        _keep: std::sync::Arc<dyn std::any::Any + Send + Sync>,
     },
     #[default]
     Empty,
 }
 
-// SAFETY: a TensorBuf is the only handle to its memory while it exists (the
-// constructors of the non-owned forms require that), so moving it to another
-// thread moves that exclusive access.
-unsafe impl Send for TensorBuf {}
+// SAFETY: the `Foreign` form is the only handle to its memory (its
+// constructor's contract), and `free` may be called from any thread (the ABI
+// says so); the other forms are Send by their parts.
+unsafe impl Send for TensorBuf<'_> {}
 
-impl TensorBuf {
-    /// Borrow `len` floats at `ptr` for the buffer's lifetime.
-    ///
-    /// # Safety
-    /// `ptr` must be valid for reads and writes of `len` f32 values, and not be
-    /// accessed through any other path, for as long as the buffer lives.
-    pub unsafe fn borrowed(ptr: *mut f32, len: usize) -> TensorBuf {
-        TensorBuf(BufInner::Borrowed { ptr, len })
+impl<'a> TensorBuf<'a> {
+    /// Borrow `data` exclusively for `'a`: a kernel may compute in place and
+    /// return it.
+    pub fn borrowed(data: &'a mut [f32]) -> TensorBuf<'a> {
+        TensorBuf(BufInner::Borrowed(data))
     }
 
-    /// Take ownership of memory that must be released by `free(ptr, len, cap)`.
+    /// Borrow `data` read-only for `'a`; writing copies it first.
+    pub fn shared(data: &'a [f32]) -> TensorBuf<'a> {
+        TensorBuf(BufInner::Shared(data))
+    }
+
+    /// Take ownership of memory that must be released by `free(ptr, len, cap)`,
+    /// keeping `keep` alive until then.
     ///
     /// # Safety
-    /// As for [`TensorBuf::borrowed`], and `free` must accept these arguments once.
+    /// `ptr` must be valid for reads and writes of `len` f32 values and not be
+    /// accessed through any other path while the buffer lives, and `free` must
+    /// accept these arguments once, from any thread, while `keep` is alive.
     pub unsafe fn foreign(
         ptr: *mut f32,
         len: usize,
         cap: usize,
         free: unsafe extern "C" fn(*mut f32, usize, usize),
-    ) -> TensorBuf {
+        keep: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) -> TensorBuf<'static> {
         TensorBuf(BufInner::Foreign {
             ptr,
             len,
             cap,
             free,
+            _keep: keep,
         })
     }
 
@@ -83,7 +123,7 @@ impl TensorBuf {
     }
 
     /// The owned vector, when this buffer owns one (`Err(self)` otherwise).
-    pub fn into_vec(mut self) -> std::result::Result<Vec<f32>, TensorBuf> {
+    pub fn into_vec(mut self) -> std::result::Result<Vec<f32>, TensorBuf<'a>> {
         match std::mem::take(&mut self.0) {
             BufInner::Owned(v) => Ok(v),
             BufInner::Empty => Ok(Vec::new()),
@@ -92,32 +132,37 @@ impl TensorBuf {
     }
 }
 
-impl From<Vec<f32>> for TensorBuf {
+impl From<Vec<f32>> for TensorBuf<'_> {
     fn from(v: Vec<f32>) -> Self {
         TensorBuf(BufInner::Owned(v))
     }
 }
 
-impl Deref for TensorBuf {
+impl Deref for TensorBuf<'_> {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
         match &self.0 {
             BufInner::Owned(v) => v,
-            // SAFETY: guaranteed by the constructors' contracts.
-            BufInner::Borrowed { ptr, len } | BufInner::Foreign { ptr, len, .. } => unsafe {
-                std::slice::from_raw_parts(*ptr, *len)
-            },
+            BufInner::Borrowed(s) => s,
+            BufInner::Shared(s) => s,
+            // SAFETY: guaranteed by `TensorBuf::foreign`'s contract.
+            BufInner::Foreign { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
             BufInner::Empty => &[],
         }
     }
 }
 
-impl DerefMut for TensorBuf {
+impl DerefMut for TensorBuf<'_> {
     fn deref_mut(&mut self) -> &mut [f32] {
+        if let BufInner::Shared(s) = self.0 {
+            self.0 = BufInner::Owned(s.to_vec());
+        }
         match &mut self.0 {
             BufInner::Owned(v) => v,
-            // SAFETY: guaranteed by the constructors' contracts.
-            BufInner::Borrowed { ptr, len } | BufInner::Foreign { ptr, len, .. } => unsafe {
+            BufInner::Borrowed(s) => s,
+            BufInner::Shared(_) => unreachable!("copied above"),
+            // SAFETY: guaranteed by `TensorBuf::foreign`'s contract.
+            BufInner::Foreign { ptr, len, .. } => unsafe {
                 std::slice::from_raw_parts_mut(*ptr, *len)
             },
             BufInner::Empty => &mut [],
@@ -125,30 +170,32 @@ impl DerefMut for TensorBuf {
     }
 }
 
-impl<'a> IntoIterator for &'a TensorBuf {
-    type Item = &'a f32;
-    type IntoIter = std::slice::Iter<'a, f32>;
+impl<'b> IntoIterator for &'b TensorBuf<'_> {
+    type Item = &'b f32;
+    type IntoIter = std::slice::Iter<'b, f32>;
     fn into_iter(self) -> Self::IntoIter {
         self.iter()
     }
 }
 
-impl Drop for TensorBuf {
+impl Drop for TensorBuf<'_> {
     fn drop(&mut self) {
         if let BufInner::Foreign {
             ptr,
             len,
             cap,
             free,
+            ..
         } = self.0
         {
-            // SAFETY: guaranteed by `TensorBuf::foreign`'s contract.
+            // SAFETY: guaranteed by `TensorBuf::foreign`'s contract; the
+            // library that made the buffer is still held by `_keep`.
             unsafe { free(ptr, len, cap) }
         }
     }
 }
 
-impl std::fmt::Debug for TensorBuf {
+impl std::fmt::Debug for TensorBuf<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "TensorBuf({} values)", self.len())
     }
@@ -192,9 +239,9 @@ pub struct TensorGroup<'a> {
     pub layer: Option<usize>,
     pub shape: &'a [usize],
     /// θ⁰, when the method uses a base.
-    pub base: Option<TensorBuf>,
+    pub base: Option<TensorBuf<'a>>,
     /// θ¹..θⁿ in the order the request lists them (the base excluded).
-    pub models: Vec<TensorBuf>,
+    pub models: Vec<TensorBuf<'a>>,
     pub params: &'a ResolvedParams,
     /// The merge seed, for methods that draw random masks.
     pub seed: u64,
@@ -219,14 +266,15 @@ impl TensorGroup<'_> {
 }
 
 /// A merged tensor, and optionally the effective weight of each input model
-/// (reported in the merge summary, e.g. VaRM's per-tensor weights).
-pub struct Merged {
-    pub data: TensorBuf,
+/// (reported in the merge summary, e.g. VaRM's per-tensor weights). Its data
+/// may be one of the group's input buffers, reused in place (`'a`).
+pub struct Merged<'a> {
+    pub data: TensorBuf<'a>,
     pub weights: Option<Vec<f64>>,
 }
 
-impl Merged {
-    pub fn new(data: impl Into<TensorBuf>) -> Self {
+impl<'a> Merged<'a> {
+    pub fn new(data: impl Into<TensorBuf<'a>>) -> Self {
         Merged {
             data: data.into(),
             weights: None,
@@ -245,8 +293,8 @@ pub trait Merger: Send + Sync {
     /// `Some(scope)` when the kernel needs a statistic aggregated over more
     /// than one tensor; the engine then calls [`Merger::statistic`] on every
     /// tensor first.
-    fn stat_scope(&self, _params: &ResolvedParams) -> Option<StatScope> {
-        None
+    fn stat_scope(&self, _params: &ResolvedParams) -> Result<Option<StatScope>> {
+        Ok(None)
     }
 
     /// Per-model `(sum, count)` of the method's statistic over this tensor.
@@ -259,5 +307,8 @@ pub trait Merger: Send + Sync {
 
     /// Merge one tensor group. The group is passed by value so that a kernel
     /// can reuse an input buffer for its output.
-    fn merge(&self, group: TensorGroup<'_>) -> Result<Merged>;
+    ///
+    /// fusechat calls `merge` and `statistic` on one instance from several
+    /// threads at once (tensors are merged in parallel): hence `Send + Sync`.
+    fn merge<'a>(&self, group: TensorGroup<'a>) -> Result<Merged<'a>>;
 }

@@ -14,13 +14,26 @@
 //! 2. The host calls `fusechat_plugin_register(&registrar)`. The plugin calls
 //!    `registrar.register_merger(ctx, &merger)` once per merge method. The host
 //!    copies the [`FcMergerV1`] table and its strings during that call.
+//!    If it fails or panics, it may say why with `registrar.report_error`.
 //! 3. Per tensor, the host calls `merge(state, &group, &mut out, &mut err)`.
 //!    Tensors cross as (pointer, dtype, shape) in [`FcTensor`]; the resolved
 //!    parameters as JSON text (`{"shared": {...}, "per_model": [{...}, ...]}`).
-//!    Input buffers are the host's, valid and writable for the call: a kernel
-//!    may compute in place and return one of them ([`FcMergeOut::location`]),
-//!    so a contiguous f32 tensor is never copied. A buffer the plugin allocated
-//!    instead is handed over and later released with the plugin's `free_f32`.
+//!    The input buffers of `merge` are the host's, lent exclusively for the
+//!    call: valid and writable until it returns, and never touched by the host
+//!    meanwhile. A kernel may compute in place and return one of them
+//!    ([`FcMergeOut::location`]), so a contiguous f32 tensor is never copied;
+//!    it must not keep any pointer past the call (the SDK's [`crate::merge::TensorBuf`]
+//!    carries the call's lifetime, so safe plugin code cannot). A buffer the
+//!    plugin allocated instead is handed over; the host releases it later with
+//!    the plugin's `free_f32`, possibly from another thread, and keeps the
+//!    library loaded until then. The buffers of `statistic` are lent
+//!    read-only: the plugin must not write them.
+//!
+//!    **Threads.** The host merges tensors in parallel: it calls `merge`,
+//!    `statistic` and `stat_scope` on one `state` from several threads at once.
+//!    A plugin's state must be safe to share (the SDK requires `Merger: Send +
+//!    Sync`). `stat_scope` answers [`FC_SCOPE_ERROR`] when the parameters do
+//!    not parse or the method fails, and the host stops with an error.
 //! 4. Errors are a status code plus an owned message in [`FcError`]; the host
 //!    releases the message with the plugin's `free_string`. The SDK's shims
 //!    catch panics, so no unwind ever crosses the boundary.
@@ -84,6 +97,8 @@ pub const FC_SCOPE_NONE: i32 = -1;
 pub const FC_SCOPE_TENSOR: i32 = 0;
 pub const FC_SCOPE_LAYER: i32 = 1;
 pub const FC_SCOPE_MODEL: i32 = 2;
+/// The parameters did not parse, the method refused them, or it panicked.
+pub const FC_SCOPE_ERROR: i32 = -2;
 
 /// An error: a status code and a message owned by the plugin (free it with `free_string`).
 #[repr(C)]
@@ -180,4 +195,11 @@ pub struct FcRegistrar {
     pub ctx: *mut c_void,
     /// Returns [`FC_OK`], or [`FC_ERROR`] when the host refuses the table.
     pub register_merger: unsafe extern "C" fn(ctx: *mut c_void, merger: *const FcMergerV1) -> i32,
+    /// Appended: why registration failed (the host copies the message during
+    /// the call). Present when `struct_size` covers it.
+    pub report_error: unsafe extern "C" fn(ctx: *mut c_void, message: *const c_char),
 }
+
+/// The size of [`FcRegistrar`] as version 1 first defined it (up to
+/// `register_merger`): the least a plugin accepts.
+pub const REGISTRAR_V1_SIZE: usize = std::mem::offset_of!(FcRegistrar, report_error);

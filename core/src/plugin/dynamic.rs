@@ -19,7 +19,7 @@ pub struct DynMerger {
     contract: InputContract,
     path: PathBuf,
     // Dropped after `table.drop(state)` runs in `Drop`, so the code stays mapped.
-    _lib: Arc<libloading::Library>,
+    lib: Arc<libloading::Library>,
 }
 
 // SAFETY: the SDK requires plugin mergers to be `Send + Sync` (the `Merger`
@@ -66,10 +66,13 @@ struct CGroup {
 }
 
 impl CGroup {
-    fn new(g: &mut TensorGroup<'_>) -> Result<CGroup> {
+    /// The C form of `g`. `data` gives each buffer's pointer: writable for
+    /// `merge` (the host's own buffers, lent for the call), read-only for
+    /// `statistic`.
+    fn new(g: &mut TensorGroup<'_>, data: fn(&mut TensorBuf<'_>) -> *mut f32) -> Result<CGroup> {
         let shape: Vec<u64> = g.shape.iter().map(|d| *d as u64).collect();
-        let tensor = |b: &mut TensorBuf, shape: &[u64]| FcTensor {
-            data: b.as_mut_ptr(),
+        let tensor = |b: &mut TensorBuf<'_>, shape: &[u64]| FcTensor {
+            data: data(b),
             dtype: FC_F32,
             ndim: shape.len() as u32,
             shape: shape.as_ptr(),
@@ -119,14 +122,24 @@ impl Merger for DynMerger {
         self.contract
     }
 
-    fn stat_scope(&self, params: &ResolvedParams) -> Option<StatScope> {
+    fn stat_scope(&self, params: &ResolvedParams) -> Result<Option<StatScope>> {
         let json = CString::new(resolved_to_json(params)).expect("JSON has no NUL");
         // SAFETY: valid state and string for the call.
         match unsafe { (self.table.stat_scope)(self.table.state, json.as_ptr()) } {
-            FC_SCOPE_TENSOR => Some(StatScope::Tensor),
-            FC_SCOPE_LAYER => Some(StatScope::Layer),
-            FC_SCOPE_MODEL => Some(StatScope::Model),
-            _ => None,
+            FC_SCOPE_NONE => Ok(None),
+            FC_SCOPE_TENSOR => Ok(Some(StatScope::Tensor)),
+            FC_SCOPE_LAYER => Ok(Some(StatScope::Layer)),
+            FC_SCOPE_MODEL => Ok(Some(StatScope::Model)),
+            other => Err(Error::Plugin(format!(
+                "plugin `{}` ({}) could not say its statistic scope: {}; check the merge parameters",
+                self.info.name,
+                self.path.display(),
+                if other == FC_SCOPE_ERROR {
+                    "its parameters did not parse, or it failed".to_string()
+                } else {
+                    format!("it answered the unknown scope {other}")
+                }
+            ))),
         }
     }
 
@@ -138,20 +151,14 @@ impl Merger for DynMerger {
             layer: group.layer,
             shape: group.shape,
             // SAFETY: these borrow `group`'s buffers for this call only and are not written.
-            base: group
-                .base
-                .as_ref()
-                .map(|b| unsafe { TensorBuf::borrowed(b.as_ptr() as *mut f32, b.len()) }),
-            models: group
-                .models
-                .iter()
-                .map(|m| unsafe { TensorBuf::borrowed(m.as_ptr() as *mut f32, m.len()) })
-                .collect(),
+            base: group.base.as_deref().map(TensorBuf::shared),
+            models: group.models.iter().map(|m| TensorBuf::shared(m)).collect(),
             params: group.params,
             seed: group.seed,
             scope_stats: group.scope_stats.clone(),
         };
-        let c = CGroup::new(&mut g)?;
+        // read-only: the plugin's SDK sees these as shared buffers
+        let c = CGroup::new(&mut g, |b| b.as_ptr() as *mut f32)?;
         let view = c.view(g.layer, g.seed);
         let n = g.models.len();
         let (mut sums, mut counts) = (vec![0f64; n], vec![0u64; n]);
@@ -172,8 +179,8 @@ impl Merger for DynMerger {
         Ok(sums.into_iter().zip(counts).collect())
     }
 
-    fn merge(&self, mut g: TensorGroup<'_>) -> Result<Merged> {
-        let c = CGroup::new(&mut g)?;
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> Result<Merged<'a>> {
+        let c = CGroup::new(&mut g, |b| b.as_mut_ptr())?;
         let view = c.view(g.layer, g.seed);
         let mut out = FcMergeOut {
             location: FC_OUT_PLUGIN,
@@ -204,7 +211,15 @@ impl Merger for DynMerger {
                 .ok_or_else(|| self.bad_location(g.name, out.location))?,
             FC_OUT_PLUGIN if !out.data.is_null() => {
                 // SAFETY: the plugin handed over this buffer; its own free releases it.
-                unsafe { TensorBuf::foreign(out.data, out.len, out.cap, self.table.free_f32) }
+                unsafe {
+                    TensorBuf::foreign(
+                        out.data,
+                        out.len,
+                        out.cap,
+                        self.table.free_f32,
+                        self.lib.clone(),
+                    )
+                }
             }
             FC_OUT_PLUGIN => TensorBuf::default(),
             i if i >= 0 && (i as usize) < g.models.len() => {
@@ -250,6 +265,17 @@ unsafe extern "C" fn register_merger(ctx: *mut c_void, table: *const FcMergerV1)
     }
     c.tables.push(*t);
     FC_OK
+}
+
+unsafe extern "C" fn report_error(ctx: *mut c_void, message: *const std::ffi::c_char) {
+    if let Some(c) = (ctx as *mut Collected).as_mut() {
+        let msg = if message.is_null() {
+            "no message".to_string()
+        } else {
+            CStr::from_ptr(message).to_string_lossy().into_owned()
+        };
+        c.errors.push(msg);
+    }
 }
 
 fn read_str(p: *const std::ffi::c_char, what: &str) -> Result<String> {
@@ -310,6 +336,7 @@ pub fn load_library(path: &Path) -> Result<Vec<DynMerger>> {
         abi_version: ABI_VERSION,
         ctx: &mut collected as *mut Collected as *mut c_void,
         register_merger,
+        report_error,
     };
     // SAFETY: the entry point has the documented signature (version checked above).
     let rc = unsafe { entry(&registrar) };
@@ -348,7 +375,7 @@ pub fn load_library(path: &Path) -> Result<Vec<DynMerger>> {
                     max_models: (t.max_models != FC_UNBOUNDED).then_some(t.max_models as usize),
                 },
                 path: path.to_path_buf(),
-                _lib: lib.clone(),
+                lib: lib.clone(),
             })
         })();
         match parsed {
@@ -360,8 +387,10 @@ pub fn load_library(path: &Path) -> Result<Vec<DynMerger>> {
             }
         }
     }
-    if rc != FC_OK {
-        problems.push(format!("its registration function failed (status {rc})"));
+    match rc {
+        FC_OK => {}
+        FC_PANIC => problems.push("its registration function panicked".into()),
+        rc => problems.push(format!("its registration function failed (status {rc})")),
     }
     if !problems.is_empty() {
         return Err(err(problems.join("; ")));

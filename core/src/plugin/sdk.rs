@@ -56,7 +56,20 @@ fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', " ")).expect("NULs replaced")
 }
 
+/// Tell the host why registration failed, when the host offers `report_error`
+/// (appended to the registrar after version 1's first form).
+unsafe fn report(reg: &FcRegistrar, msg: &str) {
+    if reg.struct_size as usize >= std::mem::size_of::<FcRegistrar>() {
+        let m = cstring(msg);
+        (reg.report_error)(reg.ctx, m.as_ptr());
+    }
+}
+
 /// Register `mergers` with the host. Called by [`export_plugin!`].
+///
+/// Everything that runs plugin code (the constructors, `info()`,
+/// `contract()`, the parameter spec) runs under `catch_unwind`: a panic is
+/// reported as [`FC_PANIC`] with its message, and never unwinds into the host.
 ///
 /// # Safety
 /// `registrar` must be null or point to a valid [`FcRegistrar`].
@@ -67,24 +80,46 @@ pub unsafe fn register(
     let Some(reg) = registrar.as_ref() else {
         return FC_ERROR;
     };
-    if reg.abi_version != ABI_VERSION
-        || (reg.struct_size as usize) < std::mem::size_of::<FcRegistrar>()
-    {
+    if reg.abi_version != ABI_VERSION || (reg.struct_size as usize) < REGISTRAR_V1_SIZE {
         return FC_ERROR;
     }
-    install_quiet_panic_hook();
     let mergers = match catch_unwind(AssertUnwindSafe(mergers)) {
         Ok(m) => m,
-        Err(_) => return FC_PANIC,
+        Err(p) => {
+            report(
+                reg,
+                &format!(
+                    "constructing the plugin panicked: {}",
+                    crate::error::panic_message(p)
+                ),
+            );
+            return FC_PANIC;
+        }
     };
     for merger in mergers {
-        let info = merger.info();
-        let contract = merger.contract();
-        let strings = [
-            cstring(&info.name),
-            cstring(&info.description),
-            cstring(&params_to_json(&info.params)),
-        ];
+        let described = catch_unwind(AssertUnwindSafe(|| {
+            let info = merger.info();
+            (
+                info.name.clone(),
+                info.description.clone(),
+                params_to_json(&info.params),
+                merger.contract(),
+            )
+        }));
+        let (name, description, params, contract) = match described {
+            Ok(d) => d,
+            Err(p) => {
+                report(
+                    reg,
+                    &format!(
+                        "info(), contract() or the parameter spec panicked: {}",
+                        crate::error::panic_message(p)
+                    ),
+                );
+                return FC_PANIC;
+            }
+        };
+        let strings = [cstring(&name), cstring(&description), cstring(&params)];
         let table_strings = (
             strings[0].as_ptr(),
             strings[1].as_ptr(),
@@ -104,8 +139,10 @@ pub unsafe fn register(
                 BaseUse::Optional => FC_BASE_OPTIONAL,
                 BaseUse::Ignored => FC_BASE_IGNORED,
             },
-            min_models: contract.min_models as u32,
-            max_models: contract.max_models.map_or(FC_UNBOUNDED, |m| m as u32),
+            min_models: contract.min_models.min(u32::MAX as usize) as u32,
+            max_models: contract
+                .max_models
+                .map_or(FC_UNBOUNDED, |m| m.min(FC_UNBOUNDED as usize - 1) as u32),
             state: state as *mut c_void,
             merge: merge_shim,
             stat_scope: stat_scope_shim,
@@ -117,7 +154,7 @@ pub unsafe fn register(
         };
         let rc = (reg.register_merger)(reg.ctx, &table);
         if rc != FC_OK {
-            drop(Box::from_raw(state));
+            drop_shim(state as *mut c_void);
             return rc;
         }
     }
@@ -133,79 +170,70 @@ fn set_error(err: *mut FcError, code: i32, msg: &str) -> i32 {
     code
 }
 
-thread_local! {
-    /// Where the last panic on this thread happened (set by the plugin's panic hook).
-    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Inside the plugin, report panics through the error message instead of
-/// printing them: the host names the plugin, the tensor and the location.
-fn install_quiet_panic_hook() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            let at = info
-                .location()
-                .map(|l| format!("{}:{}", l.file(), l.line()));
-            PANIC_AT.with(|p| *p.borrow_mut() = at);
-        }))
-    });
-}
-
-/// Run `f`, turning an error or a panic into a status code and message.
+/// Run `f`, turning an error or a panic into a status code and message. No
+/// panic hook is installed: the process's own hook reports where it happened.
 fn guard(err: *mut FcError, f: impl FnOnce() -> crate::Result<()>) -> i32 {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => FC_OK,
         Ok(Err(e)) => set_error(err, FC_ERROR, &e.to_string()),
-        Err(p) => {
-            let at = PANIC_AT
-                .with(|a| a.borrow_mut().take())
-                .map(|a| format!(" (at {a})"))
-                .unwrap_or_default();
-            set_error(
-                err,
-                FC_PANIC,
-                &format!(
-                    "the kernel panicked: {}{at}",
-                    crate::error::panic_message(p)
-                ),
-            )
-        }
+        Err(p) => set_error(
+            err,
+            FC_PANIC,
+            &format!("the kernel panicked: {}", crate::error::panic_message(p)),
+        ),
     }
 }
 
-/// The host's group as a [`TensorGroup`] borrowing its buffers, plus the base
-/// and model data pointers (to recognise an in-place result).
+/// How a call lends the host's buffers: `merge` lends them exclusively (the
+/// kernel may compute in place), `statistic` read-only.
+#[derive(Clone, Copy, PartialEq)]
+enum Lend {
+    Exclusive,
+    Shared,
+}
+
+/// The host's group as a [`TensorGroup`] borrowing its buffers for the call,
+/// plus the base and model data pointers (to recognise an in-place result).
 ///
 /// # Safety
-/// `g` must be a valid group from the host, as the ABI describes.
+/// `g` must be a valid group from the host, as the ABI describes: each buffer
+/// valid for the call, distinct, and (with [`Lend::Exclusive`]) not accessed by
+/// the host until the call returns.
 unsafe fn borrow_group<'a>(
     g: &'a FcTensorGroup,
     params: &'a ResolvedParams,
     shape: &'a [usize],
+    lend: Lend,
 ) -> crate::Result<(TensorGroup<'a>, Option<*const f32>, Vec<*const f32>)> {
     let name = CStr::from_ptr(g.name)
         .to_str()
         .map_err(|e| crate::Error::Plugin(format!("tensor name: {e}")))?;
-    let borrow = |t: &FcTensor| -> crate::Result<TensorBuf> {
+    let borrow = |t: &FcTensor| -> crate::Result<TensorBuf<'a>> {
         if t.dtype != FC_F32 {
             return Err(crate::Error::Plugin(format!(
                 "unsupported tensor dtype code {}",
                 t.dtype
             )));
         }
-        Ok(TensorBuf::borrowed(t.data, t.numel as usize))
+        let n = t.numel as usize;
+        if n == 0 {
+            return Ok(TensorBuf::default());
+        }
+        Ok(match lend {
+            Lend::Exclusive => TensorBuf::borrowed(std::slice::from_raw_parts_mut(t.data, n)),
+            Lend::Shared => TensorBuf::shared(std::slice::from_raw_parts(t.data, n)),
+        })
     };
     let base = match g.base.as_ref() {
         Some(b) => Some(borrow(b)?),
         None => None,
     };
-    let models: Vec<TensorBuf> = if g.n_models == 0 {
+    let models: Vec<TensorBuf<'a>> = if g.n_models == 0 {
         Vec::new()
     } else {
         std::slice::from_raw_parts(g.models, g.n_models as usize)
             .iter()
-            .map(|t| borrow(t))
+            .map(borrow)
             .collect::<Result<_, _>>()?
     };
     let base_ptr = base.as_ref().map(|b| b.as_ptr());
@@ -240,10 +268,19 @@ unsafe fn group_shape(g: &FcTensorGroup) -> Vec<usize> {
 }
 
 unsafe fn params_of(json: *const c_char) -> crate::Result<ResolvedParams> {
+    if json.is_null() {
+        return Err(crate::Error::Plugin("no parameters".into()));
+    }
     let text = CStr::from_ptr(json)
         .to_str()
         .map_err(|e| crate::Error::Plugin(format!("parameters: {e}")))?;
     resolved_from_json(text)
+}
+
+/// The shared state of a registered merger. The host calls the shims on one
+/// state from several threads at once; `Merger: Send + Sync` makes that sound.
+unsafe fn state_of<'s>(state: *mut c_void) -> &'s State {
+    &*(state as *const State)
 }
 
 unsafe extern "C" fn merge_shim(
@@ -253,7 +290,7 @@ unsafe extern "C" fn merge_shim(
     err: *mut FcError,
 ) -> i32 {
     guard(err, || {
-        let st = &*(state as *const State);
+        let st = state_of(state);
         let g = group
             .as_ref()
             .ok_or_else(|| crate::Error::Plugin("null group".into()))?;
@@ -262,7 +299,7 @@ unsafe extern "C" fn merge_shim(
             .ok_or_else(|| crate::Error::Plugin("null output".into()))?;
         let params = params_of(g.params_json)?;
         let shape = group_shape(g);
-        let (tg, base_ptr, model_ptrs) = borrow_group(g, &params, &shape)?;
+        let (tg, base_ptr, model_ptrs) = borrow_group(g, &params, &shape, Lend::Exclusive)?;
         let merged = st.merger.merge(tg)?;
         let p = merged.data.as_ptr();
         out.location = if merged.data.is_empty() {
@@ -296,15 +333,14 @@ unsafe extern "C" fn merge_shim(
 
 unsafe extern "C" fn stat_scope_shim(state: *mut c_void, params_json: *const c_char) -> i32 {
     let r = catch_unwind(AssertUnwindSafe(|| {
-        let st = &*(state as *const State);
-        let params = params_of(params_json).ok()?;
-        st.merger.stat_scope(&params)
+        state_of(state).merger.stat_scope(&params_of(params_json)?)
     }));
     match r {
-        Ok(Some(StatScope::Tensor)) => FC_SCOPE_TENSOR,
-        Ok(Some(StatScope::Layer)) => FC_SCOPE_LAYER,
-        Ok(Some(StatScope::Model)) => FC_SCOPE_MODEL,
-        _ => FC_SCOPE_NONE,
+        Ok(Ok(None)) => FC_SCOPE_NONE,
+        Ok(Ok(Some(StatScope::Tensor))) => FC_SCOPE_TENSOR,
+        Ok(Ok(Some(StatScope::Layer))) => FC_SCOPE_LAYER,
+        Ok(Ok(Some(StatScope::Model))) => FC_SCOPE_MODEL,
+        Ok(Err(_)) | Err(_) => FC_SCOPE_ERROR,
     }
 }
 
@@ -316,13 +352,13 @@ unsafe extern "C" fn statistic_shim(
     err: *mut FcError,
 ) -> i32 {
     guard(err, || {
-        let st = &*(state as *const State);
+        let st = state_of(state);
         let g = group
             .as_ref()
             .ok_or_else(|| crate::Error::Plugin("null group".into()))?;
         let params = params_of(g.params_json)?;
         let shape = group_shape(g);
-        let (tg, _, _) = borrow_group(g, &params, &shape)?;
+        let (tg, _, _) = borrow_group(g, &params, &shape, Lend::Shared)?;
         let n = g.n_models as usize;
         let stats = st.merger.statistic(&tg)?;
         if stats.len() != n {
@@ -331,13 +367,15 @@ unsafe extern "C" fn statistic_shim(
                 stats.len()
             )));
         }
-        let (s, c) = (
-            std::slice::from_raw_parts_mut(sums, n),
-            std::slice::from_raw_parts_mut(counts, n),
-        );
-        for (i, (sum, count)) in stats.into_iter().enumerate() {
-            s[i] = sum;
-            c[i] = count;
+        if n > 0 {
+            let (s, c) = (
+                std::slice::from_raw_parts_mut(sums, n),
+                std::slice::from_raw_parts_mut(counts, n),
+            );
+            for (i, (sum, count)) in stats.into_iter().enumerate() {
+                s[i] = sum;
+                c[i] = count;
+            }
         }
         Ok(())
     })
@@ -506,6 +544,174 @@ pub fn resolved_from_json(text: &str) -> crate::Result<ResolvedParams> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::{InputContract, Merged};
+    use crate::plugin::registry::{PluginInfo, PluginKind};
+
+    /// A merger whose `info()` panics, or a plain one.
+    struct Probe {
+        panic_in_info: bool,
+    }
+
+    impl Merger for Probe {
+        fn info(&self) -> PluginInfo {
+            if self.panic_in_info {
+                panic!("info is broken");
+            }
+            PluginInfo {
+                kind: PluginKind::Merger,
+                name: "probe".into(),
+                description: "test".into(),
+                params: vec![ParamSpec::choice(
+                    "granularity",
+                    &["tensor", "layer"],
+                    Scope::Shared,
+                )],
+            }
+        }
+        fn contract(&self) -> InputContract {
+            InputContract {
+                base: BaseUse::Ignored,
+                min_models: 1,
+                max_models: None,
+            }
+        }
+        fn stat_scope(&self, p: &ResolvedParams) -> crate::Result<Option<StatScope>> {
+            Ok((p.str("granularity")? == "layer").then_some(StatScope::Layer))
+        }
+        fn merge<'a>(&self, mut g: TensorGroup<'a>) -> crate::Result<Merged<'a>> {
+            if g.name == "boom" {
+                panic!("kernel is broken");
+            }
+            Ok(Merged::new(std::mem::take(&mut g.models[0])))
+        }
+    }
+
+    #[derive(Default)]
+    struct Host {
+        tables: Vec<FcMergerV1>,
+        errors: Vec<String>,
+    }
+
+    unsafe extern "C" fn host_register(ctx: *mut c_void, t: *const FcMergerV1) -> i32 {
+        (*(ctx as *mut Host)).tables.push(*t);
+        FC_OK
+    }
+
+    unsafe extern "C" fn host_report(ctx: *mut c_void, m: *const c_char) {
+        let msg = CStr::from_ptr(m).to_string_lossy().into_owned();
+        (*(ctx as *mut Host)).errors.push(msg);
+    }
+
+    fn register_probe(panic_in_info: bool) -> (i32, Host) {
+        let mut host = Host::default();
+        let reg = FcRegistrar {
+            struct_size: std::mem::size_of::<FcRegistrar>() as u32,
+            abi_version: ABI_VERSION,
+            ctx: &mut host as *mut Host as *mut c_void,
+            register_merger: host_register,
+            report_error: host_report,
+        };
+        let rc = unsafe {
+            register(&reg, || {
+                vec![Box::new(Probe { panic_in_info }) as Box<dyn Merger>]
+            })
+        };
+        (rc, host)
+    }
+
+    #[test]
+    fn a_panic_in_info_is_reported_not_unwound_across_the_boundary() {
+        let (rc, host) = register_probe(true);
+        assert_eq!(rc, FC_PANIC);
+        assert!(host.tables.is_empty());
+        assert_eq!(host.errors.len(), 1);
+        assert!(
+            host.errors[0].contains("info is broken"),
+            "{:?}",
+            host.errors
+        );
+    }
+
+    #[test]
+    fn a_statistic_scope_that_cannot_be_read_is_an_error_not_per_tensor() {
+        let (rc, host) = register_probe(false);
+        assert_eq!(rc, FC_OK);
+        let t = host.tables[0];
+        let ask = |json: &str| {
+            let j = CString::new(json).unwrap();
+            unsafe { (t.stat_scope)(t.state, j.as_ptr()) }
+        };
+        let layer = r#"{"shared": {"granularity": "layer"}, "per_model": [{}]}"#;
+        assert_eq!(ask(layer), FC_SCOPE_LAYER);
+        assert_eq!(ask("{not json"), FC_SCOPE_ERROR);
+        // a missing parameter is the method's error, not a silent "per tensor"
+        assert_eq!(ask(r#"{"shared": {}, "per_model": [{}]}"#), FC_SCOPE_ERROR);
+        unsafe { (t.drop)(t.state) };
+    }
+
+    #[test]
+    fn the_sdk_leaves_the_process_panic_hook_alone() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static SEEN: AtomicUsize = AtomicUsize::new(0);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|info| {
+            if info.to_string().contains("kernel is broken") {
+                SEEN.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+        let (rc, host) = register_probe(false);
+        assert_eq!(rc, FC_OK);
+        let t = host.tables[0];
+        let (name, params) = (
+            CString::new("boom").unwrap(),
+            CString::new(r#"{"shared": {}, "per_model": [{}]}"#).unwrap(),
+        );
+        let (mut data, shape) = (vec![1.0f32; 4], [4u64]);
+        let model = FcTensor {
+            data: data.as_mut_ptr(),
+            dtype: FC_F32,
+            ndim: 1,
+            shape: shape.as_ptr(),
+            numel: 4,
+        };
+        let group = FcTensorGroup {
+            struct_size: std::mem::size_of::<FcTensorGroup>() as u32,
+            name: name.as_ptr(),
+            layer: -1,
+            base: std::ptr::null(),
+            models: &model,
+            n_models: 1,
+            params_json: params.as_ptr(),
+            seed: 0,
+            scope_stats: std::ptr::null(),
+        };
+        let mut out = FcMergeOut {
+            location: 0,
+            data: std::ptr::null_mut(),
+            len: 0,
+            cap: 0,
+            weights: std::ptr::null_mut(),
+            n_weights: 0,
+            weights_cap: 0,
+        };
+        let mut err = FcError {
+            code: 0,
+            message: std::ptr::null_mut(),
+        };
+        let rc = unsafe { (t.merge)(t.state, &group, &mut out, &mut err) };
+        let seen = SEEN.load(Ordering::SeqCst);
+        std::panic::set_hook(previous);
+        assert_eq!(rc, FC_PANIC);
+        let msg = unsafe { CString::from_raw(err.message) }
+            .into_string()
+            .unwrap();
+        assert!(msg.contains("kernel is broken"), "{msg}");
+        assert_eq!(
+            seen, 1,
+            "the process's own panic hook saw the kernel's panic"
+        );
+        unsafe { (t.drop)(t.state) };
+    }
 
     #[test]
     fn specs_and_values_round_trip_through_json() {

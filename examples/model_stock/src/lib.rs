@@ -72,7 +72,7 @@ impl Merger for ModelStock {
         }
     }
 
-    fn merge(&self, mut g: TensorGroup<'_>) -> Result<Merged> {
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> Result<Merged<'a>> {
         let filter_wise = g.params.bool("filter_wise")?;
         let numel = g.numel();
         let cols = match (filter_wise, g.shape.last()) {

@@ -246,7 +246,7 @@ impl Merger for Gta {
         }
     }
 
-    fn merge(&self, mut g: TensorGroup<'_>) -> Result<Merged> {
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> Result<Merged<'a>> {
         let p = g.params;
         let weights = p.model_f64("weight")?;
         let density = p.model_f64("density")?;

@@ -40,7 +40,7 @@ impl Merger for Linear {
             max_models: None,
         }
     }
-    fn merge(&self, mut g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> fusechat_core::Result<Merged<'a>> {
         let weights = g.params.model_f64("weight")?;
         let normalize = g.params.bool("normalize")?;
         let wsum: f64 = weights.iter().sum();

@@ -28,7 +28,7 @@ pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Res
 }
 
 /// `Σ wⱼ·θʲ` accumulated in f32 in model order, into the first model's buffer.
-pub(crate) fn weighted_sum(models: &mut [TensorBuf], weights: &[f64]) -> TensorBuf {
+pub(crate) fn weighted_sum<'a>(models: &mut [TensorBuf<'a>], weights: &[f64]) -> TensorBuf<'a> {
     let mut out = std::mem::take(&mut models[0]);
     let w0 = weights[0] as f32;
     out.iter_mut().for_each(|x| *x *= w0);

@@ -75,7 +75,7 @@ impl Merger for Sce {
             max_models: None,
         }
     }
-    fn merge(&self, mut g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> fusechat_core::Result<Merged<'a>> {
         let topk = g.params.f64("select_topk")?;
         let upstream = g.params.str("variant")? == "upstream";
         super::deltas_in_place(&mut g)?;

@@ -78,7 +78,7 @@ impl Merger for Slerp {
             max_models: Some(1),
         }
     }
-    fn merge(&self, mut g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> fusechat_core::Result<Merged<'a>> {
         let t = g.params.f64("t")?;
         let mut v0 = g
             .base

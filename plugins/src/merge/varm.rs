@@ -81,17 +81,17 @@ impl Merger for Varm {
             max_models: None,
         }
     }
-    fn stat_scope(&self, p: &ResolvedParams) -> Option<StatScope> {
-        match p.str("granularity").unwrap_or("tensor") {
+    fn stat_scope(&self, p: &ResolvedParams) -> fusechat_core::Result<Option<StatScope>> {
+        Ok(match p.str("granularity")? {
             "layer" => Some(StatScope::Layer),
             "model" => Some(StatScope::Model),
             _ => None,
-        }
+        })
     }
     fn statistic(&self, g: &TensorGroup<'_>) -> fusechat_core::Result<Vec<(f64, u64)>> {
         stat_sums(g)
     }
-    fn merge(&self, mut g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> fusechat_core::Result<Merged<'a>> {
         let v: Vec<f64> = match g.scope_stats.take() {
             Some(v) => v,
             None => stat_sums(&g)?

@@ -21,7 +21,7 @@ impl Merger for Panicky {
             max_models: None,
         }
     }
-    fn merge(&self, mut g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+    fn merge<'a>(&self, mut g: TensorGroup<'a>) -> fusechat_core::Result<Merged<'a>> {
         if g.name.contains("mlp") {
             panic!("deliberate failure in {}", g.name);
         }

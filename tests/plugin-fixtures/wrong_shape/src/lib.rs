@@ -21,7 +21,7 @@ impl Merger for Short {
             max_models: None,
         }
     }
-    fn merge(&self, g: TensorGroup<'_>) -> fusechat_core::Result<Merged> {
+    fn merge<'a>(&self, g: TensorGroup<'a>) -> fusechat_core::Result<Merged<'a>> {
         Ok(Merged::new(vec![0.0f32; g.numel() - 1]))
     }
 }
