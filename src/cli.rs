@@ -194,7 +194,7 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Nucleus sampling: keep the most likely tokens up to this total probability.
     #[arg(long, default_value_t = 1.0)]
@@ -252,12 +252,15 @@ pub struct ExecArgs {
 }
 
 impl ExecArgs {
-    fn options(&self) -> ExecOptions {
-        ExecOptions {
+    /// The options, checked before anything runs.
+    fn options(&self) -> Result<ExecOptions> {
+        let o = ExecOptions {
             threads: self.threads,
             memory_budget: self.memory_budget,
             progress: !self.no_progress && std::io::stderr().is_terminal(),
-        }
+        };
+        o.check()?;
+        Ok(o)
     }
 }
 
@@ -453,7 +456,7 @@ fn cmd_merge(args: &MergeArgs, plugins: &[PathBuf]) -> Result<()> {
     let cfg = args.config.as_deref().map(Config::load).transpose()?;
     let registry = &crate::registry_with(cfg.as_ref(), plugins)?;
     let req = merge_request(args, cfg.as_ref())?;
-    let opts = args.exec.options();
+    let opts = args.exec.options()?;
     let plan = fusechat_core::merge::plan::plan(&req, registry)?;
     if args.dry_run {
         emit(&plan.describe(opts.threads(), opts.memory_budget))?;
@@ -495,7 +498,7 @@ fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
         return emit(&pipeline.describe());
     }
     let mut printed: Result<()> = Ok(());
-    let results = pipeline.run(registry, &args.exec.options(), |r| {
+    let results = pipeline.run(registry, &args.exec.options()?, |r| {
         if printed.is_ok() {
             printed = emit(&format!("{}\n", r.line()));
         }
@@ -539,11 +542,17 @@ fn cmd_plugins(args: &PluginsArgs, plugins: &[PathBuf]) -> Result<()> {
             e.info.kind, e.info.name, e.origin, e.info.description
         );
         for p in &e.info.params {
-            let default = match (&p.default, p.required) {
+            let mut default = match (&p.default, p.required) {
                 (_, true) => "required".to_string(),
                 (Some(d), _) => format!("default {d}"),
                 (None, _) => "optional".to_string(),
             };
+            if let Some(r) = &p.range {
+                default.push_str(&format!(", in {r}"));
+                if let Some(flag) = &r.unless {
+                    default.push_str(&format!(" unless {flag}"));
+                }
+            }
             s.push_str(&format!(
                 "    - {} ({}, {}, {default})\n        {}\n",
                 p.name, p.ty, p.scope, p.help
@@ -582,6 +591,15 @@ fn load_for_generation(
     Option<fusechat_core::data::template::Template>,
     fusechat_core::model::generate::GenOptions,
 )> {
+    let mut gen = fusechat_core::model::generate::GenOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        stop: Vec::new(),
+    };
+    gen.check()?;
     let registry = crate::registry_with(None, plugins)?;
     let opts = fusechat_core::model::LoadOptions {
         device: fusechat_core::model::parse_device(&a.device)?,
@@ -590,14 +608,7 @@ fn load_for_generation(
     let model = fusechat_core::model::load_model(&registry, &a.model, a.family.as_deref(), &opts)?;
     let tok = fusechat_core::data::template::load_tokenizer(&a.model)?;
     let template = generate::chat_template(&a.template, &a.model)?;
-    let gen = fusechat_core::model::generate::GenOptions {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        seed: a.seed,
-        stop: generate::chat_stops(model.as_ref(), &tok, template.as_ref()),
-    };
+    gen.stop = generate::chat_stops(model.as_ref(), &tok, template.as_ref());
     Ok((model, tok, template, gen))
 }
 

@@ -441,13 +441,15 @@ fn a_layer_range_past_the_leads_layers_is_reported_once() {
         })
         .collect()];
     let ps = plan_problems(&r);
-    let lead = t[0].display();
-    assert_eq!(
-        ps,
-        [format!(
-            "`{lead}` has no tensors for layer 2, nor for 3 more layers"
-        )]
-    );
+    let range = |i: usize| {
+        format!(
+            "slice 1, source {} (`{}`): layer_range [1, 6] must satisfy start < end <= 2, the model's number of layers",
+            i + 1,
+            t[i].display()
+        )
+    };
+    // once per source, checked before any tensor is planned
+    assert_eq!(ps, [range(0), range(1)]);
 }
 
 #[test]
@@ -465,12 +467,11 @@ fn a_layer_range_past_another_sources_layers_is_reported_once() {
         },
     ]];
     let ps = plan_problems(&r);
-    let (lead, other) = (t[0].display(), t[1].display());
     assert_eq!(
         ps,
         [format!(
-            "tensor `model.layers.4.input_layernorm.weight` is missing from `{other}` (present in `{lead}`), \
-             and 17 more missing tensors"
+            "slice 1, source 2 (`{}`): layer_range [4, 6] must satisfy start < end <= 2, the model's number of layers",
+            t[1].display()
         )]
     );
 }

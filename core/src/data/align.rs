@@ -373,6 +373,18 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
         Vocab::from_tokenizer(&crate::data::template::load_tokenizer(&pt)?),
         Vocab::from_tokenizer(&crate::data::template::load_tokenizer(&st)?),
     );
+    if vocabs.pivot.tokens.len() > pivot.manifest.vocab_size {
+        return Err(Error::model(
+            &pt,
+            format!(
+                "this pivot tokenizer has {} tokens, but the pivot representation {} was made with a vocabulary of {}: \
+                 its ids could not be stored there. Use the tokenizer the pivot was represented with (--pivot-tokenizer)",
+                vocabs.pivot.tokens.len(),
+                o.pivot.display(),
+                pivot.manifest.vocab_size
+            ),
+        ));
+    }
     entry.plugin.check(&vocabs, &params)?;
 
     // Pair rows by id; both sides must hold the same rows. Only the row ids are

@@ -109,10 +109,27 @@ pub fn load(path: &Path, strict: bool) -> Result<Dataset> {
 }
 
 /// Parse dataset text (`path` names the file in messages). JSON arrays and
-/// JSONL are told apart by the first non-blank character.
+/// JSONL are told apart by the first non-blank character. A file with no
+/// usable record (empty, a lone JSON object, or every record skipped) is an
+/// error naming the first reasons.
 pub fn parse(text: &str, path: &Path, strict: bool) -> Result<Dataset> {
     let mut raw: Vec<Result<Value>> = Vec::new();
-    if text.trim_start().starts_with('[') {
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        return Err(Error::model(
+            path,
+            "is empty: give a JSON array of records or JSONL (one record per line)",
+        ));
+    }
+    if trimmed.starts_with('{') && trimmed.trim_end().lines().count() > 1 {
+        if let Ok(Value::Object(_)) = serde_json::from_str::<Value>(text) {
+            return Err(Error::model(
+                path,
+                "is one JSON object, not a dataset: give a JSON array of records, or JSONL with one record per line",
+            ));
+        }
+    }
+    if trimmed.starts_with('[') {
         let v: Value = serde_json::from_str(text).map_err(|e| {
             Error::model(
                 path,
@@ -161,6 +178,27 @@ pub fn parse(text: &str, path: &Path, strict: bool) -> Result<Dataset> {
                 reason: e.to_string(),
             }),
         }
+    }
+    if out.records.is_empty() {
+        let first: Vec<String> = out
+            .skipped
+            .iter()
+            .take(3)
+            .map(|s| format!("row {}: {}", s.row, s.reason))
+            .collect();
+        return Err(Error::model(
+            path,
+            format!(
+                "has no usable record ({} in the file{}{})",
+                out.total,
+                if first.is_empty() {
+                    ""
+                } else {
+                    "; first reasons: "
+                },
+                first.join("; ")
+            ),
+        ));
     }
     // Once per file and process: `fusechat run` reads the same data for every model.
     static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());

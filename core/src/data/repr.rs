@@ -406,6 +406,15 @@ impl ReprDir {
     pub fn shard(&self, i: usize) -> Result<Shard> {
         let e = &self.manifest.shards[i];
         let s = Shard::read(&self.dir.join(&e.file))?;
+        if s.k != self.manifest.top_k {
+            return Err(Error::model(
+                self.dir.join(&e.file),
+                format!(
+                    "holds top-{} entries but manifest.json says top_k = {}; the directory was modified, recreate it",
+                    s.k, self.manifest.top_k
+                ),
+            ));
+        }
         if s.rows() as u64 != e.rows || s.positions() as u64 != e.positions {
             return Err(Error::model(self.dir.join(&e.file), "does not match its manifest entry (rows or positions); the directory was modified, recreate it"));
         }

@@ -401,13 +401,30 @@ fn prepare(o: &RepresentOptions) -> Result<Prepared> {
             "--shard {si}/{sn}: use i/n with 0 ≤ i < n"
         )));
     }
-    if o.top_k == 0 || o.max_length < 2 || o.rows_per_shard == 0 {
-        return Err(Error::msg(
-            "top_k and rows_per_shard must be at least 1, and max_length at least 2",
-        ));
+    let mut problems = Vec::new();
+    for (name, v, min) in [
+        ("top_k", o.top_k, 1),
+        ("max_length", o.max_length, 2),
+        ("batch_size", o.batch_size, 1),
+        ("batch_tokens", o.batch_tokens, 1),
+        ("rows_per_shard", o.rows_per_shard, 1),
+    ] {
+        if v < min {
+            problems.push(format!("{name} = {v}: must be at least {min}"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::invalid("the represent request", problems));
     }
     let tok_dir = o.tokenizer.clone().unwrap_or_else(|| o.model.clone());
     let tokenizer = load_tokenizer(&tok_dir)?;
+    let vocab = tokenizer.get_vocab_size(true);
+    if o.top_k > vocab {
+        return Err(Error::msg(format!(
+            "top_k = {}: must be at most the vocabulary size, {vocab} tokens (FuseChat keeps 10)",
+            o.top_k
+        )));
+    }
     let tok_hash =
         fnv1a(&std::fs::read(tok_dir.join("tokenizer.json")).map_err(|e| Error::io(&tok_dir, e))?);
     let template = Template::load(&o.template, &tok_dir)?;

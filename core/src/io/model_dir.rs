@@ -159,6 +159,9 @@ impl ModelDir {
             })?;
             let data_start = 8 + header_len;
             for (tname, info) in meta.tensors() {
+                if let Some(msg) = bad_layer_index(&tname) {
+                    return Err(Error::model(&path, msg));
+                }
                 let (s, e) = info.data_offsets;
                 tensors.insert(
                     tname.clone(),
@@ -329,6 +332,34 @@ pub fn layer_index(name: &str) -> Option<usize> {
             if let Some(n) = parts.clone().next().and_then(|n| n.parse().ok()) {
                 return Some(n);
             }
+        }
+    }
+    None
+}
+
+/// Why a tensor name's layer index cannot be used, if it cannot: the index
+/// after `layers.` (`h.`, `blocks.`) must be written as the checkpoint's layer
+/// number, without leading zeros, so that each layer has one name.
+fn bad_layer_index(name: &str) -> Option<String> {
+    let mut parts = name.split('.');
+    while let Some(p) = parts.next() {
+        if p == "layers" || p == "h" || p == "blocks" {
+            let n = parts.clone().next()?;
+            if n.len() > 1 && n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit()) {
+                let plain = match n.trim_start_matches('0') {
+                    "" => "0",
+                    rest => rest,
+                };
+                return Some(format!(
+                    "tensor `{name}`: layer index `{n}` has a leading zero; write it as `{plain}` (a checkpoint names each layer once)"
+                ));
+            }
+            if n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u32>().is_err() {
+                return Some(format!(
+                    "tensor `{name}`: layer index `{n}` is out of range"
+                ));
+            }
+            return None;
         }
     }
     None

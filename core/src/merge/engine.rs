@@ -45,6 +45,9 @@ impl Default for ExecOptions {
     }
 }
 
+/// The most worker threads a merge starts (`--threads`).
+pub const MAX_THREADS: usize = 1024;
+
 impl ExecOptions {
     pub fn threads(&self) -> usize {
         if self.threads == 0 {
@@ -52,6 +55,18 @@ impl ExecOptions {
         } else {
             self.threads
         }
+    }
+
+    /// Refuse settings no machine can honour (checked before anything runs).
+    pub fn check(&self) -> Result<()> {
+        if self.threads > MAX_THREADS {
+            return Err(Error::msg(format!(
+                "--threads {}: at most {MAX_THREADS} (this machine has {} cores; 0 means one per core)",
+                self.threads,
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -277,6 +292,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
+    opts.check()?;
     let threads = opts.threads();
     let out = OutputDir::create(&plan.out, plan.force)?;
     let specs: Vec<TensorSpec> = plan

@@ -128,6 +128,11 @@ pub fn parse(
                     .get("sources")
                     .and_then(Value::as_array)
                     .ok_or_else(|| err(format!("slices[{si}].sources must be a list")))?;
+                if sources.is_empty() {
+                    return Err(err(format!(
+                        "slices[{si}].sources is empty: a slice needs at least one `model` with its `layer_range`"
+                    )));
+                }
                 let mut out = Vec::new();
                 for (j, src) in sources.iter().enumerate() {
                     let field = format!("slices[{si}].sources[{j}]");
@@ -139,7 +144,17 @@ pub fn parse(
                             [a, b] => Some((a.as_u64()? as usize, b.as_u64()? as usize)),
                             _ => None,
                         })
-                        .ok_or_else(|| err(format!("{field}.layer_range must be [start, end]")))?;
+                        .ok_or_else(|| {
+                            err(format!(
+                                "{field}.layer_range must be [start, end], two non-negative integers"
+                            ))
+                        })?;
+                    if range.0 >= range.1 {
+                        return Err(err(format!(
+                            "{field}.layer_range [{}, {}]: start must be below end",
+                            range.0, range.1
+                        )));
+                    }
                     let params = settings(src.get("parameters"), &format!("{field}.parameters"))?;
                     let idx = match req.models.iter().position(|m| m.reference == reference) {
                         Some(i) => {

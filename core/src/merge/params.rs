@@ -185,6 +185,15 @@ impl Setting {
         }
     }
 
+    /// Every number the setting holds (scalars, gradient points, rule values).
+    pub fn numbers(&self) -> Vec<f64> {
+        match self {
+            Setting::Scalar(s) => s.as_f64().into_iter().collect(),
+            Setting::Gradient(v) => v.clone(),
+            Setting::Filters(rules) => rules.iter().flat_map(|r| r.value.numbers()).collect(),
+        }
+    }
+
     /// Check every leaf of the setting against the declared type.
     pub fn check_type(&self, ty: &ParamType) -> crate::Result<()> {
         match self {

@@ -537,14 +537,14 @@ fn open_model(inp: &ModelInput, problems: &mut Problems) -> Option<ModelDir> {
 fn check_params(req: &MergeRequest, entry: &MergerEntry, problems: &mut Problems) {
     let info = &entry.info;
     for (k, v) in &req.params {
-        if let Some(p) = info.check_setting(k, v, None) {
+        if let Some(p) = info.check_setting(k, v, None, &req.params) {
             problems.request(p);
         }
     }
     for m in &req.models {
         let of = format!("model `{}`", m.reference);
         for (k, v) in &m.params {
-            if let Some(p) = info.check_setting(k, v, Some(&of)) {
+            if let Some(p) = info.check_setting(k, v, Some(&of), &req.params) {
                 problems.request(p);
             }
         }
@@ -627,6 +627,45 @@ fn lay_out_slices(
                 .collect()
         })
         .collect();
+    for (si, (srcs, given)) in slices.iter().zip(&req.slices).enumerate() {
+        if srcs.is_empty() {
+            problems.request(format!(
+                "slice {} has no sources: give each slice at least one model with its layer_range",
+                si + 1
+            ));
+            continue;
+        }
+        for (j, (x, g)) in srcs.iter().zip(given).enumerate() {
+            let Some(d) = x.model else {
+                problems.request(format!(
+                    "slice {}, source {}: {} names no model of the request",
+                    si + 1,
+                    j + 1,
+                    match g.model {
+                        SliceModel::Base => "the base".to_string(),
+                        SliceModel::Model(i) => format!("model #{i}"),
+                    }
+                ));
+                continue;
+            };
+            let Some(dir) = &inputs.models[d].dir else {
+                continue; // could not be opened: a problem already says why
+            };
+            let (start, end) = x.layers;
+            let n = model_layers(dir);
+            if start >= end || end > n {
+                problems.request(format!(
+                    "slice {}, source {} (`{}`): layer_range [{start}, {end}] must satisfy start < end <= {n}, the model's number of layers",
+                    si + 1,
+                    j + 1,
+                    inputs.models[d].label
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return slices;
+    }
     for (si, srcs) in slices.iter().enumerate() {
         let lens: BTreeSet<usize> = srcs
             .iter()
@@ -690,6 +729,13 @@ fn check_contract(
     slices: &[Vec<SliceSrc>],
     problems: &mut Problems,
 ) {
+    if roles.base.is_none() && roles.members.is_empty() {
+        problems.request(
+            "nothing to merge: the request lists no model (give `models`, `--model` or `slices`)"
+                .to_string(),
+        );
+        return;
+    }
     if c.base == BaseUse::Required && roles.base.is_none() {
         problems.request(format!(
             "method `{}` needs a base model (θ⁰, the pivot the others were fine-tuned from): give `base` / `--base` / `base_model`",
@@ -715,6 +761,18 @@ fn check_contract(
     }
 }
 
+/// A model's number of decoder layers: config.json's, else one past the
+/// highest layer index among its tensors.
+fn model_layers(dir: &ModelDir) -> usize {
+    dir.num_layers().unwrap_or_else(|| {
+        dir.tensors()
+            .keys()
+            .filter_map(|n| layer_index(n))
+            .max()
+            .map_or(0, |m| m + 1)
+    })
+}
+
 /// Without explicit slices: one slice over every layer of the lead (the
 /// base, else the first model), base first.
 fn implicit_slice(models: &[Model], roles: &Roles) -> Vec<SliceSrc> {
@@ -722,14 +780,7 @@ fn implicit_slice(models: &[Model], roles: &Roles) -> Vec<SliceSrc> {
         .base
         .or(roles.members.first().copied())
         .expect("contract checked");
-    let dir = &models[lead].dir;
-    let n_layers = dir.num_layers().unwrap_or_else(|| {
-        dir.tensors()
-            .keys()
-            .filter_map(|n| layer_index(n))
-            .max()
-            .map_or(0, |m| m + 1)
-    });
+    let n_layers = model_layers(&models[lead].dir);
     roles
         .base
         .iter()

@@ -42,6 +42,30 @@ impl Default for GenOptions {
     }
 }
 
+impl GenOptions {
+    /// Every setting in its range, or an error naming the value and the range.
+    pub fn check(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            problems.push(format!(
+                "temperature = {}: use a finite number ≥ 0 (0 is greedy)",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            problems.push(format!("top_p = {}: use a value in (0, 1]", self.top_p));
+        }
+        if self.max_new_tokens == 0 {
+            problems.push("max_new_tokens = 0: use at least 1".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::invalid("the generation request", problems))
+        }
+    }
+}
+
 /// Pick the next token from one position's logits.
 pub fn sample(logits: &[f32], opts: &GenOptions, rng: &mut SplitMix64) -> u32 {
     let argmax = || {
@@ -105,6 +129,7 @@ pub fn generate(
     opts: &GenOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
+    opts.check()?;
     if prompt.is_empty() {
         return Err(Error::msg("the prompt encodes to no tokens"));
     }

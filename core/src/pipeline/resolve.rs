@@ -338,11 +338,11 @@ impl Resolver<'_> {
             Err(e) => self.problem(format!("[merge] method: {e}")),
             Ok(entry) => {
                 let info = entry.info.clone();
-                self.merge_params("[merge] parameters", &info, &req.params, None);
+                self.merge_params("[merge] parameters", &info, &req.params, None, &req.params);
                 for (i, m) in req.models.iter().enumerate() {
                     let field = format!("[merge] models[{i}].parameters");
                     let of = format!("model `{}`", m.reference);
-                    self.merge_params(&field, &info, &m.params, Some(&of));
+                    self.merge_params(&field, &info, &m.params, Some(&of), &req.params);
                 }
             }
         }
@@ -382,9 +382,10 @@ impl Resolver<'_> {
         info: &PluginInfo,
         settings: &Settings,
         of: Option<&str>,
+        shared: &Settings,
     ) {
         for (k, v) in settings {
-            if let Some(p) = info.check_setting(k, v, of) {
+            if let Some(p) = info.check_setting(k, v, of, shared) {
                 self.problem(format!("{field}: {p}"));
             }
         }

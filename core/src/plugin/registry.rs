@@ -86,8 +86,23 @@ impl fmt::Display for Scope {
     }
 }
 
+/// The values a numeric parameter accepts: `min ≤ v ≤ max`, unless the
+/// boolean parameter `unless` is set true (e.g. SLERP's `extrapolate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValueRange {
+    pub min: f64,
+    pub max: f64,
+    pub unless: Option<String>,
+}
+
+impl fmt::Display for ValueRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}, {}]", self.min, self.max)
+    }
+}
+
 /// A declared parameter. Built with a small builder:
-/// `ParamSpec::float("t", Scope::Shared).required().help("interpolation factor")`.
+/// `ParamSpec::float("t", Scope::Shared).required().range(0.0, 1.0).help("interpolation factor")`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {
     pub name: String,
@@ -96,6 +111,8 @@ pub struct ParamSpec {
     pub default: Option<Scalar>,
     pub required: bool,
     pub help: String,
+    /// Numeric parameters: the accepted values (every number must be finite).
+    pub range: Option<ValueRange>,
 }
 
 impl ParamSpec {
@@ -107,6 +124,7 @@ impl ParamSpec {
             default: None,
             required: false,
             help: String::new(),
+            range: None,
         }
     }
     pub fn float(name: &str, scope: Scope) -> Self {
@@ -136,6 +154,49 @@ impl ParamSpec {
     pub fn help(mut self, h: &str) -> Self {
         self.help = h.to_string();
         self
+    }
+    /// Accept only `min ≤ v ≤ max`.
+    pub fn range(mut self, min: f64, max: f64) -> Self {
+        self.range = Some(ValueRange {
+            min,
+            max,
+            unless: None,
+        });
+        self
+    }
+    /// With [`ParamSpec::range`]: the range does not apply when the boolean
+    /// parameter `flag` is set true.
+    pub fn unless(mut self, flag: &str) -> Self {
+        if let Some(r) = &mut self.range {
+            r.unless = Some(flag.to_string());
+        }
+        self
+    }
+
+    /// The problem with a value of this parameter, if any: a number that is
+    /// not finite or lies outside the range. `flag_set` says whether a
+    /// boolean parameter of the same plugin is set true.
+    pub fn check_value(&self, value: &Setting, flag_set: &dyn Fn(&str) -> bool) -> Option<String> {
+        let numbers = value.numbers();
+        if let Some(v) = numbers.iter().find(|v| !v.is_finite()) {
+            return Some(format!(
+                "parameter `{}` is {v}; use a finite number",
+                self.name
+            ));
+        }
+        let r = self.range.as_ref()?;
+        if r.unless.as_deref().is_some_and(flag_set) {
+            return None;
+        }
+        let v = numbers.iter().find(|v| **v < r.min || **v > r.max)?;
+        let hint = match &r.unless {
+            Some(flag) => format!(" (set `{flag} = true` to allow it)"),
+            None => String::new(),
+        };
+        Some(format!(
+            "parameter `{}` is {v}, outside its range {r}{hint}",
+            self.name
+        ))
     }
 }
 
@@ -191,10 +252,17 @@ impl PluginInfo {
     }
 
     /// The problem with a parameter given by name, if any: a name the plugin does
-    /// not declare (the message lists those it does), a value of the wrong type,
-    /// or a shared parameter set for one model. `of` names the model whose
-    /// setting it is ("model `a`"); `None` for the plugin's own settings.
-    pub fn check_setting(&self, name: &str, value: &Setting, of: Option<&str>) -> Option<String> {
+    /// not declare (the message lists those it does), a value of the wrong type
+    /// or out of range, or a shared parameter set for one model. `of` names the
+    /// model whose setting it is ("model `a`"); `None` for the plugin's own
+    /// settings. `shared` holds the plugin's own settings (for `unless` flags).
+    pub fn check_setting(
+        &self,
+        name: &str,
+        value: &Setting,
+        of: Option<&str>,
+        shared: &crate::merge::params::Settings,
+    ) -> Option<String> {
         let whose = of.map(|o| format!(" of {o}")).unwrap_or_default();
         let Some(spec) = self.param(name) else {
             return Some(format!(
@@ -209,19 +277,32 @@ impl PluginInfo {
                 self.label()
             ));
         }
-        value
-            .check_type(&spec.ty)
-            .err()
-            .map(|msg| format!("parameter `{name}`{whose}: {msg} (for {})", self.label()))
+        if let Err(msg) = value.check_type(&spec.ty) {
+            return Some(format!(
+                "parameter `{name}`{whose}: {msg} (for {})",
+                self.label()
+            ));
+        }
+        let flag_set = |flag: &str| {
+            shared.get(flag) == Some(&Setting::Scalar(Scalar::Bool(true)))
+                || self.param(flag).and_then(|p| p.default.as_ref()) == Some(&Scalar::Bool(true))
+                    && !shared.contains_key(flag)
+        };
+        spec.check_value(value, &flag_set)
+            .map(|msg| format!("{msg}{whose} (for {})", self.label()))
     }
 
     /// Resolve single-valued parameters (aligners and the other per-stage
     /// plugins): every given name must be declared and well typed, required ones
     /// must be given, and defaults fill the rest. All problems are reported together.
     pub fn resolve_scalars(&self, given: &BTreeMap<String, Scalar>) -> Result<ResolvedParams> {
-        let mut problems: Vec<String> = given
+        let settings: crate::merge::params::Settings = given
             .iter()
-            .filter_map(|(k, v)| self.check_setting(k, &Setting::Scalar(v.clone()), None))
+            .map(|(k, v)| (k.clone(), Setting::Scalar(v.clone())))
+            .collect();
+        let mut problems: Vec<String> = settings
+            .iter()
+            .filter_map(|(k, v)| self.check_setting(k, v, None, &settings))
             .collect();
         let mut out = ResolvedParams::default();
         for spec in &self.params {

@@ -428,8 +428,10 @@ fn scalar_from_json(v: &Value) -> crate::Result<Scalar> {
     }
 }
 
-/// A parameter spec as JSON: `[{"name", "type", "scope", "default", "required", "help"}]`,
-/// where `type` is `"float"`, `"int"`, `"bool"` or `{"choice": [...]}`.
+/// A parameter spec as JSON: `[{"name", "type", "scope", "default", "required", "help", "range"}]`,
+/// where `type` is `"float"`, `"int"`, `"bool"` or `{"choice": [...]}` and `range`
+/// is null or `{"min", "max", "unless"}` (appended after version 1's first form;
+/// absent means no range).
 pub fn params_to_json(specs: &[ParamSpec]) -> String {
     let v: Vec<Value> = specs
         .iter()
@@ -446,6 +448,7 @@ pub fn params_to_json(specs: &[ParamSpec]) -> String {
                 "default": p.default.as_ref().map(scalar_json),
                 "required": p.required,
                 "help": p.help,
+                "range": p.range.as_ref().map(|r| json!({"min": r.min, "max": r.max, "unless": r.unless})),
             })
         })
         .collect();
@@ -504,6 +507,19 @@ pub fn params_from_json(text: &str) -> crate::Result<Vec<ParamSpec>> {
                 })?);
             }
             spec.required = p["required"].as_bool().unwrap_or(false);
+            if let Some(r) = p.get("range").filter(|r| !r.is_null()) {
+                let bound = |k: &str| {
+                    r[k].as_f64().ok_or_else(|| {
+                        crate::Error::Plugin(format!(
+                            "parameter `{name}`: range.{k} is not a number"
+                        ))
+                    })
+                };
+                spec = spec.range(bound("min")?, bound("max")?);
+                if let Some(flag) = r["unless"].as_str() {
+                    spec = spec.unless(flag);
+                }
+            }
             spec.help = p["help"].as_str().unwrap_or_default().to_string();
             Ok(spec)
         })
@@ -716,7 +732,11 @@ mod tests {
     #[test]
     fn specs_and_values_round_trip_through_json() {
         let specs = vec![
-            ParamSpec::float("t", Scope::Shared).required().help("x"),
+            ParamSpec::float("t", Scope::Shared)
+                .required()
+                .range(0.0, 1.0)
+                .unless("on")
+                .help("x"),
             ParamSpec::choice("mode", &["a", "b"], Scope::Shared).default("b"),
             ParamSpec::int("k", Scope::PerModel).default(3i64),
             ParamSpec::bool("on", Scope::Shared).default(true),

@@ -39,6 +39,7 @@ impl VocabAligner for Mined {
             params: vec![
                 ParamSpec::float("substring_discount", Scope::Shared)
                     .default(1.0)
+                    .range(0.0, 1.0)
                     .help("multiply the cost by this when one token contains the other (FuseChat-1.0's tool: 0.1; 1 = off)"),
                 mode_param(),
                 fallback_param(),

@@ -48,7 +48,7 @@ impl Rescale {
 pub fn params(default_normalize: bool, sparsify: Sparsify) -> Vec<ParamSpec> {
     vec![
         super::weight_param(),
-        ParamSpec::float("density", Scope::PerModel).default(1.0).help(match sparsify {
+        ParamSpec::float("density", Scope::PerModel).default(1.0).range(0.0, 1.0).help(match sparsify {
             Sparsify::None => "accepted for mergekit compatibility; task arithmetic keeps every element",
             Sparsify::Magnitude => "fraction of δ kept, by magnitude (top int(density·N))",
             Sparsify::Bernoulli => "probability of keeping each element of δ",

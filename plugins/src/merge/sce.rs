@@ -58,6 +58,7 @@ impl Merger for Sce {
             params: vec![
                 ParamSpec::float("select_topk", Scope::Shared)
                     .default(1.0)
+                    .range(0.0, 1.0)
                     .help("fraction of elements (by variance across the deltas) used for the weights"),
                 ParamSpec::choice("variant", &["vendored", "upstream"], Scope::Shared)
                     .default("vendored")

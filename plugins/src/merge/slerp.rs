@@ -66,9 +66,16 @@ impl Merger for Slerp {
             name: "slerp".into(),
             description: "spherical interpolation from the base (t=0) to one other model (t=1)"
                 .into(),
-            params: vec![ParamSpec::float("t", Scope::Shared)
-                .required()
-                .help("interpolation factor in [0, 1]; 0 gives the base")],
+            params: vec![
+                ParamSpec::float("t", Scope::Shared)
+                    .required()
+                    .range(0.0, 1.0)
+                    .unless("extrapolate")
+                    .help("interpolation factor in [0, 1]; 0 gives the base"),
+                ParamSpec::bool("extrapolate", Scope::Shared)
+                    .default(false)
+                    .help("allow t outside [0, 1] (mergekit extrapolates silently; fusechat refuses unless asked)"),
+            ],
         }
     }
     fn contract(&self) -> InputContract {
