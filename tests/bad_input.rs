@@ -326,3 +326,34 @@ fn representations_that_disagree_with_their_manifest_or_tokenizer() {
         &["top-3 entries but manifest.json says top_k = 5"],
     );
 }
+
+/// A represent that fails once it has started leaves nothing behind, so the
+/// corrected rerun into the same --out just works (no stale key to --force).
+#[test]
+fn a_failed_represent_leaves_nothing_and_the_corrected_rerun_succeeds() {
+    let (_t, d) = setup();
+    copy_dir(&d.join("m/pivot"), &d.join("x"));
+    let good = std::fs::read_to_string(d.join("x/tokenizer.json")).unwrap();
+    let mut tj: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let vocab = tj["model"]["vocab"].as_object_mut().unwrap();
+    for i in 0..10 {
+        vocab.insert(format!("extra{i}"), serde_json::json!(96 + i));
+    }
+    std::fs::write(d.join("x/tokenizer.json"), tj.to_string()).unwrap();
+    let args = [
+        "represent",
+        "--model",
+        "x",
+        "--data",
+        "m/conversations.jsonl",
+        "--out",
+        "r",
+        "--no-progress",
+    ];
+    let err = fails(&fusechat(&d, &args));
+    assert!(err.contains("106") && err.contains("96"), "{err}");
+    nothing_left(&d, "r");
+    std::fs::write(d.join("x/tokenizer.json"), good).unwrap();
+    ok(&fusechat(&d, &args));
+    assert!(d.join("r/manifest.json").is_file());
+}

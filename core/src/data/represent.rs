@@ -477,8 +477,43 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
     // Parsed before the output directory is touched, so --strict fails cleanly.
     let dataset = conversation::parse(&text, &o.data, o.strict)?;
     drop(text);
+    let existed = o.out.exists();
     prepare_out(o, &p.key, &p.settings)?;
-    let (rows, skipped) = encode_rows(&p, &dataset)?;
+    let result = represent_into(registry, &p, &dataset, start);
+    if result.is_err() {
+        forget_failed_start(&o.out, existed);
+    }
+    result
+}
+
+/// After a failed run: when no shard was finished, remove the key this run
+/// recorded (a corrected rerun must not be told "made with other settings")
+/// and the directory, if this run created it. Finished shards stay for resuming.
+fn forget_failed_start(out: &Path, existed: bool) {
+    let shards = std::fs::read_dir(out)
+        .map(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("shard-") && n.ends_with(".safetensors")
+            })
+        })
+        .unwrap_or(false);
+    if !shards {
+        let _ = std::fs::remove_file(out.join(KEY_FILE));
+        if !existed {
+            let _ = std::fs::remove_dir(out); // only if empty
+        }
+    }
+}
+
+fn represent_into(
+    registry: &Registry,
+    p: &Prepared,
+    dataset: &conversation::Dataset,
+    start: std::time::Instant,
+) -> Result<RepresentOutcome> {
+    let o = &p.o;
+    let (rows, skipped) = encode_rows(p, dataset)?;
 
     let chunks: Vec<&[(u64, Encoded)]> = rows.chunks(o.rows_per_shard).collect();
     let (si, sn) = o.shard;
@@ -507,7 +542,7 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
         let family = family.unwrap_or_else(|| detect_family(registry, &o.model));
         (p.tokenizer.get_vocab_size(true), family)
     } else {
-        compute_shards(registry, &p, &chunks, &todo, &mut outcome)?
+        compute_shards(registry, p, &chunks, &todo, &mut outcome)?
     };
     outcome.pending = (0..chunks.len())
         .filter(|&c| !o.out.join(shard_file(c)).is_file())
@@ -520,7 +555,7 @@ pub fn represent(registry: &Registry, o: &RepresentOptions) -> Result<RepresentO
         );
         return Ok(outcome);
     }
-    let manifest = manifest_of(&p, &dataset, &chunks, skipped, vocab_size, family);
+    let manifest = manifest_of(p, dataset, &chunks, skipped, vocab_size, family);
     manifest.write(&o.out)?;
     outcome.manifest = Some(manifest);
     Ok(outcome)
