@@ -318,6 +318,10 @@ pub struct MergeArgs {
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Merge models whose config.json architectures differ (hidden size, heads, layers, vocab,
+    /// RoPE theta, tied embeddings); by default that is an error.
+    #[arg(long)]
+    pub allow_config_mismatch: bool,
     /// Validate and print the plan (per tensor: method, resolved parameters) and a memory estimate; write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -415,6 +419,7 @@ pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequ
         req.max_shard_size = s;
     }
     req.force = args.force;
+    req.allow_config_mismatch |= args.allow_config_mismatch;
     Ok(req)
 }
 
@@ -789,9 +794,37 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 /// Parse arguments, run the command, print an error chain on failure.
+/// On Ctrl-C or SIGTERM: remove every temporary output this process is
+/// writing, say so, and exit with 130 (what a shell reports for Ctrl-C).
+fn remove_temporaries_on_interrupt() {
+    let installed = ctrlc::set_handler(|| {
+        let removed = fusechat_core::io::writer::remove_live_temporaries();
+        eprintln!(
+            "\ninterrupted{}",
+            if removed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; removed the unfinished {}",
+                    removed
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+        std::process::exit(130);
+    });
+    if let Err(e) = installed {
+        tracing::debug!("no interrupt handler: {e}");
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
+    remove_temporaries_on_interrupt();
     if matches!(
         cli.command,
         Command::Generate(_) | Command::Chat(_) | Command::Represent(_)
@@ -809,6 +842,13 @@ pub fn main() -> ExitCode {
         Command::Align(a) => cmd_align(a, &cli.plugins),
         Command::Filter(a) => cmd_filter(a),
     };
+    if r.is_err() && fusechat_core::io::writer::interrupted() {
+        // The interrupt handler removed the temporaries under our feet; it
+        // reports and exits with 130. Nothing to add.
+        loop {
+            std::thread::park();
+        }
+    }
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e)

@@ -350,7 +350,9 @@ fn shape_mismatch_and_missing_tensor_name_the_tensor() {
             v.truncate(s.iter().product());
         }
     }
-    let cfg = serde_json::json!({"num_hidden_layers": 2});
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("set/t1/config.json")).unwrap())
+            .unwrap();
     fusechat::core::io::hf_dir::write_model_dir(&d.join("broken"), &cfg, &ts, DType::F32, 1 << 30)
         .unwrap();
     let err = fails(&merge_cli(&d, &["--model", "broken"]));
@@ -436,7 +438,9 @@ fn a_nan_weight_aborts_cleanly_naming_the_tensor() {
             v[5] = f32::NAN;
         }
     }
-    let cfg = serde_json::json!({"num_hidden_layers": 2});
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("set/t1/config.json")).unwrap())
+            .unwrap();
     fusechat::core::io::hf_dir::write_model_dir(&d.join("nan"), &cfg, &ts, DType::F32, 1 << 30)
         .unwrap();
     let err = fails(&merge_cli(&d, &["--model", "nan"]));

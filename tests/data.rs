@@ -174,8 +174,9 @@ fn representations_match_an_independent_forward_and_resume_exactly() {
     // A killed run (one shard and the manifest missing) resumes with only that shard.
     std::fs::remove_file(b.join("manifest.json")).unwrap();
     std::fs::remove_file(b.join("shard-00002.safetensors")).unwrap();
-    // ... and it was half-way through writing shard 3 (under its temp name).
-    std::fs::write(b.join("shard-00003.tmp-999"), b"partial").unwrap();
+    // ... and it was half-way through writing shard 3 (under its temp name,
+    // with the pid of a process that is gone).
+    std::fs::write(b.join("shard-00003.safetensors.tmp-4000000000"), b"partial").unwrap();
     let resumed = represent(&reg, &opts(&pivot, &data, &b)).unwrap();
     assert_eq!(resumed.computed, vec![2]);
     assert_eq!(resumed.reused.len(), m.shards.len() - 1);
@@ -186,11 +187,33 @@ fn representations_match_an_independent_forward_and_resume_exactly() {
             .up_to_date
     );
 
-    // A re-written checkpoint (same sizes, new times) is not up to date: the
-    // CLI asks for --force, `run` (replace_stale) recomputes.
+    // The key is the content's: the same bytes written again (new times), or
+    // the model, data and representation copied elsewhere (another machine),
+    // are up to date.
     std::thread::sleep(std::time::Duration::from_millis(20));
     let cfg = std::fs::read(pivot.join("config.json")).unwrap();
-    std::fs::write(pivot.join("config.json"), cfg).unwrap();
+    std::fs::write(pivot.join("config.json"), &cfg).unwrap();
+    assert!(
+        represent(&reg, &opts(&pivot, &data, &b))
+            .unwrap()
+            .up_to_date
+    );
+    let elsewhere = tmp.path().join("elsewhere");
+    common::copy_dir(&pivot, &elsewhere.join("pivot"));
+    common::copy_dir(&b, &elsewhere.join("b"));
+    std::fs::copy(&data, elsewhere.join("data.jsonl")).unwrap();
+    let moved = opts(
+        &elsewhere.join("pivot"),
+        &elsewhere.join("data.jsonl"),
+        &elsewhere.join("b"),
+    );
+    assert!(represent(&reg, &moved).unwrap().up_to_date);
+
+    // A re-written checkpoint (other content) is not up to date: the CLI asks
+    // for --force, `run` (replace_stale) recomputes.
+    let mut changed: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+    changed["fusechat_test_note"] = serde_json::json!("re-exported");
+    std::fs::write(pivot.join("config.json"), changed.to_string()).unwrap();
     let e = represent(&reg, &opts(&pivot, &data, &b))
         .unwrap_err()
         .to_string();
@@ -199,7 +222,14 @@ fn representations_match_an_independent_forward_and_resume_exactly() {
     o.replace_stale = true;
     let redone = represent(&reg, &o).unwrap();
     assert!(!redone.up_to_date && redone.computed.len() == m.shards.len());
-    assert_eq!(files(&b), files(&a));
+    // the same values (the model's weights did not change), under the new key
+    let bits = |d: &Path| {
+        rows(d)
+            .into_iter()
+            .map(|(id, t, l, k, v, ce)| (id, t, l, k, v, ce.to_bits())) // NaN ≠ NaN
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&b), bits(&a));
 
     // Other settings into the same directory need --force.
     let mut o = opts(&pivot, &data, &b);

@@ -125,7 +125,10 @@ fn slerp_t_per_layer_matches_reference() {
             ));
         }
     }
-    let cfg = serde_json::json!({"num_hidden_layers": 32});
+    let cfg = serde_json::json!({
+        "model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 2,
+        "num_attention_heads": 1, "vocab_size": 2,
+    });
     for d in ["a", "b"] {
         fusechat::core::io::hf_dir::write_model_dir(
             &p.join(d),

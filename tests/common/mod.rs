@@ -50,7 +50,10 @@ pub fn write_model(dir: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], dtype: 
         .iter()
         .map(|(n, s, v)| (n.to_string(), s.clone(), v.clone()))
         .collect();
-    let config = serde_json::json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "num_hidden_layers": 1});
+    let config = serde_json::json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "num_hidden_layers": 1,
+        "hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32,
+    });
     write_model_dir(dir, &config, &t, dtype, 5_000_000_000).unwrap();
 }
 

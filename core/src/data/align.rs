@@ -348,6 +348,17 @@ pub fn up_to_date(o: &AlignOptions) -> Result<bool> {
 /// Run the stage.
 pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
     let start = std::time::Instant::now();
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("pivot representation", &o.pivot),
+        ("source representation", &o.source),
+    ];
+    inputs.extend(o.pivot_tokenizer.as_deref().map(|p| ("pivot tokenizer", p)));
+    inputs.extend(
+        o.source_tokenizer
+            .as_deref()
+            .map(|p| ("source tokenizer", p)),
+    );
+    crate::io::writer::check_out_not_input(&o.out, &inputs)?;
     let pivot = ReprDir::open(&o.pivot)?;
     let source = ReprDir::open(&o.source)?;
     let entry = registry.aligner(&o.aligner)?;
@@ -455,6 +466,7 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
             })
             .collect();
         let mut out = Shard::new(k);
+        out.key = Some(key.clone());
         for (r, a) in rows.into_iter().enumerate() {
             let a = a?;
             stats.add(&a.stats);

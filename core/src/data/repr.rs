@@ -157,7 +157,14 @@ pub struct Shard {
     pub metric_ce: Vec<f32>,
     /// Row r's loss positions are `pos_offsets[r]..pos_offsets[r+1]` (derived).
     pub pos_offsets: Vec<usize>,
+    /// The stage key of the run that wrote it (safetensors metadata
+    /// `fusechat_key`), so that shards made with other settings are never
+    /// mixed into a representation; `None` in shards from before it was recorded.
+    pub key: Option<String>,
 }
+
+/// The metadata entry that holds a shard's stage key.
+pub const SHARD_KEY: &str = "fusechat_key";
 
 /// One row of a shard.
 #[derive(Debug, Clone, Copy)]
@@ -239,6 +246,10 @@ impl Shard {
 
     /// The safetensors bytes of this shard; ids as u16 when `vocab_size` ≤ 65536.
     pub fn to_bytes(&self, vocab_size: usize) -> Result<Vec<u8>> {
+        let metadata = self
+            .key
+            .as_ref()
+            .map(|k| std::collections::HashMap::from([(SHARD_KEY.to_string(), k.clone())]));
         fn le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
             v.iter().flat_map(|x| f(*x)).collect()
         }
@@ -296,7 +307,7 @@ impl Shard {
                 )
             })
             .collect();
-        safetensors::serialize(views, None)
+        safetensors::serialize(views, metadata)
             .map_err(|e| Error::msg(format!("serializing a shard: {e}")))
     }
 
@@ -305,12 +316,29 @@ impl Shard {
         crate::io::writer::write_atomic(path, &self.to_bytes(vocab_size)?)
     }
 
+    /// The stage key recorded in a shard file, read from its header alone.
+    pub fn read_key(path: &Path) -> Result<Option<String>> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+        let n = u64::from_le_bytes(len).min(100 << 20) as usize;
+        let mut header = vec![0u8; n];
+        f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+        let v: serde_json::Value = serde_json::from_slice(&header)
+            .map_err(|e| Error::model(path, format!("not a readable safetensors shard: {e}")))?;
+        Ok(v["__metadata__"][SHARD_KEY].as_str().map(str::to_string))
+    }
+
     /// Read and validate a shard file.
     pub fn read(path: &Path) -> Result<Shard> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |msg: String| Error::model(path, msg);
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(format!("not a readable safetensors shard ({e}); delete it and rerun `fusechat represent` to recompute it")))?;
+        let key = safetensors::SafeTensors::read_metadata(&bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().as_ref()?.get(SHARD_KEY).cloned());
         let get = |name: &str, dtypes: &[Dtype], rank: usize| -> Result<TensorView<'_>> {
             let t = st
                 .tensor(name)
@@ -375,6 +403,7 @@ impl Shard {
             )));
         }
         Ok(Shard {
+            key,
             k,
             row_ids,
             row_offsets,
@@ -406,6 +435,17 @@ impl ReprDir {
     pub fn shard(&self, i: usize) -> Result<Shard> {
         let e = &self.manifest.shards[i];
         let s = Shard::read(&self.dir.join(&e.file))?;
+        if s.key.as_ref().is_some_and(|k| *k != self.manifest.key) {
+            return Err(Error::model(
+                self.dir.join(&e.file),
+                format!(
+                    "was made by a run with other inputs or settings (key {}) than its manifest's (key {}); \
+                     shards of different runs cannot be mixed: recompute it",
+                    s.key.as_deref().unwrap_or_default(),
+                    self.manifest.key
+                ),
+            ));
+        }
         if s.k != self.manifest.top_k {
             return Err(Error::model(
                 self.dir.join(&e.file),

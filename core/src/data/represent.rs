@@ -300,7 +300,7 @@ fn settings_key(
             "is not a directory (an HF model directory is expected)",
         ));
     }
-    let model_files = crate::io::model_dir::file_stamps(&o.model);
+    let model_files = crate::io::model_dir::content_stamps(&o.model);
     let cfg = std::fs::read(o.model.join("config.json")).unwrap_or_default();
     let hf_source = match template {
         Template::Hf { source, .. } => fnv1a(source.as_bytes()),
@@ -308,7 +308,7 @@ fn settings_key(
     };
     let settings = serde_json::json!({
         "format": FORMAT, "version": VERSION,
-        "model": o.model, "model_files": model_files, "config": fnv1a(&cfg),
+        "model_files": model_files, "config": fnv1a(&cfg),
         "family": o.family, "tokenizer": format!("{tok_hash:016x}"), "data": format!("{data_hash:016x}"),
         "template": template.name(), "hf_template": hf_source,
         "top_k": o.top_k, "max_length": o.max_length, "rows_per_shard": o.rows_per_shard,
@@ -332,11 +332,20 @@ fn prepare_out(o: &RepresentOptions, key: &str, settings: &serde_json::Value) ->
             .unwrap_or(false);
     match recorded {
         Some(k) if k == key && !o.force => {
-            // Resuming: a shard a killed run was writing is a temp file; drop it.
+            // Resuming: a shard a killed run was writing is a temporary whose
+            // process is gone; drop those only (other --shard processes may be
+            // writing theirs right now).
             for e in std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("shard-") && name.contains(".tmp-") {
-                    let _ = std::fs::remove_file(e.path());
+                match crate::io::writer::tmp_owner(&name) {
+                    Some(pid) if name.starts_with("shard-") && crate::io::writer::process_gone(pid) => {
+                        tracing::warn!(
+                            "removed {}, a shard left half-written by a killed run (process {pid})",
+                            e.path().display()
+                        );
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                    _ => {}
                 }
             }
         }
@@ -395,6 +404,9 @@ fn prepare(o: &RepresentOptions) -> Result<Prepared> {
         tokenizer: o.tokenizer.as_deref().map(absolute),
         ..o.clone()
     };
+    let mut inputs: Vec<(&str, &Path)> = vec![("model", &o.model), ("--data", &o.data)];
+    inputs.extend(o.tokenizer.as_deref().map(|t| ("tokenizer", t)));
+    crate::io::writer::check_out_not_input(&o.out, &inputs)?;
     let (si, sn) = o.shard;
     if sn == 0 || si >= sn {
         return Err(Error::msg(format!(
@@ -517,6 +529,30 @@ fn represent_into(
 
     let chunks: Vec<&[(u64, Encoded)]> = rows.chunks(o.rows_per_shard).collect();
     let (si, sn) = o.shard;
+    // Shards already here (a killed run's, or other --shard processes') must
+    // come from this very key: shards made with other settings are never mixed in.
+    for c in 0..chunks.len() {
+        let path = o.out.join(shard_file(c));
+        if !path.is_file() {
+            continue;
+        }
+        let recorded = Shard::read_key(&path)?;
+        if recorded.as_deref() != Some(p.key.as_str()) {
+            if o.force || o.replace_stale {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            } else {
+                return Err(Error::model(
+                    &path,
+                    format!(
+                        "was made with other inputs or settings (key {}) than this run (key {}); \
+                         delete it, or pass --force to recompute the representation",
+                        recorded.as_deref().unwrap_or("none"),
+                        p.key
+                    ),
+                ));
+            }
+        }
+    }
     let mine: Vec<usize> = (0..chunks.len()).filter(|c| c % sn == si).collect();
     let (reused, todo): (Vec<usize>, Vec<usize>) = mine
         .iter()
@@ -656,7 +692,8 @@ fn compute_shards(
     );
     for &c in todo {
         let refs: Vec<&(u64, Encoded)> = chunks[c].iter().collect();
-        let shard = compute_shard(model.as_ref(), &refs, o, &pb, &mut outcome.forward_seconds)?;
+        let mut shard = compute_shard(model.as_ref(), &refs, o, &pb, &mut outcome.forward_seconds)?;
+        shard.key = Some(p.key.clone());
         shard.write(&o.out.join(shard_file(c)), vocab_size)?;
         outcome.computed.push(c);
         outcome.tokens += shard.input_ids.len() as u64;

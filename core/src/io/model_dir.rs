@@ -300,28 +300,62 @@ impl ModelDir {
     }
 }
 
-/// The files of a directory as (name, size, modification time in ns), sorted:
-/// what stage keys use to tell whether a model changed (a re-trained
-/// checkpoint keeps its sizes, so the times are what tell it apart). An
-/// unreadable directory gives an empty list.
-pub fn file_stamps(dir: &Path) -> Vec<(String, u64, u128)> {
-    let mut files: Vec<(String, u64, u128)> = std::fs::read_dir(dir)
+/// The files of a directory by content, sorted: (name, size, hash). This is
+/// what stage keys use to tell whether a model changed, and it is the same on
+/// any machine and after any copy (no paths, no modification times).
+///
+/// A file up to 1 MiB is hashed whole. A larger one is hashed by its first
+/// 64 KiB, its whole safetensors header (when it is one), and 64 blocks of
+/// 4 KiB spread evenly over it: a re-trained or re-exported checkpoint changes
+/// them all, and no gigabytes are read. Hidden files and subdirectories are
+/// skipped; an unreadable directory gives an empty list.
+pub fn content_stamps(dir: &Path) -> Vec<(String, u64, String)> {
+    let mut files: Vec<(String, u64, String)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            let t = m
-                .modified()
-                .ok()?
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()?
-                .as_nanos();
-            Some((e.file_name().to_string_lossy().into_owned(), m.len(), t))
+            let name = e.file_name().to_string_lossy().into_owned();
+            let m = e
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file() && !name.starts_with('.'))?;
+            let hash = content_hash(&e.path(), m.len()).ok()?;
+            Some((name, m.len(), format!("{hash:016x}")))
         })
         .collect();
     files.sort();
     files
+}
+
+fn content_hash(path: &Path, len: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    const WHOLE: u64 = 1 << 20;
+    const HEAD: u64 = 64 << 10;
+    const BLOCK: u64 = 4 << 10;
+    const BLOCKS: u64 = 64;
+    let mut f = File::open(path)?;
+    let mut buf = Vec::new();
+    if len <= WHOLE {
+        f.read_to_end(&mut buf)?;
+        return Ok(crate::rng::fnv1a(&buf));
+    }
+    let mut read_at = |at: u64, n: u64, buf: &mut Vec<u8>| -> std::io::Result<()> {
+        f.seek(SeekFrom::Start(at))?;
+        let start = buf.len();
+        buf.resize(start + n as usize, 0);
+        f.read_exact(&mut buf[start..])
+    };
+    read_at(0, HEAD, &mut buf)?;
+    let header = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    if path.extension().is_some_and(|x| x == "safetensors") && 8 + header <= len && header > HEAD {
+        read_at(HEAD, 8 + header - HEAD, &mut buf)?;
+    }
+    for i in 0..BLOCKS {
+        let at = (len - BLOCK) / (BLOCKS - 1) * i;
+        read_at(at, BLOCK, &mut buf)?;
+    }
+    Ok(crate::rng::fnv1a(&buf))
 }
 
 /// Parse the decoder layer index from an HF tensor name: `model.layers.12.mlp...` → 12.

@@ -42,6 +42,110 @@ pub fn parse_size(s: &str) -> Option<u64> {
     (v >= 1.0).then_some(v as u64)
 }
 
+/// Temporaries being written by this process right now (directories and
+/// files), so that an interrupt can remove them before the process exits.
+static LIVE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn track(p: &Path) {
+    live().push(p.to_path_buf());
+}
+
+fn untrack(p: &Path) {
+    live().retain(|x| x != p);
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`remove_live_temporaries`] was called: the process is being
+/// interrupted, and an error seen now is a consequence, not news.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Remove every temporary this process is writing (called on Ctrl-C or
+/// SIGTERM, just before exiting). Returns what was removed.
+pub fn remove_live_temporaries() -> Vec<PathBuf> {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let paths = std::mem::take(&mut *live());
+    for p in &paths {
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        };
+    }
+    paths
+}
+
+/// Whether process `pid` is provably gone (on Linux: no `/proc/<pid>`).
+/// Elsewhere nothing is provable, and temporaries are left alone.
+pub fn process_gone(pid: u32) -> bool {
+    Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The suffix of temporaries written by this process: `tmp-<pid>`.
+pub fn tmp_suffix() -> String {
+    format!("tmp-{}", std::process::id())
+}
+
+/// The pid in a temporary's name written by [`write_atomic`] (`….tmp-<pid>`),
+/// if it is one.
+pub fn tmp_owner(file_name: &str) -> Option<u32> {
+    file_name.rsplit_once(".tmp-")?.1.parse().ok()
+}
+
+/// Refuse an output that is, contains or lies inside one of the inputs: a
+/// forced replacement would destroy an input. `inputs` pairs a label
+/// ("model", "--data") with a path.
+pub fn check_out_not_input(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let o = absolute_lexical(out);
+    for (what, input) in inputs {
+        let i = absolute_lexical(input);
+        let clash = if o == i {
+            Some("is")
+        } else if i.starts_with(&o) {
+            Some("contains")
+        } else if o.starts_with(&i) {
+            Some("is inside")
+        } else {
+            None
+        };
+        if let Some(rel) = clash {
+            return Err(Error::model(
+                out,
+                format!(
+                    "the output {rel} the {what} {}; writing it would destroy an input: choose another --out",
+                    input.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An absolute form of `p` with symlinks resolved as far as it exists, so
+/// that two spellings of one place compare equal.
+fn absolute_lexical(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            absolute_lexical(parent).join(name)
+        }
+        _ => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
 /// A directory being written under a temporary name next to its final place.
 /// Dropped without [`OutputDir::commit`], it is removed: a failed or
 /// interrupted run leaves nothing that looks like a finished artifact.
@@ -82,7 +186,11 @@ impl OutputDir {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if let Some(pid) = n.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) {
-                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                    if process_gone(pid) {
+                        tracing::warn!(
+                            "removed {}, a temporary output left by a killed run (process {pid})",
+                            e.path().display()
+                        );
                         let _ = std::fs::remove_dir_all(e.path());
                     }
                 }
@@ -92,7 +200,11 @@ impl OutputDir {
         if tmp_path.exists() {
             std::fs::remove_dir_all(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
         }
-        std::fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+        track(&tmp_path); // before it exists: an interrupt may come at any moment
+        if let Err(e) = std::fs::create_dir(&tmp_path) {
+            untrack(&tmp_path);
+            return Err(Error::io(&tmp_path, e));
+        }
         Ok(OutputDir {
             final_path: final_path.to_path_buf(),
             tmp_path,
@@ -133,6 +245,7 @@ impl OutputDir {
                 .map_err(|e| Error::io(&self.final_path, e))?;
         }
         self.committed = true;
+        untrack(&self.tmp_path);
         Ok(self.final_path.clone())
     }
 }
@@ -141,6 +254,7 @@ impl Drop for OutputDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp_path);
+            untrack(&self.tmp_path);
         }
     }
 }
@@ -365,9 +479,18 @@ fn write_at(file: &File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<(
 
 /// Write a small file atomically (temporary name, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}", tmp_suffix()));
+    let tmp = path.with_file_name(name);
+    track(&tmp);
+    let r = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    untrack(&tmp);
+    r
 }
 
 #[cfg(test)]

@@ -74,6 +74,8 @@ pub struct MergeRequest {
     /// Set by `fusechat run`: a hash of the inputs and settings, recorded in the
     /// output so that an up-to-date stage can be skipped.
     pub stage_key: Option<String>,
+    /// Merge models whose config.json architectures differ (`--allow-config-mismatch`).
+    pub allow_config_mismatch: bool,
 }
 
 impl MergeRequest {
@@ -92,6 +94,7 @@ impl MergeRequest {
             force: false,
             origin: "library call".into(),
             stage_key: None,
+            allow_config_mismatch: false,
         }
     }
 
@@ -279,8 +282,17 @@ fn check_request<'r>(
         }
     };
     let mut inputs = open_inputs(req, &mut problems);
+    for m in req.base.iter().chain(&req.models) {
+        let what = format!("model `{}`", m.reference);
+        if let Err(e) = crate::io::writer::check_out_not_input(&req.out, &[(&what, &m.path)]) {
+            problems.request(e.to_string());
+        }
+    }
     if let Some(e) = &entry {
         check_params(req, e, &mut problems);
+    }
+    if !req.allow_config_mismatch {
+        check_architectures(&inputs, !req.slices.is_empty(), &mut problems);
     }
     let contract = entry.as_ref().map(|e| e.plugin.contract());
     let base_use = contract.map_or(BaseUse::Optional, |c| c.base);
@@ -546,6 +558,96 @@ fn check_params(req: &MergeRequest, entry: &MergerEntry, problems: &mut Problems
         for (k, v) in &m.params {
             if let Some(p) = info.check_setting(k, v, Some(&of), &req.params) {
                 problems.request(p);
+            }
+        }
+    }
+}
+
+// --- Architectures: the inputs must be the same network.
+
+/// The config.json fields that make two checkpoints the same architecture,
+/// with the value HF assumes when a field is absent (`None`: required).
+fn architecture_fields(
+    config: &serde_json::Value,
+) -> Vec<(&'static str, Option<serde_json::Value>)> {
+    use serde_json::json;
+    let heads = config.get("num_attention_heads").cloned();
+    let head_dim = match (
+        config["hidden_size"].as_u64(),
+        heads.as_ref().and_then(|h| h.as_u64()),
+    ) {
+        (Some(h), Some(n)) if n > 0 => Some(json!(h / n)),
+        _ => None,
+    };
+    vec![
+        ("model_type", None),
+        ("hidden_size", None),
+        ("num_attention_heads", None),
+        ("num_key_value_heads", heads),
+        ("head_dim", head_dim),
+        ("num_hidden_layers", None),
+        ("vocab_size", None),
+        ("rope_theta", Some(json!(10000.0))),
+        ("tie_word_embeddings", Some(json!(false))),
+    ]
+}
+
+/// Every input's architecture fields against the first's: a difference, or a
+/// required field that is missing, is a problem naming the model, the field
+/// and both values. `sliced`: layer counts may differ (slices pick layers).
+fn check_architectures(inputs: &Inputs, sliced: bool, problems: &mut Problems) {
+    let opened: Vec<(&Input, &ModelDir)> = inputs
+        .models
+        .iter()
+        .filter_map(|m| m.dir.as_ref().map(|d| (m, d)))
+        .collect();
+    let value = |d: &ModelDir, field: &str, default: &Option<serde_json::Value>| {
+        match d.config.get(field).filter(|v| !v.is_null()) {
+            // compare numbers by value: 10000 and 10000.0 are one theta
+            Some(v) if v.is_number() => Some(serde_json::json!(v.as_f64())),
+            Some(v) => Some(v.clone()),
+            None => default.as_ref().map(|v| match v.as_f64() {
+                Some(f) => serde_json::json!(f),
+                None => v.clone(),
+            }),
+        }
+    };
+    let hint = "pass --allow-config-mismatch (allow_config_mismatch = true under [merge]) to merge them anyway";
+    for (m, d) in &opened {
+        let missing: Vec<String> = architecture_fields(&d.config)
+            .into_iter()
+            .filter(|(field, default)| default.is_none() && value(d, field, &None).is_none())
+            .map(|(field, _)| format!("`{field}`"))
+            .collect();
+        if !missing.is_empty() {
+            problems.request(format!(
+                "model `{}`: config.json has no {}, so fusechat cannot check that the inputs are one architecture; add them, or {hint}",
+                m.label,
+                missing.join(", ")
+            ));
+        }
+    }
+    let Some(((first, fd), rest)) = opened.split_first() else {
+        return;
+    };
+    for (m, d) in rest {
+        for (field, default) in architecture_fields(&d.config) {
+            if sliced && field == "num_hidden_layers" {
+                continue;
+            }
+            let first_default = architecture_fields(&fd.config)
+                .into_iter()
+                .find(|(f, _)| *f == field)
+                .and_then(|(_, d)| d);
+            match (value(fd, field, &first_default), value(d, field, &default)) {
+                (Some(a), Some(b)) if a != b => problems.request(format!(
+                    "models `{}` and `{}` are different architectures: config.json `{field}` is {} vs {}; {hint}",
+                    first.label,
+                    m.label,
+                    fd.config.get(field).cloned().unwrap_or(a),
+                    d.config.get(field).cloned().unwrap_or(b)
+                )),
+                _ => {}
             }
         }
     }

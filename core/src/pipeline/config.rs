@@ -262,6 +262,9 @@ pub struct MergeSection {
     #[serde(default)]
     pub seed: u64,
     pub max_shard_size: Option<String>,
+    /// Merge models whose config.json architectures differ.
+    #[serde(default)]
+    pub allow_config_mismatch: bool,
 }
 
 /// `[plugins]`: shared libraries to load, and who wins a name clash.
@@ -360,6 +363,7 @@ impl Config {
         req.out_dtype =
             parse_dtype(m.out_dtype.as_deref(), "[merge] out_dtype").map_err(in_file)?;
         req.seed = m.seed;
+        req.allow_config_mismatch = m.allow_config_mismatch;
         if let Some(s) = &m.max_shard_size {
             req.max_shard_size = crate::io::writer::parse_size(s).ok_or_else(|| {
                 err(

@@ -321,7 +321,7 @@ fn merge_key(req: &MergeRequest) -> String {
         .base
         .iter()
         .chain(req.models.iter())
-        .map(|m| serde_json::json!({"dir": m.path, "files": crate::io::model_dir::file_stamps(&m.path)}))
+        .map(|m| serde_json::json!({"files": crate::io::model_dir::content_stamps(&m.path)}))
         .collect();
     stage_key(&serde_json::json!({"request": req.to_json(), "out": req.out, "inputs": inputs}))
 }
