@@ -628,9 +628,12 @@ fn the_cli_shows_labels_counts_bad_records_and_names_bad_input() {
 }
 
 /// SPEC §3's DTW example through the `mined` aligner: pivot `bc a b`, source
-/// `c b bc ba` align as [[0], [1], [2, 3]]. No 1:1 pair holds equal tokens, so
-/// both pivot loss positions fall back: to the label (the next token) by
-/// default, to the current token under FuseLLM's `fallback = "current"`.
+/// `c b bc ba` align as [[0], [1], [2, 3]]. No single-source pair holds equal
+/// tokens, so in hard mode both pivot loss positions fall back: to the label
+/// (the next token) by default, to the current token under FuseLLM's
+/// `fallback = "current"`. In soft mode the vocabulary map sends the source's
+/// `c` to the pivot's `bc` (edit distance 1, tied with `a` and `b`: the
+/// lowest id), so pivot `bc` takes the source's top-k there.
 #[test]
 fn spec_dtw_example_through_the_mined_aligner() {
     use fusechat::plugins::align::mined;
@@ -666,14 +669,37 @@ fn spec_dtw_example_through_the_mined_aligner() {
     };
     let reg = fusechat::registry();
     let e = reg.aligner("mined").unwrap();
-    let run = |fallback: &str| {
-        let given = [("fallback".to_string(), Scalar::Str(fallback.into()))].into();
+    let run = |mode: &str, fallback: &str| {
+        let given = [
+            ("fallback".to_string(), Scalar::Str(fallback.into())),
+            ("mode".to_string(), Scalar::Str(mode.into())),
+        ]
+        .into();
         let p = e.info.resolve_scalars(&given).unwrap();
         e.plugin.align(&v, &p, &pr, &sr, 1).unwrap()
     };
-    assert_eq!(run("label").topk_ids, [1, 2], "one-hot on the next token");
-    assert_eq!(run("current").topk_ids, [0, 1], "FuseLLM's off-by-one");
-    assert_eq!(run("label").stats.fallback, 2);
+    assert_eq!(
+        run("hard", "label").topk_ids,
+        [1, 2],
+        "one-hot on the next token"
+    );
+    assert_eq!(
+        run("hard", "current").topk_ids,
+        [0, 1],
+        "FuseLLM's off-by-one"
+    );
+    assert_eq!(run("hard", "label").stats.fallback, 2);
+    let soft = run("soft", "label");
+    // position 0 takes source position 0's top-k (`bc` → pivot 0); position 1 falls back
+    assert_eq!(soft.topk_ids, [0, 2]);
+    assert_eq!(
+        (
+            soft.stats.vocab_map,
+            soft.stats.equal_token,
+            soft.stats.fallback
+        ),
+        (1, 0, 1)
+    );
 }
 
 #[test]
@@ -779,4 +805,105 @@ fn a_killed_represent_process_resumes_to_the_same_bytes() {
     ));
     assert_eq!(files(&killed), files(&d.join("whole")));
     assert_eq!(files(&killed).len(), 40);
+}
+
+/// FuseLLM's transfer rule (SPEC §3, amended): a pivot position whose DTW list
+/// holds one source position takes its top-k when the tokens match, even when
+/// that source position is also aligned with a neighbour. Pivot `▁Assistant`
+/// `:` `▁I` against source `▁Assistant:` `▁I` aligns as [[0], [1], [1]]: pivot
+/// `▁I` takes the source's top-k at `▁I`; pivot `:` (a different token) falls back.
+#[test]
+fn a_single_source_position_transfers_even_when_a_neighbour_shares_it() {
+    use fusechat::plugins::align::mined;
+    let p_tok = ["<s>", "▁Assistant", ":", "▁I", "▁am"];
+    let s_tok = ["<s>", "▁Assistant:", "▁I", "▁am"];
+    assert_eq!(
+        mined::align(&s_tok[1..3], &p_tok[1..4], None),
+        vec![vec![0], vec![1], vec![1]]
+    );
+    let pivot = Vocab::new(
+        p_tok.map(String::from).to_vec(),
+        vec![true, false, false, false, false],
+    );
+    let source = Vocab::new(
+        s_tok.map(String::from).to_vec(),
+        vec![true, false, false, false],
+    );
+    let v = VocabPair::new(pivot, source);
+    // pivot: <s> ▁Assistant : ▁I ▁am, labels on ▁I and ▁am: loss positions 2 (:) and 3 (▁I)
+    let (p_ids, p_labels) = ([0u32, 1, 2, 3, 4], [0u8, 0, 0, 1, 1]);
+    // source: <s> ▁Assistant: ▁I ▁am, labels on ▁I and ▁am: loss positions 1 and 2 (▁I)
+    let (s_ids, s_labels) = ([0u32, 1, 2, 3], [0u8, 0, 1, 1]);
+    let s_topk = [2u32, 3, 3, 2]; // at ▁Assistant: → (▁I, ▁am); at ▁I → (▁am, ▁I)
+    let s_vals = [
+        f16::from_f32(2.0),
+        f16::from_f32(1.0),
+        f16::from_f32(5.0),
+        f16::from_f32(0.5),
+    ];
+    let pr = RowView {
+        row_id: 0,
+        input_ids: &p_ids,
+        label_mask: &p_labels,
+        topk_ids: &[],
+        topk_logits: &[],
+        metric_ce: 1.0,
+    };
+    let sr = RowView {
+        row_id: 0,
+        input_ids: &s_ids,
+        label_mask: &s_labels,
+        topk_ids: &s_topk,
+        topk_logits: &s_vals,
+        metric_ce: 1.0,
+    };
+    let reg = fusechat::registry();
+    let e = reg.aligner("mined").unwrap();
+    let p = e.info.resolve_scalars(&Default::default()).unwrap();
+    let a = e.plugin.align(&v, &p, &pr, &sr, 2).unwrap();
+    // position 2 (:) falls back to its label ▁I (3); position 3 (▁I) takes (▁am, ▁I)
+    assert_eq!(a.topk_ids, [3, 0, 4, 3]);
+    assert_eq!(a.topk_logits[2..], [f16::from_f32(5.0), f16::from_f32(0.5)]);
+    assert_eq!(
+        (
+            a.stats.transferred,
+            a.stats.equal_token,
+            a.stats.shared_source,
+            a.stats.fallback
+        ),
+        (1, 1, 1, 1)
+    );
+}
+
+/// The vocabulary map prefers the piece the pivot tokenizer produces: a source
+/// `h` maps to the pivot's `h`, never to its byte-fallback `<0x68>` (which has
+/// the lower id); a source byte token maps to a piece too, and to a byte token
+/// only when no piece has its byte.
+#[test]
+fn the_vocabulary_map_prefers_pieces_over_byte_fallback_tokens() {
+    let pivot = Vocab::new(
+        ["<unk>", "<0x68>", "<0x7A>", "▁the", "h"]
+            .map(String::from)
+            .to_vec(),
+        vec![true, false, false, false, false],
+    );
+    let source = Vocab::new(
+        ["<unk>", "h", "<0x68>", "<0x7A>", "▁the"]
+            .map(String::from)
+            .to_vec(),
+        vec![true, false, false, false, false],
+    );
+    let v = VocabPair::new(pivot, source);
+    assert_eq!(v.exact(1), Some(4), "source `h` → pivot `h`, not `<0x68>`");
+    assert_eq!(
+        v.exact(2),
+        Some(4),
+        "source `<0x68>` → pivot `h`, a piece with its byte"
+    );
+    assert_eq!(
+        v.exact(3),
+        Some(2),
+        "source `<0x7A>` → pivot `<0x7A>`: no piece `z`"
+    );
+    assert_eq!(v.exact(4), Some(3));
 }

@@ -25,8 +25,16 @@ use std::sync::{Arc, Mutex};
 /// How an aligned row's loss positions were filled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AlignStats {
-    /// Positions whose source top-k was carried over.
+    /// Positions whose source top-k was carried over (`equal_token + vocab_map`).
     pub transferred: u64,
+    /// Transferred because the pivot and source tokens are equal (markers normalised).
+    pub equal_token: u64,
+    /// Transferred because the vocabulary map sends the source token to the pivot token (soft mode).
+    pub vocab_map: u64,
+    /// Of the transferred, those whose source position is also aligned with a
+    /// neighbouring pivot position (FuseLLM's rule transfers them; a mutual
+    /// one-to-one rule would not).
+    pub shared_source: u64,
     /// Positions that fell back to one-hot on the label (or current token).
     pub fallback: u64,
     /// Top-k entries dropped because no pivot token matched.
@@ -36,8 +44,25 @@ pub struct AlignStats {
 impl AlignStats {
     pub fn add(&mut self, o: &AlignStats) {
         self.transferred += o.transferred;
+        self.equal_token += o.equal_token;
+        self.vocab_map += o.vocab_map;
+        self.shared_source += o.shared_source;
         self.fallback += o.fallback;
         self.dropped_tokens += o.dropped_tokens;
+    }
+
+    /// The manifest's record of these counts.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "transferred": self.transferred,
+            "fallback": self.fallback,
+            "dropped_tokens": self.dropped_tokens,
+            "transferred_by_rule": {
+                "equal_token": self.equal_token,
+                "vocab_map": self.vocab_map,
+                "shared_source": self.shared_source,
+            },
+        })
     }
 }
 
@@ -80,7 +105,8 @@ pub struct Vocab {
     /// `Ġ` become spaces, `<0xNN>` and byte-level characters become their bytes.
     /// Added special tokens (BOS, end of turn, ...) stand for nothing.
     pub text: Vec<Vec<u8>>,
-    /// Normalised token text → the lowest id with that text.
+    /// Normalised token text → the lowest id of a piece with that text, else
+    /// of a byte-fallback token.
     pub by_text: HashMap<Vec<u8>, u32>,
     pub special: Vec<bool>,
 }
@@ -135,16 +161,25 @@ impl Vocab {
                 }
             })
             .collect();
+        // Specials match by their own string, everything else by text; the
+        // first id wins, except that a piece the tokenizer produces (`h`) wins
+        // over a byte-fallback token with the same byte (`<0x68>`): byte
+        // tokens only fill what no piece has.
         let mut by_text = HashMap::new();
-        for (i, (t, s)) in text.iter().zip(&special).enumerate() {
-            // Specials match by their own string, everything else by text; first id wins.
-            let key = if *s {
-                tokens[i].clone().into_bytes()
-            } else {
-                t.clone()
-            };
-            if !key.is_empty() {
-                by_text.entry(key).or_insert(i as u32);
+        let is_byte = |i: usize| !byte_level && parse_byte_token(&tokens[i]).is_some();
+        for bytes_pass in [false, true] {
+            for (i, (t, s)) in text.iter().zip(&special).enumerate() {
+                if is_byte(i) != bytes_pass {
+                    continue;
+                }
+                let key = if *s {
+                    tokens[i].clone().into_bytes()
+                } else {
+                    t.clone()
+                };
+                if !key.is_empty() {
+                    by_text.entry(key).or_insert(i as u32);
+                }
             }
         }
         Vocab {
@@ -295,8 +330,10 @@ impl AlignOutcome {
             return format!("{} is up to date", out.display());
         }
         format!(
-            "{} positions took the source's top-k, {} fell back to one-hot on the label, {} top-k tokens dropped; {:.2}s; {}",
+            "{} positions took the source's top-k ({} equal tokens, {} through the vocabulary map), {} fell back to one-hot on the label, {} top-k tokens dropped; {:.2}s; {}",
             self.stats.transferred,
+            self.stats.equal_token,
+            self.stats.vocab_map,
             self.stats.fallback,
             self.stats.dropped_tokens,
             self.seconds,
@@ -504,7 +541,7 @@ pub fn align(registry: &Registry, o: &AlignOptions) -> Result<AlignOutcome> {
                 .map(|(k, v)| (k.clone(), v.to_json()))
                 .collect(),
         ),
-        stats: serde_json::json!({"transferred": stats.transferred, "fallback": stats.fallback, "dropped_tokens": stats.dropped_tokens}),
+        stats: stats.to_json(),
     });
     manifest.write(out_dir.path())?;
     out_dir.commit()?;

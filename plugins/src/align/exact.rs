@@ -2,7 +2,7 @@
 //! token carries over only when the pivot vocabulary has exactly its text
 //! (SentencePiece `▁` and byte-level `Ġ` normalised), otherwise it is dropped.
 
-use super::{fallback_param, one_to_one, token_strings, transfer};
+use super::{fallback_param, single_source, token_strings, transfer};
 use fusechat_core::data::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
 use fusechat_core::data::repr::RowView;
 use fusechat_core::merge::params::ResolvedParams;
@@ -35,7 +35,7 @@ impl VocabAligner for Exact {
             &token_strings(&v.pivot, pivot.input_ids),
             None,
         );
-        let pairs = one_to_one(&map, source.input_ids.len());
+        let pairs = single_source(&map);
         Ok(transfer(v, params, pivot, source, k, &pairs, |id| {
             v.exact(id)
         }))

@@ -59,6 +59,7 @@ impl VocabAligner for Identity {
             topk_logits: source.topk_logits.to_vec(),
             stats: AlignStats {
                 transferred: p as u64,
+                equal_token: p as u64,
                 ..AlignStats::default()
             },
         })

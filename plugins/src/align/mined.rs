@@ -20,7 +20,7 @@
 //! assert_eq!(map, vec![vec![0], vec![1], vec![2, 3]]);
 //! ```
 
-use super::{fallback_param, mode_map, mode_param, one_to_one, token_strings, transfer};
+use super::{fallback_param, mode_map, mode_param, single_source, token_strings, transfer};
 use fusechat_core::data::align::{AlignedRow, BuiltinAligner, VocabAligner, VocabPair};
 use fusechat_core::data::repr::RowView;
 use fusechat_core::merge::params::ResolvedParams;
@@ -61,7 +61,7 @@ impl VocabAligner for Mined {
             &token_strings(&v.pivot, pivot.input_ids),
             (discount != 1.0).then_some(discount),
         );
-        let pairs = one_to_one(&map, source.input_ids.len());
+        let pairs = single_source(&map);
         let map = mode_map(v, params)?;
         Ok(transfer(v, params, pivot, source, k, &pairs, map))
     }

@@ -8,11 +8,16 @@
 //! | `mined` | DTW, FuseLLM's | exact match, else the pivot token at minimum edit distance (`mode = "soft"`), or dropped (`"hard"`) | O(n·m) edit distances |
 //! | `offsets` | equal character spans of the same text | as `mined` | O(n+m) |
 //!
-//! A pivot loss position receives the source's top-k when its token is aligned
-//! one-to-one with an equal source token; every other position becomes one-hot
-//! on the pivot's label (the next token; `fallback = "current"` reproduces
-//! FuseLLM's off-by-one). Mapped entries keep their order; a duplicate pivot id
-//! keeps its first (highest) entry; unfilled entries have logit −∞.
+//! FuseLLM's transfer rule: a pivot loss position whose alignment lists exactly
+//! one source position takes that position's top-k when the two tokens are
+//! equal (markers normalised) or, in soft mode, when the vocabulary map sends
+//! the source token to the pivot token, whether or not the source position is
+//! also aligned with a neighbouring pivot position (pivot `▁Assistant` `:` `▁I`
+//! against source `▁Assistant:` `▁I`: pivot `▁I` takes the source's `▁I`).
+//! Every other position becomes one-hot on the pivot's label (the next token;
+//! `fallback = "current"` reproduces FuseLLM's off-by-one). Mapped entries
+//! keep their order; a duplicate pivot id keeps its first (highest) entry;
+//! unfilled entries have logit −∞.
 
 pub mod exact;
 pub mod identity;
@@ -59,14 +64,13 @@ pub(crate) fn same_token(v: &VocabPair, pivot_id: u32, source_id: u32) -> bool {
     !k.is_empty() && k == v.source.key(source_id)
 }
 
-/// One-to-one pairs of a DTW map (`map[j]` lists the source positions of pivot `j`):
-/// `out[j] = Some(i)` when `map[j] == [i]` and `i` is aligned with nothing else.
-pub(crate) fn one_to_one(map: &[Vec<usize>], n_source: usize) -> Vec<Option<usize>> {
-    let mut uses = vec![0u32; n_source];
-    map.iter().flatten().for_each(|&i| uses[i] += 1);
+/// The single source position of each pivot position of a DTW map (`map[j]`
+/// lists the source positions of pivot `j`): `out[j] = Some(i)` when
+/// `map[j] == [i]`, even if `i` is also aligned with a neighbour (FuseLLM).
+pub(crate) fn single_source(map: &[Vec<usize>]) -> Vec<Option<usize>> {
     map.iter()
         .map(|l| match l[..] {
-            [i] if uses[i] == 1 => Some(i),
+            [i] => Some(i),
             _ => None,
         })
         .collect()
@@ -85,6 +89,8 @@ pub(crate) fn transfer(
     map: impl Fn(u32) -> Option<u32>,
 ) -> AlignedRow {
     let current = params.str("fallback").ok() == Some("current");
+    let mut uses = vec![0u32; source.input_ids.len()];
+    pairs.iter().flatten().for_each(|&s| uses[s] += 1);
     let mut src_pos = vec![None; source.input_ids.len()];
     for (n, t) in loss_positions(source.label_mask).enumerate() {
         src_pos[t] = Some(n);
@@ -99,10 +105,15 @@ pub(crate) fn transfer(
             &mut logits[n * k..(n + 1) * k],
         );
         let mut filled = 0;
+        // (source loss position, tokens equal?, source shared with a neighbour?)
         let paired = pairs[t]
-            .filter(|&s| same_token(v, pivot.input_ids[t], source.input_ids[s]))
-            .and_then(|s| src_pos[s]);
-        if let Some(sn) = paired {
+            .and_then(|s| {
+                let (p, q) = (pivot.input_ids[t], source.input_ids[s]);
+                let equal = same_token(v, p, q);
+                (equal || map(q) == Some(p)).then_some((s, equal))
+            })
+            .and_then(|(s, equal)| Some((src_pos[s]?, equal, uses[s] > 1)));
+        if let Some((sn, equal, shared)) = paired {
             for e in sn * k..(sn + 1) * k {
                 let Some(p) = map(source.topk_ids[e]) else {
                     stats.dropped_tokens += 1;
@@ -114,10 +125,14 @@ pub(crate) fn transfer(
                     filled += 1;
                 }
             }
+            if filled > 0 {
+                stats.transferred += 1;
+                stats.equal_token += equal as u64;
+                stats.vocab_map += !equal as u64;
+                stats.shared_source += shared as u64;
+            }
         }
-        if filled > 0 {
-            stats.transferred += 1;
-        } else {
+        if filled == 0 {
             ids[0] = pivot.input_ids[if current { t } else { t + 1 }];
             logits[0] = f16::ZERO;
             stats.fallback += 1;
