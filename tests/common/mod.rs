@@ -185,3 +185,23 @@ pub fn nothing_left(dir: &Path, out: &str) {
         assert!(!n.contains("fusechat-tmp"), "temporary {n} left behind");
     }
 }
+
+/// The Python interpreter with `safetensors` and `numpy` (`$FUSECHAT_PYTHON`,
+/// else `python3`), or `None` after saying the test skipped. Under `CI=true` a
+/// missing interpreter or package fails the test: CI must not skip silently.
+pub fn python_with_safetensors() -> Option<String> {
+    let python = std::env::var("FUSECHAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let found = std::process::Command::new(&python)
+        .args(["-c", "import safetensors.numpy, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(python);
+    }
+    let msg = format!("{python} with the safetensors and numpy packages is not available");
+    if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
+        panic!("{msg}; under CI=true this test must run (.ci/run installs them in a venv)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}

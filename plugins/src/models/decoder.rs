@@ -306,6 +306,10 @@ struct Positions {
     sin: Tensor,
     /// `[B, 1, T, past+T]`, f32: 0 where query i may attend key j, −1e9 elsewhere.
     bias: Tensor,
+    /// Every row is its tokens then padding: causal attention alone keeps real
+    /// queries off padded keys (what the flash-attention path needs).
+    #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
+    right_padded: bool,
 }
 
 /// Grouped-query self-attention with RoPE.
@@ -317,6 +321,8 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
+    sliding_window: Option<usize>,
 }
 
 impl Attention {
@@ -329,6 +335,7 @@ impl Attention {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            sliding_window: cfg.sliding_window,
         })
     }
 
@@ -363,9 +370,29 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
+        let scale = 1.0 / (d as f64).sqrt();
+        #[cfg(feature = "flash-attn")]
+        if fused
+            && pos.right_padded
+            && q.device().is_cuda()
+            && matches!(q.dtype(), DType::BF16 | DType::F16)
+        {
+            // [B, H, T, d] → [B, T, H, d]; GQA and the causal sliding window
+            // (query i sees keys i−w < j ≤ i) are native to the kernel.
+            let bthd = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+            let left = self.sliding_window.map(|w| w.saturating_sub(1));
+            let o = candle_flash_attn::flash_attn_windowed(
+                &bthd(&q)?,
+                &bthd(&k)?,
+                &bthd(&v)?,
+                scale as f32,
+                left,
+                Some(0),
+            )?;
+            return linear(&o.reshape((b, t, nh * d))?, &self.o);
+        }
         let k = ops::repeat_kv(&k, nh / nkv)?;
         let v = ops::repeat_kv(&v, nh / nkv)?;
-        let scale = 1.0 / (d as f64).sqrt();
         // scale q (T·d values) rather than the scores (T·S values);
         // scores and softmax in f32 whatever the compute dtype (the bias is f32)
         let att = (q * scale)?
@@ -588,6 +615,9 @@ impl Decoder {
             }
         }
         let bias = Tensor::from_vec(bias, (b, 1, t, s), &self.device).map_err(ce)?;
+        let right_padded = key_mask
+            .chunks(s.max(1))
+            .all(|row| !row.windows(2).any(|w| w[0] == 0 && w[1] != 0));
         let (cos, sin) = ops::rope_tables(
             self.cfg.rope_theta,
             self.cfg.head_dim,
@@ -597,7 +627,12 @@ impl Decoder {
             &self.device,
         )
         .map_err(ce)?;
-        Ok(Positions { cos, sin, bias })
+        Ok(Positions {
+            cos,
+            sin,
+            bias,
+            right_padded,
+        })
     }
 
     fn run(
