@@ -72,6 +72,7 @@ pub struct TemplateArgs {
     /// The record to show (its index in the file).
     #[arg(long, default_value_t = 0)]
     pub row: u64,
+    /// Tokens per record, BOS included; longer records are cut on the right.
     #[arg(long, default_value_t = defaults::MAX_LENGTH)]
     pub max_length: usize,
 }
@@ -160,6 +161,7 @@ pub struct AlignArgs {
     /// An aligner parameter, KEY=VALUE: mode=hard, fallback=current, substring_discount=0.1.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Output directory: the aligned representation (the pivot's rows and positions).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Redo it even if the output is up to date.
@@ -191,6 +193,7 @@ pub struct ModelArgs {
     /// Chat template applied to the prompt: openchat, chatml, llama3, mistral, hf (the model's own), or none.
     #[arg(long, default_value = defaults::TEMPLATE)]
     pub template: String,
+    /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
@@ -202,6 +205,7 @@ pub struct ModelArgs {
     /// Keep only the k most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the sampler (with --temperature above 0).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -861,5 +865,34 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` explains every flag of every subcommand.
+    #[test]
+    fn every_flag_has_a_help_line() {
+        let root = Cli::command();
+        let mut missing = Vec::new();
+        let mut check = |cmd: &clap::Command, path: &str| {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", a.get_long().unwrap_or(id)));
+                }
+            }
+        };
+        check(&root, "fusechat");
+        for sub in root.get_subcommands() {
+            check(sub, &format!("fusechat {}", sub.get_name()));
+        }
+        assert!(missing.is_empty(), "flags without a help line: {missing:?}");
     }
 }

@@ -357,3 +357,15 @@ fn a_failed_represent_leaves_nothing_and_the_corrected_rerun_succeeds() {
     ok(&fusechat(&d, &args));
     assert!(d.join("r/manifest.json").is_file());
 }
+
+/// An OS error is said once (it used to be repeated as its own cause).
+#[test]
+fn os_errors_are_not_doubled() {
+    let (_t, d) = setup();
+    let err = fails(&fusechat(
+        &d,
+        &["merge", "--mergekit", "missing.yml", "--out", "o"],
+    ));
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    assert!(err.contains("missing.yml"), "{err}");
+}

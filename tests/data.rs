@@ -916,3 +916,84 @@ fn the_vocabulary_map_prefers_pieces_over_byte_fallback_tokens() {
     );
     assert_eq!(v.exact(4), Some(3));
 }
+
+/// Bytes per record, measured from the shard files `represent` writes, against
+/// the scripts' format, which stores the top-10 at all 2048 padded positions
+/// as fp16 values and int64 ids: 2048 × 10 × (2 + 8) = 204,800 bytes a record.
+/// A 32000-token model (ids stored as u16, as for Mistral) over records of
+/// 256 to 2048 tokens with 60% of them labels. Run with `-- --nocapture` to
+/// see the table the README quotes.
+#[test]
+fn representations_are_smaller_than_the_scripts_format() {
+    use fusechat::core::pipeline::miniature::write_tokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let words = write_tokenizer(&d.join("tok"), 32000).unwrap();
+    let cfg = serde_json::json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    });
+    let w =
+        fusechat::plugins::models::decoder::DecoderConfig::from_json(&cfg, Path::new("c"), None)
+            .unwrap()
+            .random_weights(1, 0.02, 0.0);
+    fusechat::core::io::hf_dir::write_hf_dir(
+        &d.join("m"),
+        &cfg,
+        &w,
+        DType::F32,
+        1 << 40,
+        Some(&d.join("tok")),
+    )
+    .unwrap();
+    let scripts = 2048.0 * 10.0 * (2.0 + 8.0);
+    let reg = fusechat::registry();
+    let mut rng = fusechat::core::rng::SplitMix64(3);
+    let mut text = |n: usize| -> String {
+        (0..n)
+            .map(|_| words[12 + (rng.next_u64() as usize % (words.len() - 12))].as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!("| record | labels | bytes here | scripts' bytes | smaller |");
+    for len in [256usize, 512, 1024, 2048] {
+        // openchat around a word-level tokenizer: <s> GPT4 Correct User : u <eot> GPT4 Correct Assistant : a <eot>
+        let n_a = (len as f64 * 0.6).round() as usize - 1;
+        let n_u = len - 11 - n_a;
+        let lines: Vec<String> = (0..4)
+            .map(|_| {
+                serde_json::json!({"messages": [{"role": "user", "content": text(n_u)}, {"role": "assistant", "content": text(n_a)}]})
+                    .to_string()
+            })
+            .collect();
+        let data = d.join(format!("d{len}.jsonl"));
+        std::fs::write(&data, lines.join("\n")).unwrap();
+        let out = d.join(format!("r{len}"));
+        let mut o = RepresentOptions::new(&d.join("m"), &data, &out);
+        o.top_k = 10;
+        let m = represent(&reg, &o).unwrap().manifest.unwrap();
+        let rows = m.records.rows as f64;
+        let tokens = m.shards.iter().map(|s| s.tokens).sum::<u64>() as f64 / rows;
+        let positions = m.shards.iter().map(|s| s.positions).sum::<u64>() as f64 / rows;
+        assert_eq!(tokens as usize, len, "the records have the intended length");
+        let bytes: u64 = m
+            .shards
+            .iter()
+            .map(|s| std::fs::metadata(out.join(&s.file)).unwrap().len())
+            .sum();
+        let per_row = bytes as f64 / rows;
+        let ratio = scripts / per_row;
+        eprintln!(
+            "| {len} tokens | {:.0}% | {per_row:.0} | {scripts:.0} | {ratio:.1}× |",
+            100.0 * positions / tokens
+        );
+        // per loss position: k × (u16 id + f16 value); per token: u32 id + u8 label
+        let floor = positions * 10.0 * 4.0 + tokens * 5.0;
+        assert!(
+            per_row >= floor && per_row < floor + 1024.0,
+            "{per_row} vs {floor}"
+        );
+        assert!(ratio > 3.0, "{len}: only {ratio:.1}× smaller");
+    }
+}

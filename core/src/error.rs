@@ -5,14 +5,12 @@ use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Each message is whole: the OS's or candle's message is part of it, and is
+/// not also chained as a `source`, so that `{:#}` (anyhow) does not print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A config file (fusechat.toml, a mergekit YAML, config.json) that cannot be used.
     #[error("{file}: {msg}")]
@@ -54,7 +52,7 @@ pub enum Error {
     /// A tensor operation failed; candle's whole message is kept.
     #[cfg(feature = "candle")]
     #[error("tensor computation failed: {0}")]
-    Candle(#[source] candle_core::Error),
+    Candle(candle_core::Error),
 
     /// Unknown plugin, bad parameter, registry conflicts.
     #[error("{0}")]
@@ -81,10 +79,10 @@ fn format_problems(problems: &[String]) -> String {
 }
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
     pub fn config(file: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

@@ -58,6 +58,29 @@ pub fn write_hf_dir_with<'a>(
     values: impl Fn(usize) -> Result<Cow<'a, [f32]>>,
 ) -> Result<()> {
     let out = OutputDir::create(dir, true)?;
+    fill_hf_dir(
+        &out,
+        config,
+        shapes,
+        dtype,
+        max_shard_size,
+        tokenizer_from,
+        values,
+    )
+    .map_err(|e| out.blame(e))?;
+    out.commit()?;
+    Ok(())
+}
+
+fn fill_hf_dir<'a>(
+    out: &OutputDir,
+    config: &serde_json::Value,
+    shapes: &[(String, Vec<usize>)],
+    dtype: DType,
+    max_shard_size: u64,
+    tokenizer_from: Option<&Path>,
+    values: impl Fn(usize) -> Result<Cow<'a, [f32]>>,
+) -> Result<()> {
     let specs: Vec<TensorSpec> = shapes
         .iter()
         .map(|(n, s)| TensorSpec {
@@ -96,7 +119,6 @@ pub fn write_hf_dir_with<'a>(
             }
         }
     }
-    out.commit()?;
     Ok(())
 }
 

@@ -218,6 +218,26 @@ impl OutputDir {
         &self.tmp_path
     }
 
+    /// An error met while writing the temporary directory, told about the
+    /// output the user named (`--out`), not the hidden temporary name.
+    pub fn blame(&self, e: Error) -> Error {
+        let shown = |p: PathBuf| match p.strip_prefix(&self.tmp_path) {
+            Ok(rel) => self.final_path.join(rel),
+            Err(_) => p,
+        };
+        match e {
+            Error::Io { path, err } => Error::Io {
+                path: shown(path),
+                err,
+            },
+            Error::Model { path, msg } => Error::Model {
+                path: shown(path),
+                msg,
+            },
+            e => e,
+        }
+    }
+
     pub fn final_path(&self) -> &Path {
         &self.final_path
     }
@@ -497,6 +517,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::io::model_dir::ModelDir;
+
+    #[test]
+    fn errors_while_writing_name_the_users_output_not_the_temporary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let d = OutputDir::create(&out, false).unwrap();
+        let e = Error::io(
+            d.path().join("model.safetensors"),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        );
+        let msg = d.blame(e).to_string();
+        assert!(
+            msg.starts_with(&out.join("model.safetensors").display().to_string()),
+            "{msg}"
+        );
+        assert!(!msg.contains("fusechat-tmp"), "{msg}");
+    }
 
     fn spec(name: &str, n: usize) -> TensorSpec {
         TensorSpec {

@@ -293,8 +293,38 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
         tracing::warn!("{w}");
     }
     opts.check()?;
-    let threads = opts.threads();
     let out = OutputDir::create(&plan.out, plan.force)?;
+    let (files, weights) = write_output(plan, opts, &out).map_err(|e| out.blame(e))?;
+    let final_path = out.commit()?;
+    let seconds = start.elapsed().as_secs_f64();
+    tracing::debug!(
+        seconds,
+        "merged {} tensors into {}",
+        plan.tensors.len(),
+        final_path.display()
+    );
+    Ok(MergeReport {
+        out: final_path,
+        files,
+        tensors: plan.tensors.len(),
+        input_bytes: plan.input_bytes(),
+        seconds,
+        weights,
+        warnings: plan.warnings.clone(),
+    })
+}
+
+/// Tensor weights by name, as the method reported them.
+type TensorWeights = Vec<(String, Vec<f64>)>;
+
+/// Merge every tensor into `out`'s temporary directory, with config.json,
+/// tokenizer files, the model card and the provenance record.
+fn write_output(
+    plan: &Plan,
+    opts: &ExecOptions,
+    out: &OutputDir,
+) -> Result<(Vec<String>, TensorWeights)> {
+    let threads = opts.threads();
     let specs: Vec<TensorSpec> = plan
         .tensors
         .iter()
@@ -400,23 +430,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions) -> Result<MergeReport> {
             .expect("JSON value")
             .as_bytes(),
     )?;
-    let final_path = out.commit()?;
-    let seconds = start.elapsed().as_secs_f64();
-    tracing::debug!(
-        seconds,
-        "merged {} tensors into {}",
-        plan.tensors.len(),
-        final_path.display()
-    );
-    Ok(MergeReport {
-        out: final_path,
-        files,
-        tensors: plan.tensors.len(),
-        input_bytes: plan.input_bytes(),
-        seconds,
-        weights,
-        warnings: plan.warnings.clone(),
-    })
+    Ok((files, weights))
 }
 
 /// The README.md model card of a merged directory.
