@@ -47,13 +47,13 @@ fn bench(c: &mut Criterion) {
         .insert("filter_wise".into(), Scalar::Bool(false));
     params.per_model = vec![Default::default(); 3];
     let shape = [n];
-    let inputs = || -> (TensorBuf, Vec<TensorBuf>) {
+    let inputs = || -> (TensorBuf<'static>, Vec<TensorBuf<'static>>) {
         (
             base.clone().into(),
             models.iter().map(|m| m.clone().into()).collect(),
         )
     };
-    let run = |m: &dyn Merger, (b, ms): (TensorBuf, Vec<TensorBuf>)| {
+    let run = |m: &dyn Merger, (b, ms): (TensorBuf<'static>, Vec<TensorBuf<'static>>)| {
         let g = TensorGroup {
             name: "model.layers.0.mlp.up_proj.weight",
             layer: Some(0),

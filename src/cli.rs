@@ -56,6 +56,9 @@ pub enum Command {
     Align(AlignArgs),
     /// Drop rows whose pivot or teacher metric_ce is NaN (recorded in the manifests).
     Filter(FilterArgs),
+    /// Fine-tune a copy of the pivot on the fusion loss against the teachers' aligned top-k
+    /// (pairwise knowledge fusion): one target model per call.
+    Fuse(FuseArgs),
 }
 
 #[derive(Args, Debug)]
@@ -177,6 +180,88 @@ pub struct FilterArgs {
     /// An aligned teacher representation (repeat for each).
     #[arg(long = "teacher", value_name = "DIR")]
     pub teachers: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct FuseArgs {
+    /// The pivot's HF model directory: the student starts from its weights.
+    #[arg(long, value_name = "DIR")]
+    pub pivot: PathBuf,
+    /// The pivot's own representation (repr/pivot), made before training.
+    #[arg(long, value_name = "DIR")]
+    pub pivot_repr: PathBuf,
+    /// A teacher: a source's representation aligned onto the pivot (repr/<src>@pivot). Repeat for
+    /// several; none trains plain SFT.
+    #[arg(long = "teacher", value_name = "DIR")]
+    pub teachers: Vec<PathBuf>,
+    /// Output directory: the fused model (HF directory), checkpoint-N/ subdirectories.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The distillation loss (see `fusechat plugins`): greater_as_gt, weighted or kd.
+    #[arg(long, default_value = defaults::LOSS)]
+    pub loss: String,
+    /// A loss parameter, KEY=VALUE: mode=hard, compat=true, lm_loss_weight=0.9, temperature=1.0.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = defaults::LR)]
+    pub lr: f64,
+    /// Learning-rate schedule: constant, linear or cosine (with warmup, as Hugging Face).
+    #[arg(long, default_value = defaults::SCHEDULER)]
+    pub scheduler: String,
+    /// Warmup steps as a fraction of all optimizer steps (rounded up).
+    #[arg(long, default_value_t = defaults::WARMUP_RATIO)]
+    pub warmup_ratio: f64,
+    /// Passes over the data.
+    #[arg(long, default_value_t = defaults::EPOCHS, conflicts_with = "max_steps")]
+    pub epochs: u64,
+    /// Stop after this many optimizer steps instead of counting epochs.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Records per micro-batch (padded to the longest of the batch).
+    #[arg(long, default_value_t = defaults::FUSE_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (effective batch = batch-size × grad-accum).
+    #[arg(long, default_value_t = defaults::GRAD_ACCUM)]
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = defaults::MAX_GRAD_NORM)]
+    pub max_grad_norm: f64,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// How micro-batch losses add up in a step: accum (each divided by --grad-accum, as Hugging
+    /// Face) or tokens (each weighted by its share of the step's loss tokens).
+    #[arg(long, default_value = "accum")]
+    pub loss_norm: String,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = defaults::SEED)]
+    pub seed: u64,
+    /// Save a checkpoint every N optimizer steps (and always at the end).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub save_every: u64,
+    /// Write one JSON line per optimizer step (step, epoch, lr, loss, lm_loss, fuse_loss,
+    /// grad_norm, tokens, seconds, teacher_by_row).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub log: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --out (same settings), bit for bit on CPU.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start over, deleting the output or checkpoints of a run with other settings.
+    #[arg(long)]
+    pub force: bool,
+    /// cpu, or cuda:N in a build with the cuda feature (bf16 weights, f32 optimizer state).
+    #[arg(long, default_value = defaults::DEVICE)]
+    pub device: String,
+    /// Model family (llama, mistral, mixtral); default: detected from config.json.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// Keep weights whose name contains this frozen (repeatable), e.g. embed_tokens.
+    #[arg(long, value_name = "PATTERN")]
+    pub freeze: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -749,15 +834,7 @@ fn cmd_represent(a: &RepresentArgs, plugins: &[PathBuf]) -> Result<()> {
 
 fn cmd_align(a: &AlignArgs, plugins: &[PathBuf]) -> Result<()> {
     let registry = crate::registry_with(None, plugins)?;
-    let mut params = std::collections::BTreeMap::new();
-    for s in &a.set {
-        match parse_set(s)? {
-            (k, Setting::Scalar(v)) => {
-                params.insert(k, v);
-            }
-            (k, _) => bail!("--set {k}: aligner parameters are single values"),
-        }
-    }
+    let params = scalar_sets(&a.set, "aligner")?;
     let o = fusechat_core::data::align::AlignOptions {
         pivot: a.pivot.clone(),
         source: a.source.clone(),
@@ -770,6 +847,56 @@ fn cmd_align(a: &AlignArgs, plugins: &[PathBuf]) -> Result<()> {
     };
     let r = fusechat_core::data::align::align(&registry, &o)?;
     emit(&format!("align: {}\n", r.summary(&a.out)))
+}
+
+/// Single-valued plugin parameters from `--set` flags.
+fn scalar_sets(
+    sets: &[String],
+    what: &str,
+) -> Result<std::collections::BTreeMap<String, fusechat_core::merge::params::Scalar>> {
+    let mut params = std::collections::BTreeMap::new();
+    for s in sets {
+        match parse_set(s)? {
+            (k, Setting::Scalar(v)) => {
+                params.insert(k, v);
+            }
+            (k, _) => bail!("--set {k}: {what} parameters are single values"),
+        }
+    }
+    Ok(params)
+}
+
+fn cmd_fuse(a: &FuseArgs, plugins: &[PathBuf]) -> Result<()> {
+    use fusechat_core::train::fuse::{FuseOptions, LossNorm};
+    let registry = crate::registry_with(None, plugins)?;
+    let mut o = FuseOptions::new(&a.pivot, &a.pivot_repr, &a.teachers, &a.out);
+    o.family = a.family.clone();
+    o.loss = a.loss.clone();
+    o.params = scalar_sets(&a.set, "loss")?;
+    o.lr = a.lr;
+    o.scheduler = fusechat_core::train::schedule::Schedule::parse(&a.scheduler)?;
+    o.warmup_ratio = a.warmup_ratio;
+    o.epochs = a.epochs;
+    o.max_steps = a.max_steps;
+    o.batch_size = a.batch_size;
+    o.grad_accum = a.grad_accum;
+    o.max_grad_norm = a.max_grad_norm;
+    o.weight_decay = a.weight_decay;
+    o.loss_norm = match a.loss_norm.as_str() {
+        "accum" => LossNorm::Accum,
+        "tokens" => LossNorm::Tokens,
+        other => bail!("--loss-norm {other}: use accum or tokens"),
+    };
+    o.seed = a.seed;
+    o.save_every = a.save_every;
+    o.log = a.log.clone();
+    o.resume = a.resume;
+    o.force = a.force;
+    o.device = a.device.clone();
+    o.freeze = a.freeze.clone();
+    o.progress = !a.no_progress && std::io::stderr().is_terminal();
+    let r = fusechat_core::train::fuse::fuse(&registry, &o)?;
+    emit(&format!("fuse: {}\n", r.summary()))
 }
 
 fn cmd_filter(a: &FilterArgs) -> Result<()> {
@@ -831,7 +958,7 @@ pub fn main() -> ExitCode {
     remove_temporaries_on_interrupt();
     if matches!(
         cli.command,
-        Command::Generate(_) | Command::Chat(_) | Command::Represent(_)
+        Command::Generate(_) | Command::Chat(_) | Command::Represent(_) | Command::Fuse(_)
     ) {
         crate::tune_allocator_for_compute();
     }
@@ -845,6 +972,7 @@ pub fn main() -> ExitCode {
         Command::Represent(a) => cmd_represent(a, &cli.plugins),
         Command::Align(a) => cmd_align(a, &cli.plugins),
         Command::Filter(a) => cmd_filter(a),
+        Command::Fuse(a) => cmd_fuse(a, &cli.plugins),
     };
     if r.is_err() && fusechat_core::io::writer::interrupted() {
         // The interrupt handler removed the temporaries under our feet; it

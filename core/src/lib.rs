@@ -11,7 +11,8 @@
 //!   resolution, the streaming engine and mergekit configs;
 //! - [`data`]: conversations, chat templates, representations, the
 //!   `represent` stage and the `VocabAligner` extension point with `align`;
-//! - [`model`]: the `SourceModel` extension point, generation;
+//! - [`model`]: the `SourceModel` extension point, differentiable ops, generation;
+//! - [`train`]: the `DistillLoss` extension point and the `fuse` trainer;
 //! - [`io`]: HF model directories (reading, writing), dtypes, the local hub cache;
 //! - [`pipeline`]: `fusechat.toml`, the miniature and the stage pipeline that
 //!   `fusechat run` executes.
@@ -26,5 +27,7 @@ pub mod model;
 pub mod pipeline;
 pub mod plugin;
 pub mod rng;
+#[cfg(all(feature = "candle", feature = "data"))]
+pub mod train;
 
 pub use error::{Error, Result};

@@ -112,6 +112,12 @@ pub fn save_hf_dir(
     )
 }
 
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        candle_error(e)
+    }
+}
+
 /// Per-layer key/value cache: (k, v) after RoPE, `[1, kv_heads, S, head_dim]`.
 #[derive(Default)]
 pub struct KvCache {

@@ -61,6 +61,16 @@ pub mod defaults {
     pub const ROWS_PER_SHARD: usize = 1024;
     pub const DEVICE: &str = "cpu";
     pub const ALIGNER: &str = "mined";
+    // fuse: FuseChat's training settings (SPEC §5); effective batch 128 = 4 × 32
+    pub const LOSS: &str = "greater_as_gt";
+    pub const LR: f64 = 5e-6;
+    pub const SCHEDULER: &str = "cosine";
+    pub const WARMUP_RATIO: f64 = 0.03;
+    pub const EPOCHS: u64 = 3;
+    pub const FUSE_BATCH_SIZE: usize = 4;
+    pub const GRAD_ACCUM: usize = 32;
+    pub const MAX_GRAD_NORM: f64 = 1.0;
+    pub const SEED: u64 = 42;
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

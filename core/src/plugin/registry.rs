@@ -370,6 +370,8 @@ pub type MergerEntry = Entry<dyn Merger>;
 pub type AlignerEntry = Entry<dyn crate::data::align::VocabAligner>;
 #[cfg(feature = "candle")]
 pub type ModelEntry = Entry<dyn crate::model::SourceModel>;
+#[cfg(all(feature = "candle", feature = "data"))]
+pub type LossEntry = Entry<dyn crate::train::DistillLoss>;
 
 /// What the registry needs of an extension point's trait. Adding a kind means
 /// implementing this for `dyn TheTrait` and adding its list to [`Registry`].
@@ -464,6 +466,27 @@ impl Kind for dyn crate::model::SourceModel {
     }
 }
 
+#[cfg(all(feature = "candle", feature = "data"))]
+impl Kind for dyn crate::train::DistillLoss {
+    const KIND: PluginKind = PluginKind::Loss;
+    const NOUN: &'static str = "loss";
+    fn describe(&self) -> PluginInfo {
+        self.info()
+    }
+    fn builtins() -> Vec<Arc<Self>> {
+        inventory::iter::<crate::train::BuiltinLoss>
+            .into_iter()
+            .map(|b| (b.0)())
+            .collect()
+    }
+    fn list(r: &Registry) -> &Vec<Entry<Self>> {
+        &r.losses
+    }
+    fn list_mut(r: &mut Registry) -> &mut Vec<Entry<Self>> {
+        &mut r.losses
+    }
+}
+
 /// One line of `fusechat plugins`, whatever the kind.
 pub struct Listing<'a> {
     pub info: &'a PluginInfo,
@@ -479,6 +502,8 @@ pub struct Registry {
     aligners: Vec<AlignerEntry>,
     #[cfg(feature = "candle")]
     models: Vec<ModelEntry>,
+    #[cfg(all(feature = "candle", feature = "data"))]
+    losses: Vec<LossEntry>,
 }
 
 impl Registry {
@@ -490,6 +515,8 @@ impl Registry {
         r.add_builtins::<dyn crate::data::align::VocabAligner>();
         #[cfg(feature = "candle")]
         r.add_builtins::<dyn crate::model::SourceModel>();
+        #[cfg(all(feature = "candle", feature = "data"))]
+        r.add_builtins::<dyn crate::train::DistillLoss>();
         r
     }
 
@@ -560,7 +587,15 @@ impl Registry {
         v.extend(of::<dyn crate::model::SourceModel>(self));
         #[cfg(feature = "data")]
         v.extend(of::<dyn crate::data::align::VocabAligner>(self));
+        #[cfg(all(feature = "candle", feature = "data"))]
+        v.extend(of::<dyn crate::train::DistillLoss>(self));
         v
+    }
+
+    /// A distillation loss by name.
+    #[cfg(all(feature = "candle", feature = "data"))]
+    pub fn loss(&self, name: &str) -> Result<&LossEntry> {
+        self.get(name)
     }
 
     pub fn mergers(&self) -> &[MergerEntry] {
