@@ -561,19 +561,20 @@ fn cmd_merge(args: &MergeArgs, plugins: &[PathBuf]) -> Result<()> {
 }
 
 /// Short display names of the `[merge]` models, for the weight table.
-fn model_labels(cfg: &Config, n: usize) -> Vec<String> {
-    let labels: Vec<String> = cfg
-        .merge
+/// The merged models' short names, as the run's merge stage lists them.
+fn model_labels(pipeline: &fusechat_core::pipeline::Pipeline, n: usize) -> Vec<String> {
+    let labels: Vec<String> = pipeline
+        .stages
         .iter()
-        .flat_map(|m| m.models.iter())
-        .map(|e| match e {
-            fusechat_core::pipeline::config::ModelEntry::Path(p) => p.clone(),
-            fusechat_core::pipeline::config::ModelEntry::Table { path, .. } => path.clone(),
+        .filter_map(|s| match &s.job {
+            fusechat_core::pipeline::Job::Merge(req) => Some(req),
+            _ => None,
         })
-        .map(|p| {
-            Path::new(&p)
+        .flat_map(|req| req.models.iter())
+        .map(|m| {
+            Path::new(&m.reference)
                 .file_name()
-                .map_or(p.clone(), |f| f.to_string_lossy().into_owned())
+                .map_or(m.reference.clone(), |f| f.to_string_lossy().into_owned())
         })
         .collect();
     if labels.len() == n {
@@ -589,7 +590,7 @@ fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
     let registry = &crate::registry_with(Some(&cfg), plugins)?;
     let pipeline = Pipeline::from_config(&cfg, registry, args.force)?;
     if args.dry_run {
-        return emit(&pipeline.describe());
+        return emit(&pipeline.describe(registry));
     }
     let mut printed: Result<()> = Ok(());
     let results = pipeline.run(registry, &args.exec.options()?, |r| {
@@ -604,7 +605,7 @@ fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
             let method = cfg.merge.as_ref().map_or("", |m| m.method.as_str());
             emit(&format!(
                 "\nper-tensor weights ({method}):\n{}",
-                weight_summary(report, &model_labels(&cfg, n))
+                weight_summary(report, &model_labels(&pipeline, n))
             ))?;
         }
     }

@@ -207,13 +207,18 @@ fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
     let repo_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusechat.toml");
     std::fs::copy(repo_cfg, d.join("fusechat.toml")).unwrap();
     let log = ok(&fusechat(d, &["run"]));
+    // the default run fuses each source into a target, then merges the targets with VaRM
     assert!(
-        log.contains("per-tensor weights (varm)")
-            && log.contains("target_mixtral")
+        log.contains("fuse mixtral: ")
+            && log.contains("fuse solar: ")
+            && log.contains("per-tensor weights (varm)")
+            && log.contains("mixtral")
             && log.contains("lm_head.weight"),
         "{log}"
     );
-    assert!(d.join("runs/default/merged/model.safetensors").is_file());
+    for t in ["targets/mixtral", "targets/solar", "merged"] {
+        assert!(d.join("runs/default").join(t).join("model.safetensors").is_file(), "{t}");
+    }
     let log = ok(&fusechat(d, &["run"]));
     assert!(log.contains("up to date"), "{log}");
     ok(&fusechat(d, &["run", "--force"]));

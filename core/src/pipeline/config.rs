@@ -84,6 +84,7 @@ pub struct Config {
     #[serde(default)]
     pub sources: Vec<ModelSection>,
     pub represent: Option<RepresentSection>,
+    pub fuse: Option<FuseSection>,
     pub merge: Option<MergeSection>,
     #[serde(default)]
     pub plugins: PluginsSection,
@@ -243,6 +244,85 @@ impl Default for RepresentSection {
             device: d_device(),
         }
     }
+}
+
+/// `[fuse]`: pairwise knowledge fusion, one target per source
+/// (`targets/<source>/`), trained on the pivot's and that source's
+/// representations. Every field defaults to FuseChat's setting (SPEC §5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FuseSection {
+    /// Where the targets go (default: `<run dir>/targets`).
+    pub out: Option<PathBuf>,
+    #[serde(default = "d_loss")]
+    pub loss: String,
+    /// The loss's parameters (mode, lm_loss_weight, temperature, compat, ...).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default = "d_scheduler")]
+    pub scheduler: String,
+    #[serde(default = "d_warmup")]
+    pub warmup_ratio: f64,
+    #[serde(default = "d_epochs")]
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    #[serde(default = "d_fuse_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_grad_accum")]
+    pub grad_accum: usize,
+    #[serde(default = "d_max_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// `accum` (Hugging Face) or `tokens`.
+    #[serde(default = "d_loss_norm")]
+    pub loss_norm: String,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// A checkpoint every this many steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// Weights whose name contains any of these stay frozen.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// Also train an SFT baseline (`targets/sft`): the pivot fine-tuned with
+    /// λ = 1 on the same data for the same steps, to show what fusion adds.
+    #[serde(default)]
+    pub sft_baseline: bool,
+}
+fn d_loss() -> String {
+    defaults::LOSS.into()
+}
+fn d_lr() -> f64 {
+    defaults::LR
+}
+fn d_scheduler() -> String {
+    defaults::SCHEDULER.into()
+}
+fn d_warmup() -> f64 {
+    defaults::WARMUP_RATIO
+}
+fn d_epochs() -> u64 {
+    defaults::EPOCHS
+}
+fn d_fuse_batch() -> usize {
+    defaults::FUSE_BATCH_SIZE
+}
+fn d_grad_accum() -> usize {
+    defaults::GRAD_ACCUM
+}
+fn d_max_grad_norm() -> f64 {
+    defaults::MAX_GRAD_NORM
+}
+fn d_loss_norm() -> String {
+    "accum".into()
+}
+fn d_seed() -> u64 {
+    defaults::SEED
 }
 
 /// A model in `[merge] models`: a path, or a table with per-model parameters.

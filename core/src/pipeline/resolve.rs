@@ -14,6 +14,16 @@ use crate::plugin::registry::{PluginInfo, Registry};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
+/// What the data stages produce, for the stages after them.
+struct DataOut {
+    /// The pivot's model directory.
+    pivot: PathBuf,
+    family: Option<String>,
+    pivot_repr: PathBuf,
+    /// Each source's name and its aligned representation.
+    teachers: Vec<(String, PathBuf)>,
+}
+
 /// The problems found so far, and the stages laid out so far (a path that an
 /// earlier stage writes need not exist yet).
 struct Resolver<'a> {
@@ -42,8 +52,9 @@ pub(super) fn resolve(cfg: &Config, registry: &Registry, force: bool) -> Result<
         problems: Vec::new(),
     };
     r.miniature();
-    r.data_stages();
-    r.merge();
+    let data = r.data_stages();
+    let targets = r.fuse(data.as_ref());
+    r.merge(data.as_ref(), &targets);
     if !r.problems.is_empty() {
         return Err(Error::invalid(cfg.file.display().to_string(), r.problems));
     }
@@ -137,13 +148,13 @@ impl Resolver<'_> {
     }
 
     /// represent for the pivot and every source, align of each source, filter.
-    fn data_stages(&mut self) {
+    fn data_stages(&mut self) -> Option<DataOut> {
         let cfg = self.cfg;
         let Some(data) = &cfg.data else {
             if cfg.pivot.is_some() || !cfg.sources.is_empty() {
                 self.problem("[pivot] and [[sources]] need a [data] table (the chat dataset)");
             }
-            return;
+            return None;
         };
         let pivot = cfg.pivot.as_ref();
         if pivot.is_none() {
@@ -169,7 +180,7 @@ impl Resolver<'_> {
         }
         let out = cfg.resolve(&rs.out.clone().unwrap_or_else(|| cfg.run.dir.join("repr")));
         let names = self.source_names();
-        let Some(pivot) = pivot else { return };
+        let pivot = pivot?;
         let pivot_repr = out.join("pivot");
         self.represent("[pivot]", "pivot", pivot, data, &rs, &pivot_repr);
         let mut teachers = Vec::new();
@@ -180,16 +191,130 @@ impl Resolver<'_> {
             self.represent(&table, &name, s, data, &rs, &repr);
             let aligned = out.join(format!("{name}@pivot"));
             self.align(&table, &name, pivot, s, &pivot_repr, &repr, &aligned);
-            teachers.push(aligned);
+            teachers.push((name, aligned));
         }
         self.stages.push(Stage {
             name: "filter".into(),
             out: pivot_repr.clone(),
             job: Job::Filter {
-                pivot: pivot_repr,
-                teachers,
+                pivot: pivot_repr.clone(),
+                teachers: teachers.iter().map(|t| t.1.clone()).collect(),
             },
         });
+        Some(DataOut {
+            pivot: crate::io::hub::resolve_model(&pivot.path, &cfg.root),
+            family: pivot.family.clone(),
+            pivot_repr,
+            teachers,
+        })
+    }
+
+    /// One fuse stage per source (`targets/<source>`), and the SFT baseline
+    /// when asked; returns the targets, by source name.
+    fn fuse(&mut self, data: Option<&DataOut>) -> Vec<(String, PathBuf)> {
+        let cfg = self.cfg;
+        let Some(f) = &cfg.fuse else {
+            return Vec::new();
+        };
+        let Some(data) = data else {
+            self.problem(
+                "[fuse] needs [data], [pivot] and [[sources]]: it trains on their representations",
+            );
+            return Vec::new();
+        };
+        let params = match toml_scalars(&f.parameters, "[fuse] parameters") {
+            Ok(p) => p,
+            Err(e) => {
+                self.problem(e.to_string());
+                Default::default()
+            }
+        };
+        let scheduler = match crate::train::schedule::Schedule::parse(&f.scheduler) {
+            Ok(s) => s,
+            Err(e) => {
+                self.problem(format!("[fuse] scheduler: {e}"));
+                crate::train::schedule::Schedule::Cosine
+            }
+        };
+        let loss_norm = match f.loss_norm.as_str() {
+            "accum" => crate::train::fuse::LossNorm::Accum,
+            "tokens" => crate::train::fuse::LossNorm::Tokens,
+            other => {
+                self.problem(format!("[fuse] loss_norm: `{other}` (use accum or tokens)"));
+                crate::train::fuse::LossNorm::Accum
+            }
+        };
+        if let Err(e) = crate::model::parse_device(&f.device) {
+            self.problem(format!("[fuse] device: {e}"));
+        }
+        match self.registry.loss(&f.loss) {
+            Err(e) => self.problem(format!("[fuse] loss: {e}")),
+            Ok(entry) => match entry.info.resolve_scalars(&params) {
+                Err(e) => self.invalid("[fuse] parameters", e),
+                Ok(resolved) => {
+                    if let Err(e) = entry.plugin.check(&resolved, 1) {
+                        self.problem(format!("[fuse] loss: {e}"));
+                    }
+                }
+            },
+        }
+        let out = cfg.resolve(&f.out.clone().unwrap_or_else(|| cfg.run.dir.join("targets")));
+        let logs = cfg.resolve(&cfg.run.dir.join("logs"));
+        let options = |teachers: Vec<PathBuf>, name: &str| {
+            let mut o = crate::train::fuse::FuseOptions::new(
+                &data.pivot,
+                &data.pivot_repr,
+                &teachers,
+                &out.join(name),
+            );
+            o.family = data.family.clone();
+            o.loss = f.loss.clone();
+            o.params = params.clone();
+            o.lr = f.lr;
+            o.scheduler = scheduler;
+            o.warmup_ratio = f.warmup_ratio;
+            o.epochs = f.epochs;
+            o.max_steps = f.max_steps;
+            o.batch_size = f.batch_size;
+            o.grad_accum = f.grad_accum;
+            o.max_grad_norm = f.max_grad_norm;
+            o.weight_decay = f.weight_decay;
+            o.loss_norm = loss_norm;
+            o.seed = f.seed;
+            o.save_every = f.save_every;
+            o.device = f.device.clone();
+            o.freeze = f.freeze.clone();
+            o.log = Some(logs.join(format!("fuse-{name}.jsonl")));
+            o.replace_stale = true;
+            o
+        };
+        let probe = options(Vec::new(), "x");
+        for p in probe.problems() {
+            self.problem(format!("[fuse] {p}"));
+        }
+        let mut targets = Vec::new();
+        for (name, aligned) in &data.teachers {
+            let o = options(vec![aligned.clone()], name);
+            self.stages.push(Stage {
+                name: format!("fuse {name}"),
+                out: o.out.clone(),
+                job: Job::Fuse(Box::new(o)),
+            });
+            targets.push((name.clone(), out.join(name)));
+        }
+        if f.sft_baseline {
+            let mut o = options(Vec::new(), "sft");
+            o.params.insert(
+                "lm_loss_weight".into(),
+                crate::merge::params::Scalar::Float(1.0),
+            );
+            self.stages.push(Stage {
+                name: "fuse sft".into(),
+                out: o.out.clone(),
+                job: Job::Fuse(Box::new(o)),
+            });
+        }
+        targets
     }
 
     /// The sources' names (they name directories), `None` for a bad one.
@@ -325,14 +450,40 @@ impl Resolver<'_> {
         }
     }
 
-    fn merge(&mut self) {
+    /// The merge stage. A `[merge]` that names no models merges the fused
+    /// targets, onto the pivot unless it names a base.
+    fn merge(&mut self, data: Option<&DataOut>, targets: &[(String, PathBuf)]) {
         if self.cfg.merge.is_none() {
             return;
         }
-        let req = match self.cfg.merge_request() {
+        let mut req = match self.cfg.merge_request() {
             Ok(r) => r,
             Err(e) => return self.problem(strip_file(&e, &self.cfg.file)),
         };
+        if req.models.is_empty() {
+            if targets.is_empty() {
+                return self.problem(
+                    "[merge] models: none given, and no [fuse] table makes targets to merge; list the models to merge",
+                );
+            }
+            req.models = targets
+                .iter()
+                .map(|(name, dir)| crate::merge::plan::ModelInput {
+                    reference: format!("targets/{name}"),
+                    path: dir.clone(),
+                    params: Settings::new(),
+                })
+                .collect();
+            if req.base.is_none() {
+                if let Some(d) = data {
+                    req.base = Some(crate::merge::plan::ModelInput {
+                        reference: "pivot".into(),
+                        path: d.pivot.clone(),
+                        params: Settings::new(),
+                    });
+                }
+            }
+        }
         let before = self.problems.len();
         match self.registry.merger(&req.method) {
             Err(e) => self.problem(format!("[merge] method: {e}")),

@@ -9,6 +9,7 @@ use crate::pipeline::config::Config;
 use crate::pipeline::key::stage_key;
 use crate::pipeline::miniature::{self, MiniatureSpec};
 use crate::plugin::registry::Registry;
+use crate::train::fuse::{self, FuseOptions, FuseOutcome};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,6 +26,8 @@ pub enum Job {
         pivot: PathBuf,
         teachers: Vec<PathBuf>,
     },
+    /// Fine-tune a copy of the pivot against one source's aligned representation.
+    Fuse(Box<FuseOptions>),
     Merge(MergeRequest),
 }
 
@@ -59,6 +62,11 @@ impl Stage {
                 v.extend(teachers.iter().cloned());
                 v
             }
+            Job::Fuse(o) => {
+                let mut v = vec![o.pivot.clone(), o.pivot_repr.clone()];
+                v.extend(o.teachers.iter().cloned());
+                v
+            }
             Job::Merge(req) => req
                 .base
                 .iter()
@@ -90,6 +98,7 @@ pub enum Outcome {
     Represent(RepresentOutcome),
     Align(AlignOutcome),
     Filter(FilterReport),
+    Fuse(FuseOutcome),
     /// `None`: the output was up to date.
     Merge(Option<MergeReport>),
 }
@@ -110,6 +119,7 @@ impl StageResult {
             Outcome::Represent(r) => r.up_to_date,
             Outcome::Align(r) => r.up_to_date,
             Outcome::Filter(_) => false,
+            Outcome::Fuse(r) => r.up_to_date,
             Outcome::Merge(r) => r.is_none(),
         }
     }
@@ -127,6 +137,7 @@ impl StageResult {
             Outcome::Represent(r) => format!("{}: {}", self.name, r.summary(&self.out)),
             Outcome::Align(r) => format!("{}: {}", self.name, r.summary(&self.out)),
             Outcome::Filter(r) => format!("filter: {}", r.summary()),
+            Outcome::Fuse(r) => format!("{}: {}", self.name, r.summary()),
             Outcome::Merge(Some(r)) => format!("merge: {}", r.summary()),
             Outcome::Merge(None) => {
                 format!("merge: {out} is up to date (use --force to redo it)")
@@ -155,7 +166,7 @@ impl Pipeline {
 
     /// Whether each stage would run now, and why. A stage that reads what an
     /// earlier stage will rewrite runs after it.
-    pub fn statuses(&self) -> Vec<Status> {
+    pub fn statuses(&self, registry: &Registry) -> Vec<Status> {
         let mut out: Vec<Status> = Vec::new();
         for (i, stage) in self.stages.iter().enumerate() {
             let rewritten_input = stage.inputs().into_iter().find_map(|p| {
@@ -170,7 +181,7 @@ impl Pipeline {
             } else if let Some(earlier) = rewritten_input {
                 Status::Run(format!("its inputs are rebuilt first by `{earlier}`"))
             } else {
-                stage_status(stage)
+                stage_status(stage, registry)
             };
             out.push(status);
         }
@@ -179,13 +190,13 @@ impl Pipeline {
 
     /// The plan as text (`fusechat run --dry-run`): each stage, whether it
     /// would run and why, and what it writes.
-    pub fn describe(&self) -> String {
+    pub fn describe(&self, registry: &Registry) -> String {
         let mut s = format!(
             "plan of {} ({} stages):\n",
             self.file.display(),
             self.stages.len()
         );
-        for (i, (stage, status)) in self.stages.iter().zip(self.statuses()).enumerate() {
+        for (i, (stage, status)) in self.stages.iter().zip(self.statuses(registry)).enumerate() {
             let what = match status {
                 Status::UpToDate => "up to date, skipped".to_string(),
                 Status::Run(why) => format!("runs: {why}"),
@@ -240,12 +251,13 @@ pub fn summary_table(results: &[StageResult]) -> String {
     s
 }
 
-fn stage_status(stage: &Stage) -> Status {
+fn stage_status(stage: &Stage, registry: &Registry) -> Status {
     let fresh = match &stage.job {
         Job::Miniature(spec) => Ok(miniature::up_to_date(spec, &stage.out)),
         Job::Represent(o) => represent::up_to_date(o),
         Job::Align(o) => align::up_to_date(o),
         Job::Filter { .. } => return Status::Run("always (it reads the manifests only)".into()),
+        Job::Fuse(o) => fuse::up_to_date(o, registry),
         Job::Merge(req) => Ok(recorded_merge_key(&req.out).flatten() == Some(merge_key(req))),
     };
     match fresh {
@@ -283,6 +295,14 @@ fn run_stage(
             &AlignOptions { force, ..o.clone() },
         )?),
         Job::Filter { pivot, teachers } => Outcome::Filter(align::filter(pivot, teachers)?),
+        Job::Fuse(o) => Outcome::Fuse(fuse::fuse(
+            registry,
+            &FuseOptions {
+                force,
+                progress: exec.progress,
+                ..(**o).clone()
+            },
+        )?),
         Job::Merge(req) => Outcome::Merge(run_merge(req, registry, exec, force)?),
     })
 }
