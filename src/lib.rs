@@ -21,7 +21,7 @@ pub fn tune_allocator_for_compute() {
     // SAFETY: mallopt only changes glibc's allocation thresholds.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }
 }

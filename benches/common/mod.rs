@@ -40,3 +40,31 @@ pub fn mistral_98m(dir: &Path, tokenizer: Option<&Path>) -> PathBuf {
     .unwrap();
     dir.to_path_buf()
 }
+
+/// The training model: a 124.7M Mistral (hidden 768, 12 layers, 12
+/// heads / 4 KV heads, MLP 2048, vocab 32002), random weights stored as f32,
+/// generated once into `dir`.
+pub fn mistral_125m(dir: &Path) -> PathBuf {
+    if dir.join("model.safetensors").exists() {
+        return dir.to_path_buf();
+    }
+    let cfg = serde_json::json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32002,
+        "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
+        "tie_word_embeddings": false, "hidden_act": "silu", "max_position_embeddings": 4096,
+    });
+    let w = DecoderConfig::from_json(&cfg, Path::new("config.json"), None)
+        .unwrap()
+        .random_weights(5, 0.02, 0.0);
+    write_hf_dir(
+        dir,
+        &cfg,
+        &w,
+        fusechat::core::io::dtype::DType::F32,
+        5_000_000_000,
+        None,
+    )
+    .unwrap();
+    dir.to_path_buf()
+}

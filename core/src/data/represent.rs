@@ -157,13 +157,15 @@ pub fn cross_entropy(logits: &[f32], label: usize) -> f32 {
 }
 
 /// Top-k and CE for one row's loss positions; `logits` is `[L, V]` for this row.
+/// A row's top-k, values and `metric_ce` from its logits at its loss positions
+/// (`[P, vocab]`, in position order).
 fn row_outputs(logits: &[f32], vocab: usize, enc: &Encoded, k: usize) -> (Vec<u32>, Vec<f16>, f32) {
     let pos: Vec<usize> = loss_positions(&enc.labels).collect();
     let mut ids = vec![0u32; pos.len() * k];
     let mut vals32 = vec![0f32; pos.len() * k];
     let mut ce_sum = 0f64;
     for (n, &t) in pos.iter().enumerate() {
-        let row = &logits[t * vocab..(t + 1) * vocab];
+        let row = &logits[n * vocab..(n + 1) * vocab];
         top_k_into(
             row,
             &mut ids[n * k..(n + 1) * k],
@@ -221,24 +223,53 @@ fn compute_shard(
         let t0 = std::time::Instant::now();
         let ids_t = Tensor::from_vec(ids, (b, l), dev).map_err(err)?;
         let mask_t = Tensor::from_vec(mask, (b, l), dev).map_err(err)?;
-        let logits = model.forward(&ids_t, &mask_t)?;
-        if logits.dims() != [b, l, vocab] {
-            return Err(Error::Plugin(format!(
-                "model family `{}` returned logits of shape {:?} for a batch of {b}×{l} tokens; expected [{b}, {l}, {vocab}]",
-                model.family(),
-                logits.dims()
-            )));
+        let hidden = model.hidden(&ids_t, &mask_t)?;
+        let h = match *hidden.dims() {
+            [hb, hl, h] if hb == b && hl == l => h,
+            _ => {
+                return Err(Error::Plugin(format!(
+                    "model family `{}` returned hidden states of shape {:?} for a batch of {b}×{l} tokens; expected [{b}, {l}, hidden]",
+                    model.family(),
+                    hidden.dims()
+                )))
+            }
+        };
+        // The LM head runs on the loss positions only.
+        let mut flat = Vec::new();
+        let mut spans = Vec::with_capacity(b);
+        for (n, &r) in batch.iter().enumerate() {
+            let start = flat.len();
+            flat.extend(loss_positions(&rows[r].1.labels).map(|t| (n * l + t) as u32));
+            spans.push(start..flat.len());
         }
-        let logits: Vec<f32> = logits
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(err)?;
+        let positions = flat.len();
+        let logits: Vec<f32> = if positions == 0 {
+            Vec::new()
+        } else {
+            let flat = Tensor::from_vec(flat, positions, dev).map_err(err)?;
+            let at = hidden
+                .reshape((b * l, h))
+                .and_then(|x| x.index_select(&flat, 0))
+                .map_err(err)?;
+            let logits = model.logits(&at)?;
+            if logits.dims() != [positions, vocab] {
+                return Err(Error::Plugin(format!(
+                    "model family `{}` returned logits of shape {:?} for {positions} positions; expected [{positions}, {vocab}]",
+                    model.family(),
+                    logits.dims()
+                )));
+            }
+            logits
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(err)?
+        };
         *forward_seconds += t0.elapsed().as_secs_f64();
         let outs: Vec<_> = batch
             .par_iter()
-            .enumerate()
-            .map(|(n, &r)| {
-                let row = &logits[n * l * vocab..(n * l + lens[r]) * vocab];
+            .zip(&spans)
+            .map(|(&r, span)| {
+                let row = &logits[span.start * vocab..span.end * vocab];
                 row_outputs(row, vocab, &rows[r].1, o.top_k)
             })
             .collect();
@@ -822,7 +853,8 @@ mod tests {
             labels: vec![0, 0, 0, 1, 1, 0],
             offsets: vec![(0, 0); 6],
         };
-        let (_, _, metric) = row_outputs(&logits, 8, &enc, 3);
+        // row_outputs takes the logits at the loss positions only (positions 2 and 3)
+        let (_, _, metric) = row_outputs(&logits[16..32], 8, &enc, 3);
         assert!((cross_entropy(&logits[16..24], 5) - 10.3047).abs() < 2e-3);
         assert!((cross_entropy(&logits[24..32], 2) - 5.8672).abs() < 2e-3);
         assert!((metric - 8.0859).abs() < 2e-3, "{metric}");
@@ -831,7 +863,7 @@ mod tests {
             ..enc
         };
         assert!(
-            row_outputs(&logits, 8, &none, 3).2.is_nan(),
+            row_outputs(&[], 8, &none, 3).2.is_nan(),
             "golden metric_ce_all_masked is NaN"
         );
     }

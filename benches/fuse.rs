@@ -1,0 +1,208 @@
+//! The fuse stage's hot path and its memory:
+//! - one training step on the 124.7M Mistral (hidden 768, 12 layers, 12 heads
+//!   / 4 KV heads, MLP 2048, vocab 32002), f32 on CPU, B = 4, L = 512, every
+//!   position a loss position: forward, the LM head, the greater_as_gt loss
+//!   (λ = 0.9 against a top-10 teacher), backward and an AdamW step — what
+//!   `fusechat fuse` does per micro-batch and step;
+//! - the bytes the loss holds for its teachers against the scripts' dense
+//!   `[B, L, V]` bf16 teacher (printed).
+//!
+//!     cargo bench --bench fuse
+//!
+//! `scripts/compare_training.py` times the same step with PyTorch and
+//! transformers on the same checkpoint and batch.
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fusechat::core::model::LoadOptions;
+use fusechat::core::rng::SplitMix64;
+use fusechat::core::train::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+use fusechat::core::train::{LossBatch, TeacherView};
+use fusechat::plugins::models::decoder::Decoder;
+use half::f16;
+
+mod common;
+
+const B: usize = 4;
+const L: usize = 512;
+const V: usize = 32002;
+const K: usize = 10;
+
+fn bench(c: &mut Criterion) {
+    fusechat::tune_allocator_for_compute();
+    let dir = common::mistral_125m(&common::bench_data("fuse-125m"));
+    let m = Decoder::load(
+        &dir,
+        &LoadOptions {
+            trainable: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let mut rng = SplitMix64(9);
+    let ids: Vec<u32> = (0..B * L)
+        .map(|_| (rng.next_u64() % V as u64) as u32)
+        .collect();
+    let x = Tensor::from_vec(ids.clone(), (B, L), &Device::Cpu).unwrap();
+    let mask = Tensor::ones((B, L), DType::U32, &Device::Cpu).unwrap();
+    // loss positions: every position but each row's last
+    let positions: Vec<u32> = (0..B)
+        .flat_map(|b| (0..L - 1).map(move |t| (b * L + t) as u32))
+        .collect();
+    let n = positions.len();
+    let labels: Vec<u32> = positions.iter().map(|&p| ids[p as usize + 1]).collect();
+    let record: Vec<usize> = positions.iter().map(|&p| p as usize / L).collect();
+    let pos_t = Tensor::from_vec(positions, n, &Device::Cpu).unwrap();
+    // two candidates (the pivot's own representation and one source), top-10 each
+    let teacher = |seed: u64| -> (Vec<u32>, Vec<f16>, Vec<f32>) {
+        let mut r = SplitMix64(seed);
+        let ids = (0..n * K)
+            .map(|_| (r.next_u64() % V as u64) as u32)
+            .collect();
+        let vals = (0..n * K)
+            .map(|j| f16::from_f32(5.0 - (j % K) as f32 * 0.3))
+            .collect();
+        (ids, vals, vec![1.0 + seed as f32 * 0.1; B])
+    };
+    let cands = [teacher(1), teacher(2)];
+    let reg = fusechat::registry();
+    let loss = reg.loss("greater_as_gt").unwrap();
+    let params = loss.info.resolve_scalars(&Default::default()).unwrap();
+    let vars: Vec<candle_core::Var> = m.vars().iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default());
+
+    // what the loss holds for teachers: the candidates' top-k (u32 ids, f16
+    // logits) and the sparse targets it builds (u32 id, f32 weight per entry)
+    let views_bytes = cands.len() * n * K * (4 + 2) + cands.len() * B * 4;
+    let targets_bytes = n * K * cands.len() * (4 + 4);
+    let ours = views_bytes + targets_bytes;
+    let dense = B * L * V * 2;
+    eprintln!(
+        "teacher memory (B={B}, L={L}, V={V}, k={K}, {n} loss positions, 2 candidates): {ours} bytes here vs {dense} for a dense bf16 [B, L, V] teacher: {:.0}x less",
+        dense as f64 / ours as f64
+    );
+
+    // Two steps outside criterion, timed by phase (where the time goes; the
+    // first also pays for fresh memory).
+    for _ in 0..4 {
+        let t = std::time::Instant::now();
+        let h = m.hidden(&x, &mask).unwrap();
+        let t_fwd = t.elapsed();
+        let t = std::time::Instant::now();
+        let h = h
+            .reshape((B * L, 768))
+            .unwrap()
+            .index_select(&pos_t, 0)
+            .unwrap();
+        let logits = m.logits(&h).unwrap();
+        let views: Vec<TeacherView<'_>> = cands
+            .iter()
+            .map(|(ids, vals, metric)| TeacherView {
+                name: "t",
+                k: K,
+                ids,
+                logits: vals,
+                metric_ce: metric,
+            })
+            .collect();
+        let batch = LossBatch {
+            logits: &logits,
+            labels: &labels,
+            record: &record,
+            records: B,
+            teachers: &views,
+            progress: 0.0,
+        };
+        let out = loss.plugin.loss(&params, &batch).unwrap();
+        let t_head = t.elapsed();
+        let t = std::time::Instant::now();
+        let grads = out.loss.backward().unwrap();
+        let t_bwd = t.elapsed();
+        let t = std::time::Instant::now();
+        let mut g: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        clip_grad_norm(&mut g, 1.0);
+        let t_copy = t.elapsed();
+        let t = std::time::Instant::now();
+        opt.step(&g, 5e-6).unwrap();
+        let t_opt = t.elapsed();
+        eprintln!(
+            "one step: forward {:.2}s, LM head + loss {:.2}s, backward {:.2}s, gradients out + clip {:.2}s, AdamW {:.2}s",
+            t_fwd.as_secs_f64(),
+            t_head.as_secs_f64(),
+            t_bwd.as_secs_f64(),
+            t_copy.as_secs_f64(),
+            t_opt.as_secs_f64()
+        );
+    }
+
+    let mut g = c.benchmark_group("fuse_mistral_125M_f32_cpu");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((B * L) as u64));
+    g.bench_function("train_step_b4_l512", |bench| {
+        bench.iter(|| {
+            let h = m.hidden(&x, &mask).unwrap();
+            let h = h
+                .reshape((B * L, 768))
+                .unwrap()
+                .index_select(&pos_t, 0)
+                .unwrap();
+            let logits = m.logits(&h).unwrap();
+            let views: Vec<TeacherView<'_>> = cands
+                .iter()
+                .enumerate()
+                .map(|(i, (ids, vals, metric))| TeacherView {
+                    name: if i == 0 { "pivot" } else { "source" },
+                    k: K,
+                    ids,
+                    logits: vals,
+                    metric_ce: metric,
+                })
+                .collect();
+            let out = loss
+                .plugin
+                .loss(
+                    &params,
+                    &LossBatch {
+                        logits: &logits,
+                        labels: &labels,
+                        record: &record,
+                        records: B,
+                        teachers: &views,
+                        progress: 0.0,
+                    },
+                )
+                .unwrap();
+            let grads = out.loss.backward().unwrap();
+            let mut g: Vec<Vec<f32>> = vars
+                .iter()
+                .map(|v| {
+                    grads
+                        .get(v.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            clip_grad_norm(&mut g, 1.0);
+            opt.step(&g, 5e-6).unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
