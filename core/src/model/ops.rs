@@ -39,17 +39,176 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
-/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`.
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`. On the
+/// CPU in f32 one fused kernel with its own backward (`r = 1/sqrt(mean(x²)+ε)`,
+/// `∂/∂x = r·(g⊙w) − x·r³·mean((g⊙w)⊙x)`, `∂/∂w = Σ_rows g⊙x·r`);
+/// elsewhere the same from candle's ops.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNormOp { eps });
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension. On the CPU in f32 one fused kernel with
+/// its own backward (`∂/∂x = y ⊙ (g − Σ g⊙y)`); elsewhere candle's ops.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(SoftmaxOp);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// The f32 contents of a contiguous CPU storage.
+fn cpu_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+struct SoftmaxOp;
+
+impl candle_core::CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = cpu_slice(s, l)?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let max = x.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+            let mut sum = 0f32;
+            for (o, v) in y.iter_mut().zip(x) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((candle_core::CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?,
+        ))
+    }
+}
+
+/// `y ⊙ (g − Σ g⊙y)` per row, from the softmax output `y` and the gradient `g`.
+struct SoftmaxBwd;
+
+impl candle_core::CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        ys: &candle_core::CpuStorage,
+        yl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (y, g) = (cpu_slice(ys, yl)?, cpu_slice(gs, gl)?);
+        let d = yl.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, y), g) in dx.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+struct RmsNormOp {
+    eps: f64,
+}
+
+impl candle_core::CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, w) = (cpu_slice(xs, xl)?, cpu_slice(ws, wl)?);
+        let d = w.len().max(1);
+        let eps = self.eps as f32;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, v), w) in y.iter_mut().zip(x).zip(w) {
+                *o = v * r * w;
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let d = w.elem_count().max(1);
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let gv: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+        let eps = self.eps as f32;
+        let mut dx = vec![0f32; xv.len()];
+        // per row: dx, and the row's contribution g⊙x·r to dw
+        let dw_rows: Vec<Vec<f32>> = dx
+            .par_chunks_mut(d)
+            .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
+            .map(|(dx, (x, g))| {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                let s: f32 = x
+                    .iter()
+                    .zip(g)
+                    .zip(&wv)
+                    .map(|((x, g), w)| g * w * x)
+                    .sum::<f32>()
+                    / d as f32;
+                let r3 = r * r * r;
+                for (((o, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(&wv) {
+                    *o = r * g * w - x * r3 * s;
+                }
+                x.iter().zip(g).map(|(x, g)| g * x * r).collect()
+            })
+            .collect();
+        let mut dw = vec![0f32; d];
+        for row in &dw_rows {
+            dw.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
 }
 
 /// Log-softmax over the last dimension.
@@ -283,6 +442,80 @@ mod tests {
             assert!((a - b).abs() < 1e-6);
         }
     }
+
+    /// The fused CPU softmax and RMSNorm give the values and gradients of the
+    /// same formulas written from candle's own differentiable ops.
+    #[test]
+    fn fused_softmax_and_rms_norm_match_the_composite_forms() {
+        let dev = &Device::Cpu;
+        let x = candle_core::Var::from_tensor(
+            &Tensor::new(
+                &[
+                    [0.3f32, -1.2, 2.0, 0.5],
+                    [1.0, 1.0, -3.0, 0.2],
+                    [-2.0, 0.0, 0.1, 0.4],
+                ],
+                dev,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let w =
+            candle_core::Var::from_tensor(&Tensor::new(&[1.5f32, -0.5, 0.8, 1.1], dev).unwrap())
+                .unwrap();
+        let c = Tensor::new(
+            &[
+                [1.0f32, -2.0, 0.5, 3.0],
+                [0.1, 0.2, -0.3, 0.4],
+                [2.0, 1.0, 0.0, -1.0],
+            ],
+            dev,
+        )
+        .unwrap();
+        let composite_softmax = |x: &Tensor| {
+            let max = x.max_keepdim(D::Minus1).unwrap().detach();
+            let e = x.broadcast_sub(&max).unwrap().exp().unwrap();
+            e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+        };
+        let composite_norm = |x: &Tensor, w: &Tensor| {
+            let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            x.broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(w)
+                .unwrap()
+        };
+        let check = |a: &Tensor, b: &Tensor| {
+            let (a, b) = (v2(a), v2(b));
+            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+                assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+            }
+        };
+        let (fs, cs) = (
+            softmax(x.as_tensor()).unwrap(),
+            composite_softmax(x.as_tensor()),
+        );
+        check(&fs, &cs);
+        let g1 = (fs * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (cs * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        check(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        let fr = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let cr = composite_norm(x.as_tensor(), w.as_tensor());
+        check(&fr, &cr);
+        let g1 = (fr * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (cr * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        check(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        let (a, b) = (
+            g1.get(w.as_tensor()).unwrap(),
+            g2.get(w.as_tensor()).unwrap(),
+        );
+        check(&a.unsqueeze(0).unwrap(), &b.unsqueeze(0).unwrap());
+    }
 }
 
 /// Sparse target distributions, `m` entries per row: row `n` puts weight
@@ -342,6 +575,7 @@ pub fn sparse_cross_entropy(logits: &Tensor, targets: &SparseTargets) -> Result<
     if logits.device().is_cpu() {
         logits.contiguous()?.apply_op1(SparseCe {
             targets: std::sync::Arc::new(targets.clone()),
+            lse: std::sync::Mutex::new(Vec::new()),
         })
     } else {
         let dev = logits.device();
@@ -351,18 +585,24 @@ pub fn sparse_cross_entropy(logits: &Tensor, targets: &SparseTargets) -> Result<
     }
 }
 
-/// The CPU kernel of [`sparse_cross_entropy`].
+/// The CPU kernel of [`sparse_cross_entropy`]; the forward pass keeps each
+/// row's log-sum-exp for the backward pass.
 struct SparseCe {
     targets: std::sync::Arc<SparseTargets>,
+    lse: std::sync::Mutex<Vec<f64>>,
 }
 
-/// Per-row `(max, log Σ exp(z − max))` of a row of logits, accumulated in f64.
+/// A row's `log Σ exp(z)`: the exponentials in f32 (shifted by the max), summed in f64.
 fn row_lse(z: &[f32]) -> f64 {
-    let max = z.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
-    if max == f64::NEG_INFINITY {
-        return max;
+    let max = z.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+    if max == f32::NEG_INFINITY {
+        return f64::NEG_INFINITY;
     }
-    max + z.iter().map(|x| (*x as f64 - max).exp()).sum::<f64>().ln()
+    let sum: f64 = z
+        .chunks(64)
+        .map(|c| c.iter().map(|x| (x - max).exp()).sum::<f32>() as f64)
+        .sum();
+    max as f64 + sum.ln()
 }
 
 impl candle_core::CustomOp1 for SparseCe {
@@ -383,21 +623,24 @@ impl candle_core::CustomOp1 for SparseCe {
         let n = self.targets.rows();
         let v = z.len() / n.max(1);
         let m = self.targets.m;
-        let out: Vec<f32> = (0..n)
+        let lse: Vec<f64> = (0..n)
             .into_par_iter()
+            .map(|r| row_lse(&z[r * v..(r + 1) * v]))
+            .collect();
+        let out: Vec<f32> = (0..n)
             .map(|r| {
                 let row = &z[r * v..(r + 1) * v];
-                let lse = row_lse(row);
                 let mut loss = 0f64;
                 for j in 0..m {
                     let w = self.targets.weights[r * m + j] as f64;
                     if w != 0.0 {
-                        loss += w * (lse - row[self.targets.ids[r * m + j] as usize] as f64);
+                        loss += w * (lse[r] - row[self.targets.ids[r * m + j] as usize] as f64);
                     }
                 }
                 loss as f32
             })
             .collect();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok((
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from(n),
@@ -405,10 +648,42 @@ impl candle_core::CustomOp1 for SparseCe {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let lse = std::mem::take(&mut *self.lse.lock().unwrap_or_else(|e| e.into_inner()));
+        let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(
+            &g,
+            &SparseCeBwd {
+                targets: self.targets.clone(),
+                lse,
+            },
+        )?))
+    }
+}
+
+/// The gradient of [`SparseCe`] with respect to the logits, from the logits
+/// and the upstream gradient: `g_n · (W_n · softmax(z_n) − w_n)`.
+struct SparseCeBwd {
+    targets: std::sync::Arc<SparseTargets>,
+    /// The forward pass's per-row log-sum-exp (recomputed when absent).
+    lse: Vec<f64>,
+}
+
+impl candle_core::CustomOp2 for SparseCeBwd {
+    fn name(&self) -> &'static str {
+        "sparse-cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &candle_core::CpuStorage,
+        zl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (n, v) = arg.dims2()?;
-        let z: Vec<f32> = arg.flatten_all()?.to_vec1()?;
-        let g: Vec<f32> = grad_res.to_dtype(DType::F32)?.to_vec1()?;
+        let (z, g) = (cpu_slice(zs, zl)?, cpu_slice(gs, gl)?);
+        let n = self.targets.rows();
+        let v = z.len() / n.max(1);
         let m = self.targets.m;
         let mut grad = vec![0f32; n * v];
         grad.par_chunks_mut(v).enumerate().for_each(|(r, out)| {
@@ -419,16 +694,16 @@ impl candle_core::CustomOp1 for SparseCe {
             if gr == 0.0 || ws.iter().all(|w| *w == 0.0) {
                 return;
             }
-            let lse = row_lse(row);
-            let scale = gr * total;
+            let lse = self.lse.get(r).copied().unwrap_or_else(|| row_lse(row)) as f32;
+            let scale = (gr * total) as f32;
             for (o, x) in out.iter_mut().zip(row) {
-                *o = (scale * (*x as f64 - lse).exp()) as f32;
+                *o = scale * (x - lse).exp();
             }
             for (j, w) in ws.iter().enumerate() {
                 let id = self.targets.ids[r * m + j] as usize;
                 out[id] -= (gr * *w as f64) as f32;
             }
         });
-        Ok(Some(Tensor::from_vec(grad, (n, v), arg.device())?))
+        Ok((candle_core::CpuStorage::F32(grad), zl.shape().clone()))
     }
 }
