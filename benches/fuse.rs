@@ -73,9 +73,10 @@ fn bench(c: &mut Criterion) {
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default());
 
     // what the loss holds for teachers: the candidates' top-k (u32 ids, f16
-    // logits) and the sparse targets it builds (u32 id, f32 weight per entry)
+    // logits, a metric per record) and the sparse targets it builds for the
+    // chosen teacher (u32 id, f32 weight per entry)
     let views_bytes = cands.len() * n * K * (4 + 2) + cands.len() * B * 4;
-    let targets_bytes = n * K * cands.len() * (4 + 4);
+    let targets_bytes = n * K * (4 + 4);
     let ours = views_bytes + targets_bytes;
     let dense = B * L * V * 2;
     eprintln!(

@@ -80,24 +80,38 @@ pub(crate) fn teacher_targets(
     compat: bool,
 ) -> (SparseTargets, Vec<f64>) {
     let n = b.labels.len();
-    let m: usize = b.teachers.iter().map(|t| t.k).sum();
+    // Entries per position: those of the candidates a record learns from
+    // (one for greater_as_gt), so no room is kept for the others.
+    let m: usize = shares
+        .iter()
+        .map(|s| {
+            s.iter()
+                .zip(b.teachers)
+                .filter(|(w, _)| **w > 0.0)
+                .map(|(_, t)| t.k)
+                .sum::<usize>()
+        })
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let mut ids = vec![0u32; n * m];
     let mut weights = vec![0f32; n * m];
     let mut entropy = vec![0f64; n];
-    for p in 0..n {
+    for (p, h) in entropy.iter_mut().enumerate() {
         let r = b.record[p];
         let mut at = p * m;
         for (c, t) in b.teachers.iter().enumerate() {
             let share = shares[r][c];
+            if share <= 0.0 {
+                continue;
+            }
             let (tid, tlog) = t.at(p);
-            if share > 0.0 {
-                let q = teacher_probs(tlog, temperature, compat);
-                for (j, (&id, &qj)) in tid.iter().zip(&q).enumerate() {
-                    if qj > 0.0 {
-                        ids[at + j] = id;
-                        weights[at + j] = (share * qj as f64) as f32;
-                        entropy[p] -= share * qj as f64 * (qj as f64).ln();
-                    }
+            let q = teacher_probs(tlog, temperature, compat);
+            for (j, (&id, &qj)) in tid.iter().zip(&q).enumerate() {
+                if qj > 0.0 {
+                    ids[at + j] = id;
+                    weights[at + j] = (share * qj as f64) as f32;
+                    *h -= share * qj as f64 * (qj as f64).ln();
                 }
             }
             at += t.k;
