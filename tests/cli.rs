@@ -217,7 +217,13 @@ fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
         "{log}"
     );
     for t in ["targets/mixtral", "targets/solar", "merged"] {
-        assert!(d.join("runs/default").join(t).join("model.safetensors").is_file(), "{t}");
+        assert!(
+            d.join("runs/default")
+                .join(t)
+                .join("model.safetensors")
+                .is_file(),
+            "{t}"
+        );
     }
     let log = ok(&fusechat(d, &["run"]));
     assert!(log.contains("up to date"), "{log}");

@@ -440,22 +440,7 @@ pub fn fuse(registry: &Registry, o: &FuseOptions) -> Result<FuseOutcome> {
             dtype: None,
         },
     )?;
-    let vocab = model.vocab_size();
-    if let Some((name, id)) = data.records.iter().find_map(|r| {
-        r.teachers.iter().zip(&data.names).find_map(|(t, n)| {
-            t.ids
-                .iter()
-                .find(|&&i| i as usize >= vocab)
-                .map(|i| (n.clone(), *i))
-        })
-    }) {
-        return Err(Error::model(
-            &o.pivot,
-            format!(
-                "teacher `{name}` has top-k id {id}, beyond the pivot's vocabulary of {vocab}: its representation was not aligned to this pivot"
-            ),
-        ));
-    }
+    check_teacher_ids(&data, model.vocab_size(), &o.pivot)?;
     let vars: Vec<(String, candle_core::Var)> = model.trainable();
     if vars.is_empty() {
         return Err(Error::msg(
@@ -497,7 +482,7 @@ pub fn fuse(registry: &Registry, o: &FuseOptions) -> Result<FuseOutcome> {
         let t0 = Instant::now();
         let lr = sched.lr(s);
         let progress = s as f64 / total as f64;
-        let r = train_step(
+        let mut r = train_step(
             model.as_ref(),
             &*entry.plugin,
             &params,
@@ -507,29 +492,17 @@ pub fn fuse(registry: &Registry, o: &FuseOptions) -> Result<FuseOutcome> {
             progress,
             &vars,
         )?;
-        let mut grads = r.grads;
-        let grad_norm = clip_grad_norm(&mut grads, o.max_grad_norm);
+        let grad_norm = clip_grad_norm(&mut r.grads, o.max_grad_norm);
         if !grad_norm.is_finite() {
             return Err(Error::msg(format!(
                 "step {}: the gradient norm is {grad_norm}; training diverged (lower --lr, or check the data)",
                 s + 1
             )));
         }
-        opt.step(&grads, lr)?;
+        opt.step(&r.grads, lr)?;
         tokens_total += r.tokens;
         last_loss = Some(r.loss);
-        let line = serde_json::json!({
-            "step": s + 1,
-            "epoch": step.epoch_pos,
-            "lr": lr,
-            "loss": r.loss,
-            "lm_loss": r.lm_loss,
-            "fuse_loss": r.fuse_loss,
-            "grad_norm": grad_norm,
-            "tokens": r.tokens,
-            "seconds": t0.elapsed().as_secs_f64(),
-            "teacher_by_row": r.teacher_by_row.iter().map(|(id, t)| (id.to_string(), serde_json::Value::String(t.clone()))).collect::<serde_json::Map<_, _>>(),
-        });
+        let line = log_line(s, step, lr, &r, grad_norm, t0.elapsed().as_secs_f64());
         if let Some(f) = log.as_mut() {
             writeln!(f, "{line}")
                 .and_then(|()| f.flush())
@@ -557,6 +530,54 @@ pub fn fuse(registry: &Registry, o: &FuseOptions) -> Result<FuseOutcome> {
         out: o.out.clone(),
         records: data.records.len(),
         teachers: teacher_names,
+    })
+}
+
+/// Every teacher id must be a token of the pivot's vocabulary.
+fn check_teacher_ids(data: &FuseData, vocab: usize, pivot: &Path) -> Result<()> {
+    let beyond = data.records.iter().find_map(|r| {
+        r.teachers.iter().zip(&data.names).find_map(|(t, n)| {
+            t.ids
+                .iter()
+                .find(|&&i| i as usize >= vocab)
+                .map(|i| (n, *i))
+        })
+    });
+    match beyond {
+        None => Ok(()),
+        Some((name, id)) => Err(Error::model(
+            pivot,
+            format!(
+                "teacher `{name}` has top-k id {id}, beyond the pivot's vocabulary of {vocab}: its representation was not aligned to this pivot"
+            ),
+        )),
+    }
+}
+
+/// The step's line of the JSONL log.
+fn log_line(
+    s: u64,
+    step: &StepPlan,
+    lr: f64,
+    r: &StepResult,
+    grad_norm: f64,
+    seconds: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "step": s + 1,
+        "epoch": step.epoch_pos,
+        "lr": lr,
+        "loss": r.loss,
+        "lm_loss": r.lm_loss,
+        "fuse_loss": r.fuse_loss,
+        "grad_norm": grad_norm,
+        "tokens": r.tokens,
+        "seconds": seconds,
+        "teacher_by_row": r
+            .teacher_by_row
+            .iter()
+            .map(|(id, t)| (id.to_string(), serde_json::Value::String(t.clone())))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 
