@@ -84,13 +84,16 @@ fn bench(c: &mut Criterion) {
         dense as f64 / ours as f64
     );
 
-    // Two steps outside criterion, timed by phase (where the time goes; the
-    // first also pays for fresh memory).
-    for _ in 0..4 {
-        let t = std::time::Instant::now();
+    // One training step; returns the time of each phase.
+    let mut step = || -> [f64; 5] {
+        let mut times = [0f64; 5];
+        let mut t = std::time::Instant::now();
+        let mut lap = |i: usize, t: &mut std::time::Instant| {
+            times[i] = t.elapsed().as_secs_f64();
+            *t = std::time::Instant::now();
+        };
         let h = m.hidden(&x, &mask).unwrap();
-        let t_fwd = t.elapsed();
-        let t = std::time::Instant::now();
+        lap(0, &mut t);
         let h = h
             .reshape((B * L, 768))
             .unwrap()
@@ -99,8 +102,9 @@ fn bench(c: &mut Criterion) {
         let logits = m.logits(&h).unwrap();
         let views: Vec<TeacherView<'_>> = cands
             .iter()
-            .map(|(ids, vals, metric)| TeacherView {
-                name: "t",
+            .zip(["pivot", "source"])
+            .map(|((ids, vals, metric), name)| TeacherView {
+                name,
                 k: K,
                 ids,
                 logits: vals,
@@ -116,11 +120,9 @@ fn bench(c: &mut Criterion) {
             progress: 0.0,
         };
         let out = loss.plugin.loss(&params, &batch).unwrap();
-        let t_head = t.elapsed();
-        let t = std::time::Instant::now();
+        lap(1, &mut t);
         let grads = out.loss.backward().unwrap();
-        let t_bwd = t.elapsed();
-        let t = std::time::Instant::now();
+        lap(2, &mut t);
         let mut g: Vec<Vec<f32>> = vars
             .iter()
             .map(|v| {
@@ -134,74 +136,25 @@ fn bench(c: &mut Criterion) {
             })
             .collect();
         clip_grad_norm(&mut g, 1.0);
-        let t_copy = t.elapsed();
-        let t = std::time::Instant::now();
+        lap(3, &mut t);
         opt.step(&g, 5e-6).unwrap();
-        let t_opt = t.elapsed();
+        lap(4, &mut t);
+        times
+    };
+
+    // Four steps outside criterion, timed by phase (where the time goes; the
+    // first also pays for fresh memory).
+    for _ in 0..4 {
+        let [fwd, head, bwd, copy, adam] = step();
         eprintln!(
-            "one step: forward {:.2}s, LM head + loss {:.2}s, backward {:.2}s, gradients out + clip {:.2}s, AdamW {:.2}s",
-            t_fwd.as_secs_f64(),
-            t_head.as_secs_f64(),
-            t_bwd.as_secs_f64(),
-            t_copy.as_secs_f64(),
-            t_opt.as_secs_f64()
+            "one step: forward {fwd:.2}s, LM head + loss {head:.2}s, backward {bwd:.2}s, gradients out + clip {copy:.2}s, AdamW {adam:.2}s"
         );
     }
 
     let mut g = c.benchmark_group("fuse_mistral_125M_f32_cpu");
     g.sample_size(10);
     g.throughput(Throughput::Elements((B * L) as u64));
-    g.bench_function("train_step_b4_l512", |bench| {
-        bench.iter(|| {
-            let h = m.hidden(&x, &mask).unwrap();
-            let h = h
-                .reshape((B * L, 768))
-                .unwrap()
-                .index_select(&pos_t, 0)
-                .unwrap();
-            let logits = m.logits(&h).unwrap();
-            let views: Vec<TeacherView<'_>> = cands
-                .iter()
-                .enumerate()
-                .map(|(i, (ids, vals, metric))| TeacherView {
-                    name: if i == 0 { "pivot" } else { "source" },
-                    k: K,
-                    ids,
-                    logits: vals,
-                    metric_ce: metric,
-                })
-                .collect();
-            let out = loss
-                .plugin
-                .loss(
-                    &params,
-                    &LossBatch {
-                        logits: &logits,
-                        labels: &labels,
-                        record: &record,
-                        records: B,
-                        teachers: &views,
-                        progress: 0.0,
-                    },
-                )
-                .unwrap();
-            let grads = out.loss.backward().unwrap();
-            let mut g: Vec<Vec<f32>> = vars
-                .iter()
-                .map(|v| {
-                    grads
-                        .get(v.as_tensor())
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                })
-                .collect();
-            clip_grad_norm(&mut g, 1.0);
-            opt.step(&g, 5e-6).unwrap();
-        })
-    });
+    g.bench_function("train_step_b4_l512", |bench| bench.iter(&mut step));
     g.finish();
 }
 

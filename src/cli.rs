@@ -883,11 +883,7 @@ fn cmd_fuse(a: &FuseArgs, plugins: &[PathBuf]) -> Result<()> {
     o.grad_accum = a.grad_accum;
     o.max_grad_norm = a.max_grad_norm;
     o.weight_decay = a.weight_decay;
-    o.loss_norm = match a.loss_norm.as_str() {
-        "accum" => LossNorm::Accum,
-        "tokens" => LossNorm::Tokens,
-        other => bail!("--loss-norm {other}: use accum or tokens"),
-    };
+    o.loss_norm = LossNorm::parse(&a.loss_norm)?;
     o.seed = a.seed;
     o.save_every = a.save_every;
     o.log = a.log.clone();

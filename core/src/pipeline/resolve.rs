@@ -236,14 +236,10 @@ impl Resolver<'_> {
                 crate::train::schedule::Schedule::Cosine
             }
         };
-        let loss_norm = match f.loss_norm.as_str() {
-            "accum" => crate::train::fuse::LossNorm::Accum,
-            "tokens" => crate::train::fuse::LossNorm::Tokens,
-            other => {
-                self.problem(format!("[fuse] loss_norm: `{other}` (use accum or tokens)"));
-                crate::train::fuse::LossNorm::Accum
-            }
-        };
+        let loss_norm = crate::train::fuse::LossNorm::parse(&f.loss_norm).unwrap_or_else(|e| {
+            self.problem(format!("[fuse] {e}"));
+            crate::train::fuse::LossNorm::Accum
+        });
         if let Err(e) = crate::model::parse_device(&f.device) {
             self.problem(format!("[fuse] device: {e}"));
         }

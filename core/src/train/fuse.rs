@@ -54,6 +54,18 @@ pub enum LossNorm {
     Tokens,
 }
 
+impl LossNorm {
+    pub fn parse(s: &str) -> Result<LossNorm> {
+        match s {
+            "accum" => Ok(LossNorm::Accum),
+            "tokens" => Ok(LossNorm::Tokens),
+            other => Err(Error::msg(format!(
+                "loss_norm `{other}`: use accum or tokens"
+            ))),
+        }
+    }
+}
+
 /// What `fuse` runs on and how.
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
