@@ -503,3 +503,30 @@ fn cross_entropy_matches_a_direct_computation() {
     let want = (row([1.0, 2.0, 0.5], 1) + row([-1.0, 0.0, 3.0], 2)) / 2.0;
     assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
 }
+
+/// config.json values the decoder cannot use are refused by name (a head_dim
+/// of 1 used to panic in RoPE).
+#[test]
+fn unusable_config_values_are_errors_naming_the_field() {
+    let mut c = config(Flavour::Mistral);
+    let err = |c: &serde_json::Value| {
+        DecoderConfig::from_json(c, Path::new("config.json"), None)
+            .unwrap_err()
+            .to_string()
+    };
+    c["head_dim"] = json!(1);
+    let e = err(&c);
+    assert!(
+        e.contains("config.json") && e.contains("head_dim is 1"),
+        "{e}"
+    );
+    c["head_dim"] = json!(8);
+    c["num_attention_heads"] = json!(0);
+    assert!(err(&c).contains("`num_attention_heads` is 0"));
+    c["num_attention_heads"] = json!(4);
+    c["rope_theta"] = json!(-1.0);
+    assert!(err(&c).contains("`rope_theta` is -1.0"));
+    c["rope_theta"] = json!(10000.0);
+    c["num_key_value_heads"] = json!(3);
+    assert!(err(&c).contains("multiple of num_key_value_heads (3)"));
+}
