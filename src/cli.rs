@@ -59,6 +59,36 @@ pub enum Command {
     /// Fine-tune a copy of the pivot on the fusion loss against the teachers' aligned top-k
     /// (pairwise knowledge fusion): one target model per call.
     Fuse(FuseArgs),
+    /// Evaluate model directories: perplexity, exact match, or MT-Bench (answers, and an LLM judge's scores).
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// An HF model directory to evaluate (repeat for each); reports name it by its directory.
+    #[arg(long = "model", value_name = "DIR", required = true)]
+    pub models: Vec<PathBuf>,
+    /// perplexity, exact_match or mt_bench (see `fusechat plugins`).
+    #[arg(long, value_name = "NAME")]
+    pub evaluator: String,
+    /// The evaluator's input: conversations (perplexity, exact_match) or FastChat's question.jsonl (mt_bench).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Output directory: eval.json, eval.md, eval.png, eval.svg (and mt_bench's model_answer/, model_judgment/).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// An evaluator parameter, KEY=VALUE: template=chatml, judge_url=http://127.0.0.1:8000/v1, parallel=8.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Evaluate again even if the reports are up to date.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Args, Debug)]
@@ -896,6 +926,54 @@ fn cmd_fuse(a: &FuseArgs, plugins: &[PathBuf]) -> Result<()> {
     emit(&format!("fuse: {}\n", r.summary()))
 }
 
+fn cmd_eval(a: &EvalArgs, plugins: &[PathBuf]) -> Result<()> {
+    use fusechat_core::eval::stage::{eval, EvalOptions, EvalSpec};
+    let registry = crate::registry_with(None, plugins)?;
+    let o = EvalOptions {
+        models: eval_models(&a.models)?,
+        specs: vec![EvalSpec {
+            evaluator: a.evaluator.clone(),
+            data: a.data.clone(),
+            params: scalar_sets(&a.set, "evaluator")?,
+        }],
+        out: a.out.clone(),
+        device: a.device.clone(),
+        progress: !a.no_progress && std::io::stderr().is_terminal(),
+        force: a.force,
+    };
+    let r = eval(&registry, &o)?;
+    let mut text = fusechat_core::eval::report::markdown(&r.rows);
+    text.push_str(&format!("\neval: {}\n", r.summary()));
+    emit(&text)
+}
+
+/// Models named by their directory's name (the parent's too, when two share one).
+fn eval_models(dirs: &[PathBuf]) -> Result<Vec<fusechat_core::eval::EvalModel>> {
+    let name = |d: &PathBuf, depth: usize| -> String {
+        let parts: Vec<String> = d
+            .components()
+            .rev()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .take(depth)
+            .map(|c| c.as_os_str().to_string_lossy().to_string())
+            .collect();
+        parts.into_iter().rev().collect::<Vec<_>>().join("/")
+    };
+    let short: Vec<String> = dirs.iter().map(|d| name(d, 1)).collect();
+    Ok(dirs
+        .iter()
+        .zip(&short)
+        .map(|(d, s)| fusechat_core::eval::EvalModel {
+            name: if short.iter().filter(|x| *x == s).count() > 1 {
+                name(d, 2)
+            } else {
+                s.clone()
+            },
+            dir: d.clone(),
+        })
+        .collect())
+}
+
 fn cmd_filter(a: &FilterArgs) -> Result<()> {
     let r = fusechat_core::data::align::filter(&a.pivot, &a.teachers)?;
     emit(&format!("filter: {}\n", r.summary()))
@@ -955,7 +1033,11 @@ pub fn main() -> ExitCode {
     remove_temporaries_on_interrupt();
     if matches!(
         cli.command,
-        Command::Generate(_) | Command::Chat(_) | Command::Represent(_) | Command::Fuse(_)
+        Command::Generate(_)
+            | Command::Chat(_)
+            | Command::Represent(_)
+            | Command::Fuse(_)
+            | Command::Eval(_)
     ) {
         crate::tune_allocator_for_compute();
     }
@@ -970,6 +1052,7 @@ pub fn main() -> ExitCode {
         Command::Align(a) => cmd_align(a, &cli.plugins),
         Command::Filter(a) => cmd_filter(a),
         Command::Fuse(a) => cmd_fuse(a, &cli.plugins),
+        Command::Eval(a) => cmd_eval(a, &cli.plugins),
     };
     if r.is_err() && fusechat_core::io::writer::interrupted() {
         // The interrupt handler removed the temporaries under our feet; it

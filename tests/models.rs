@@ -131,11 +131,13 @@ fn cached_steps_equal_recomputing_the_prefix() {
         let seq = [5u32, 17, 2, 33, 8, 8, 21, 14];
         let mut cache = KvCache::default();
         // a 3-token prompt, then one token at a time
-        let first = m.forward_cached(&ids(&seq[..3]), &mut cache).unwrap();
+        let first = m.forward_cached(&ids(&seq[..3]), None, &mut cache).unwrap();
         let full = m.forward(&ids(&seq[..3]), &ones(3)).unwrap();
         assert!(max_diff(&first, &full) <= 1e-5);
         for n in 4..=seq.len() {
-            let step = m.forward_cached(&ids(&seq[n - 1..n]), &mut cache).unwrap();
+            let step = m
+                .forward_cached(&ids(&seq[n - 1..n]), None, &mut cache)
+                .unwrap();
             let full = m
                 .forward(&ids(&seq[..n]), &ones(n))
                 .unwrap()

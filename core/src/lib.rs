@@ -13,6 +13,7 @@
 //!   `represent` stage and the `VocabAligner` extension point with `align`;
 //! - [`model`]: the `SourceModel` extension point, differentiable ops, generation;
 //! - [`train`]: the `DistillLoss` extension point and the `fuse` trainer;
+//! - [`eval`]: the `Evaluator` extension point, the judge client, reports and the `eval` stage;
 //! - [`io`]: HF model directories (reading, writing), dtypes, the local hub cache;
 //! - [`pipeline`]: `fusechat.toml`, the miniature and the stage pipeline that
 //!   `fusechat run` executes.
@@ -20,6 +21,8 @@
 #[cfg(feature = "data")]
 pub mod data;
 pub mod error;
+#[cfg(all(feature = "candle", feature = "data"))]
+pub mod eval;
 pub mod io;
 pub mod merge;
 #[cfg(feature = "candle")]

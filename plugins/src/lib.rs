@@ -3,6 +3,7 @@
 //! to add one.
 
 pub mod align;
+pub mod eval;
 pub mod loss;
 pub mod merge;
 pub mod models;

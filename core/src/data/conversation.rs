@@ -59,6 +59,8 @@ pub struct Conversation {
     pub id: Option<String>,
     pub system: Option<String>,
     pub turns: Vec<Turn>,
+    /// The record's `category` (or `skill`) field, if any: evaluators report per category.
+    pub category: Option<String>,
 }
 
 impl Conversation {
@@ -68,6 +70,7 @@ impl Conversation {
         Conversation {
             row: 0,
             id: None,
+            category: None,
             system: system.map(str::to_string),
             turns: contents
                 .iter()
@@ -156,12 +159,18 @@ pub fn parse(text: &str, path: &Path, strict: bool) -> Result<Dataset> {
     for (row, r) in raw.into_iter().enumerate() {
         let row = row as u64;
         let id = r.as_ref().ok().and_then(record_id);
+        let category = r.as_ref().ok().and_then(|v| {
+            ["category", "skill"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(Value::as_str).map(str::to_string))
+        });
         match r.and_then(|v| conversation(&v)) {
             Ok((system, turns)) => out.records.push(Conversation {
                 row,
                 id,
                 system,
                 turns,
+                category,
             }),
             Err(e) if strict => {
                 return Err(Error::model(

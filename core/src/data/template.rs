@@ -23,7 +23,7 @@
 //! ```
 //! use fusechat_core::data::template::Template;
 //! use fusechat_core::data::conversation::{Conversation, Role, Turn};
-//! let c = Conversation { row: 0, id: None, system: None, turns: vec![
+//! let c = Conversation { row: 0, id: None, system: None, category: None, turns: vec![
 //!     Turn { role: Role::User, content: "Hi".into() },
 //!     Turn { role: Role::Assistant, content: "Yo".into() }] };
 //! let r = Template::builtin("openchat").unwrap().render(&c).unwrap();

@@ -273,7 +273,7 @@ fn statistics(
 }
 
 /// A progress bar on stderr with this indicatif template, or a hidden one.
-pub(crate) fn progress_bar(total: u64, show: bool, template: &str) -> indicatif::ProgressBar {
+pub fn progress_bar(total: u64, show: bool, template: &str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }

@@ -139,7 +139,7 @@ pub fn generate(
     let mut input =
         Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), model.device()).map_err(ce)?;
     for _ in 0..opts.max_new_tokens {
-        let logits = model.forward_cached(&input, &mut cache)?;
+        let logits = model.forward_cached(&input, None, &mut cache)?;
         let t = logits.dim(1).map_err(ce)?;
         let last: Vec<f32> = logits
             .narrow(1, t - 1, 1)
@@ -153,6 +153,93 @@ pub fn generate(
         out.push(next);
         on_token(next)?;
         input = Tensor::from_vec(vec![next], (1, 1), model.device()).map_err(ce)?;
+    }
+    Ok(out)
+}
+
+/// Generate for several prompts at once: the prompts are left-padded into
+/// one batch, so that each step is one forward (with the KV cache) serving
+/// every row. Each row has its own options (temperature, seed, stops,
+/// `max_new_tokens`); a row that has stopped keeps its slot, its outputs
+/// ignored, until every row has. `on_step` is called with the number of rows
+/// still generating after each step. Returns each row's new tokens (without
+/// the stop token), in prompt order.
+pub fn generate_batch(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    opts: &[GenOptions],
+    mut on_step: impl FnMut(usize),
+) -> Result<Vec<Vec<u32>>> {
+    if prompts.len() != opts.len() {
+        return Err(Error::msg(format!(
+            "{} prompts with {} option sets",
+            prompts.len(),
+            opts.len()
+        )));
+    }
+    for (i, (p, o)) in prompts.iter().zip(opts).enumerate() {
+        o.check()?;
+        if p.is_empty() {
+            return Err(Error::msg(format!("prompt {i} encodes to no tokens")));
+        }
+    }
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let steps = opts.iter().map(|o| o.max_new_tokens).max().unwrap_or(0);
+    // Row-major [b, width] ids and the key mask, which grows by one column per step.
+    let mut ids = Vec::with_capacity(b * width);
+    let mut mask: Vec<Vec<u32>> = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = width - p.len();
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+        mask.push(
+            std::iter::repeat_n(0u32, pad)
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect(),
+        );
+    }
+    let mut rngs: Vec<SplitMix64> = opts.iter().map(|o| SplitMix64(o.seed)).collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut live: Vec<bool> = vec![true; b];
+    let mut cache = KvCache::default();
+    let mut input = Tensor::from_vec(ids, (b, width), model.device()).map_err(ce)?;
+    for _ in 0..steps {
+        let flat: Vec<u32> = mask.concat();
+        let logits = model.forward_cached(&input, Some(&flat), &mut cache)?;
+        let (_, t, v) = logits.dims3().map_err(ce)?;
+        let last: Vec<f32> = logits
+            .narrow(1, t - 1, 1)
+            .and_then(|l| l.flatten_all())
+            .and_then(|l| l.to_vec1())
+            .map_err(ce)?;
+        let mut next = vec![0u32; b];
+        for r in 0..b {
+            if !live[r] {
+                continue;
+            }
+            let id = sample(&last[r * v..(r + 1) * v], &opts[r], &mut rngs[r]);
+            if opts[r].stop.contains(&id) {
+                live[r] = false;
+                continue;
+            }
+            out[r].push(id);
+            next[r] = id;
+            if out[r].len() >= opts[r].max_new_tokens {
+                live[r] = false;
+            }
+        }
+        let still = live.iter().filter(|l| **l).count();
+        on_step(still);
+        if still == 0 {
+            break;
+        }
+        for m in &mut mask {
+            m.push(1);
+        }
+        input = Tensor::from_vec(next, (b, 1), model.device()).map_err(ce)?;
     }
     Ok(out)
 }
@@ -250,6 +337,53 @@ pub fn reply(
         on_text(rest);
     }
     Ok(text.trim().to_string())
+}
+
+/// Replies to several rendered prompts, generated `batch` at a time with
+/// [`generate_batch`] (prompts of similar length share a batch, so padding
+/// stays small); each decoded without special tokens and trimmed. `on_done`
+/// is called with the number of replies each batch completes.
+#[cfg(feature = "data")]
+pub fn replies(
+    model: &dyn CausalLm,
+    tok: &Tokenizer,
+    prompts: &[String],
+    opts: &[GenOptions],
+    batch: usize,
+    mut on_done: impl FnMut(usize),
+) -> Result<Vec<String>> {
+    if prompts.len() != opts.len() {
+        return Err(Error::msg(format!(
+            "{} prompts with {} option sets",
+            prompts.len(),
+            opts.len()
+        )));
+    }
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            tok.encode(p.as_str(), true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::msg(format!("encoding a prompt: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| (encoded[i].len(), i));
+    let mut out = vec![String::new(); prompts.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let ps: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+        let os: Vec<GenOptions> = chunk.iter().map(|&i| opts[i].clone()).collect();
+        let ids = generate_batch(model, &ps, &os, |_| {})?;
+        for (&i, ids) in chunk.iter().zip(ids) {
+            out[i] = tok
+                .decode(&ids, true)
+                .map_err(|e| Error::msg(format!("decoding: {e}")))?
+                .trim()
+                .to_string();
+        }
+        on_done(chunk.len());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ impl From<candle_core::Error> for Error {
     }
 }
 
-/// Per-layer key/value cache: (k, v) after RoPE, `[1, kv_heads, S, head_dim]`.
+/// Per-layer key/value cache: (k, v) after RoPE, `[B, kv_heads, S, head_dim]`.
 #[derive(Default)]
 pub struct KvCache {
     pub layers: Vec<Option<(Tensor, Tensor)>>,
@@ -156,8 +156,16 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.logits(&self.hidden(input_ids, attention_mask)?)
     }
-    /// Logits `[1, T, V]` for `input_ids` `[1, T]` after the cached positions; extends the cache.
-    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// Logits `[B, T, V]` for `input_ids` `[B, T]` after the cached positions;
+    /// extends the cache. `key_mask` holds `B × (past + T)` flags, 1 for a
+    /// token and 0 for padding, so that a left-padded batch can share
+    /// positions (RoPE sees only relative offsets); `None`: no padding.
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        key_mask: Option<&[u32]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor>;
     /// The trainable weights, by checkpoint name.
     fn trainable(&self) -> Vec<(String, Var)>;
     /// Save the current weights as an HF model directory (atomically).

@@ -57,6 +57,8 @@ pub enum ParamType {
     Bool,
     /// One of a fixed list of strings.
     Choice(Vec<String>),
+    /// Any string (a path, a URL, a name).
+    Text,
 }
 
 impl fmt::Display for ParamType {
@@ -66,6 +68,7 @@ impl fmt::Display for ParamType {
             ParamType::Int => f.write_str("int"),
             ParamType::Bool => f.write_str("bool"),
             ParamType::Choice(c) => write!(f, "one of {}", c.join("|")),
+            ParamType::Text => f.write_str("text"),
         }
     }
 }
@@ -135,6 +138,10 @@ impl ParamSpec {
     }
     pub fn bool(name: &str, scope: Scope) -> Self {
         Self::new(name, ParamType::Bool, scope)
+    }
+    /// Free text: a path, a URL, a name.
+    pub fn text(name: &str, scope: Scope) -> Self {
+        Self::new(name, ParamType::Text, scope)
     }
     pub fn choice(name: &str, choices: &[&str], scope: Scope) -> Self {
         Self::new(
@@ -372,6 +379,8 @@ pub type AlignerEntry = Entry<dyn crate::data::align::VocabAligner>;
 pub type ModelEntry = Entry<dyn crate::model::SourceModel>;
 #[cfg(all(feature = "candle", feature = "data"))]
 pub type LossEntry = Entry<dyn crate::train::DistillLoss>;
+#[cfg(all(feature = "candle", feature = "data"))]
+pub type EvaluatorEntry = Entry<dyn crate::eval::Evaluator>;
 
 /// What the registry needs of an extension point's trait. Adding a kind means
 /// implementing this for `dyn TheTrait` and adding its list to [`Registry`].
@@ -487,6 +496,27 @@ impl Kind for dyn crate::train::DistillLoss {
     }
 }
 
+#[cfg(all(feature = "candle", feature = "data"))]
+impl Kind for dyn crate::eval::Evaluator {
+    const KIND: PluginKind = PluginKind::Evaluator;
+    const NOUN: &'static str = "evaluator";
+    fn describe(&self) -> PluginInfo {
+        self.info()
+    }
+    fn builtins() -> Vec<Arc<Self>> {
+        inventory::iter::<crate::eval::BuiltinEvaluator>
+            .into_iter()
+            .map(|b| (b.0)())
+            .collect()
+    }
+    fn list(r: &Registry) -> &Vec<Entry<Self>> {
+        &r.evaluators
+    }
+    fn list_mut(r: &mut Registry) -> &mut Vec<Entry<Self>> {
+        &mut r.evaluators
+    }
+}
+
 /// One line of `fusechat plugins`, whatever the kind.
 pub struct Listing<'a> {
     pub info: &'a PluginInfo,
@@ -504,6 +534,8 @@ pub struct Registry {
     models: Vec<ModelEntry>,
     #[cfg(all(feature = "candle", feature = "data"))]
     losses: Vec<LossEntry>,
+    #[cfg(all(feature = "candle", feature = "data"))]
+    evaluators: Vec<EvaluatorEntry>,
 }
 
 impl Registry {
@@ -517,6 +549,8 @@ impl Registry {
         r.add_builtins::<dyn crate::model::SourceModel>();
         #[cfg(all(feature = "candle", feature = "data"))]
         r.add_builtins::<dyn crate::train::DistillLoss>();
+        #[cfg(all(feature = "candle", feature = "data"))]
+        r.add_builtins::<dyn crate::eval::Evaluator>();
         r
     }
 
@@ -589,7 +623,15 @@ impl Registry {
         v.extend(of::<dyn crate::data::align::VocabAligner>(self));
         #[cfg(all(feature = "candle", feature = "data"))]
         v.extend(of::<dyn crate::train::DistillLoss>(self));
+        #[cfg(all(feature = "candle", feature = "data"))]
+        v.extend(of::<dyn crate::eval::Evaluator>(self));
         v
+    }
+
+    /// An evaluator by name.
+    #[cfg(all(feature = "candle", feature = "data"))]
+    pub fn evaluator(&self, name: &str) -> Result<&EvaluatorEntry> {
+        self.get(name)
     }
 
     /// A distillation loss by name.

@@ -583,12 +583,32 @@ impl Decoder {
             .map_err(ce)
     }
 
-    /// Logits `[1, T, V]` for `input_ids` `[1, T]` following the cached positions,
-    /// appending their keys and values to the cache.
-    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2().map_err(ce)?;
+    /// Logits `[B, T, V]` for `input_ids` `[B, T]` following the cached
+    /// positions, appending their keys and values to the cache; `key_mask`
+    /// (`B × (past + T)`, 0 for padding) masks a left-padded batch's pads.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        key_mask: Option<&[u32]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2().map_err(ce)?;
         let past = cache.len();
-        let pos = self.positions(1, t, past, &vec![1u32; past + t])?;
+        let ones;
+        let mask = match key_mask {
+            Some(m) if m.len() == b * (past + t) => m,
+            Some(m) => {
+                return Err(Error::msg(format!(
+                    "key_mask has {} flags for {b} rows of {past} cached + {t} new positions",
+                    m.len()
+                )))
+            }
+            None => {
+                ones = vec![1u32; b * (past + t)];
+                &ones
+            }
+        };
+        let pos = self.positions(b, t, past, mask)?;
         if cache.layers.len() != self.cfg.num_layers {
             cache.layers = (0..self.cfg.num_layers).map(|_| None).collect();
         }
@@ -699,8 +719,13 @@ impl CausalLm for Decoder {
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Decoder::logits(self, hidden)
     }
-    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Decoder::forward_cached(self, input_ids, cache)
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        key_mask: Option<&[u32]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        Decoder::forward_cached(self, input_ids, key_mask, cache)
     }
     fn trainable(&self) -> Vec<(String, Var)> {
         self.vars.clone()
