@@ -638,6 +638,13 @@ fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
                 weight_summary(report, &model_labels(&pipeline, n))
             ))?;
         }
+        if let Outcome::Eval(e) = &r.outcome {
+            emit(&format!(
+                "\n{}reports: {}\n",
+                fusechat_core::eval::report::markdown(&e.rows),
+                e.out.display()
+            ))?;
+        }
     }
     emit(&format!("\n{}", summary_table(&results)))
 }

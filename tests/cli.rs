@@ -225,9 +225,46 @@ fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
             "{t}"
         );
     }
+    // eval: every model of the run, by its name, in the reports and the printed table
+    let reports = d.join("runs/default/reports");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("eval.json")).unwrap()).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    for m in [
+        "pivot",
+        "mixtral",
+        "solar",
+        "target:mixtral",
+        "target:solar",
+        "merge:varm",
+    ] {
+        let ppl = rows
+            .iter()
+            .find(|r| r["model"] == m && r["metric"] == "perplexity" && r["category"].is_null())
+            .unwrap_or_else(|| panic!("no perplexity of {m}: {v}"));
+        let x = ppl["value"].as_f64().unwrap();
+        assert!(
+            x.is_finite() && x > 1.0 && ppl["n"].as_u64().unwrap() > 50,
+            "{ppl}"
+        );
+        assert!(
+            log.contains(&format!("| {m} |")),
+            "{m} not in the printed table:\n{log}"
+        );
+    }
+    for f in ["eval.md", "eval.png", "eval.svg"] {
+        assert!(reports.join(f).is_file(), "{f}");
+    }
     let log = ok(&fusechat(d, &["run"]));
-    assert!(log.contains("up to date"), "{log}");
+    assert!(
+        log.contains("up to date") && log.contains("eval: "),
+        "{log}"
+    );
+    assert!(!log.contains("eval                 ran"), "{log}");
     ok(&fusechat(d, &["run", "--force"]));
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(again, v, "--force gives the same numbers");
 }
 
 #[test]
@@ -549,11 +586,19 @@ fn run_reports_every_config_problem_before_any_stage_runs() {
         .replace(
             "[represent]",
             "[[sources]]\nname = \"gone\"\npath = \"models/nowhere\"\naligner = \"identity\"\n\n[represent]",
-        );
+        )
+        .replace("name = \"perplexity\"", "name = \"perplexity\"\nparameters = { batch_size = 0 }")
+        .replace("[eval]\n", "[eval]\nmodels = [\"pivot\", \"merge:ties\"]\n");
     std::fs::write(d.join("fusechat.toml"), text).unwrap();
     for args in [&["run"][..], &["run", "--dry-run"][..]] {
         let err = fails(&fusechat(d, args));
-        assert!(err.contains("fusechat.toml has 3 problem(s)"), "{err}");
+        assert!(err.contains("fusechat.toml has 5 problem(s)"), "{err}");
+        assert!(
+            err.contains("[eval] models: this run has no model `merge:ties`")
+                && err.contains("merge:vram")
+                && err.contains("batch_size"),
+            "{err}"
+        );
         assert!(
             err.contains("[merge] method: unknown merge method `vram`")
                 && err.contains("known methods")

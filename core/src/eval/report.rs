@@ -190,9 +190,15 @@ where
             .map(|v| v.0)
             .filter(|v| v.is_finite())
             .collect();
-        let top = vals.iter().cloned().fold(0.0f64, f64::max);
+        let mut top = vals.iter().cloned().fold(0.0f64, f64::max);
+        if p.metric == "accuracy" {
+            top = top.max(1.0);
+        }
         let bottom = vals.iter().cloned().fold(0.0f64, f64::min);
-        let span = (top - bottom).max(1e-9);
+        if top - bottom < 1e-9 {
+            top = bottom + 1.0;
+        }
+        let span = top - bottom;
         let (ncat, nmod) = (p.categories.len(), p.models.len().max(1));
         let mut chart = ChartBuilder::on(area)
             .caption(
@@ -212,17 +218,23 @@ where
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(ncat.max(1))
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (*x - i as f64 - 0.5).abs() < 1e-6 {
-                    labels.get(i).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_labels(0)
             .label_style(("sans-serif", 13))
             .draw()
+            .map_err(|e| e.to_string())?;
+        // Category names under the middle of their group of bars (plotters'
+        // own labels fall on round numbers of the axis, not on the groups).
+        let style = TextStyle::from(("sans-serif", 13).into_font()).pos(
+            plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Top,
+            ),
+        );
+        chart
+            .draw_series(labels.iter().enumerate().map(|(i, l)| {
+                EmptyElement::at((i as f64 + 0.5, bottom))
+                    + Text::new(l.clone(), (0, 6), style.clone())
+            }))
             .map_err(|e| e.to_string())?;
         let width = 0.8 / nmod as f64;
         for (mi, m) in p.models.iter().enumerate() {

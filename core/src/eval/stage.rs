@@ -54,9 +54,10 @@ impl EvalOutcome {
         let models: std::collections::BTreeSet<&str> =
             self.rows.iter().map(|r| r.model.as_str()).collect();
         format!(
-            "{} numbers for {} models in {:.1}s; reports: {}",
+            "{} numbers for {} model{} in {:.1}s; reports: {}",
             self.rows.len(),
             models.len(),
+            if models.len() == 1 { "" } else { "s" },
             self.seconds,
             self.files
                 .iter()

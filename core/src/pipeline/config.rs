@@ -34,6 +34,12 @@
 //! [merge.parameters]
 //! statistic = "square"
 //!
+//! [eval]                          # after the other stages; reports in <run dir>/reports
+//! models = ["pivot", "merge:varm"] # default: every model of the run
+//! [[eval.evaluators]]
+//! name = "perplexity"
+//! data = "held_out.jsonl"
+//!
 //! [plugins]
 //! paths = []
 //! ```
@@ -86,6 +92,7 @@ pub struct Config {
     pub represent: Option<RepresentSection>,
     pub fuse: Option<FuseSection>,
     pub merge: Option<MergeSection>,
+    pub eval: Option<EvalSection>,
     #[serde(default)]
     pub plugins: PluginsSection,
     /// The directory relative paths are resolved against (not read from the file).
@@ -355,6 +362,33 @@ pub struct MergeSection {
     /// Merge models whose config.json architectures differ.
     #[serde(default)]
     pub allow_config_mismatch: bool,
+}
+
+/// `[eval]`: the evaluators to run on the run's models, after every other stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Where the reports go (default: `<run dir>/reports`).
+    pub out: Option<PathBuf>,
+    /// The models to evaluate, by their names in the reports: `pivot`, a
+    /// source's name, `sft`, `target:<source>`, `merge:<method>`. Default: all.
+    pub models: Option<Vec<String>>,
+    #[serde(default = "d_device")]
+    pub device: String,
+    #[serde(default)]
+    pub evaluators: Vec<EvaluatorEntry>,
+}
+
+/// One `[[eval.evaluators]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatorEntry {
+    /// perplexity, exact_match, mt_bench, or a plugin's.
+    pub name: String,
+    /// Its input (relative to the config file).
+    pub data: PathBuf,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
 }
 
 /// `[plugins]`: shared libraries to load, and who wins a name clash.

@@ -128,7 +128,7 @@ const STAMP: &str = "miniature.json";
 /// What the stamp file of a set made from `spec` says. The set includes a
 /// tokenizer and a chat dataset when built with `data`.
 fn stamp_text(spec: &MiniatureSpec) -> String {
-    format!("{spec:?} data={}", cfg!(feature = "data"))
+    format!("{spec:?} data={} held_out=16", cfg!(feature = "data"))
 }
 
 /// Whether `out` holds the set that `spec` describes.
@@ -159,6 +159,8 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
         let dir = out.join("tokenizer");
         let words = write_tokenizer(&dir, spec.vocab_size)?;
         write_conversations(&out.join(CONVERSATIONS), &words, 48, spec.seed)?;
+        let held_out = conversation_lines(&words, 16, spec.seed ^ 0x4E1D, "held");
+        write_atomic(&out.join(HELD_OUT), (held_out.join("\n") + "\n").as_bytes())?;
         Some(dir)
     } else {
         None
@@ -209,6 +211,8 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
 
 /// The miniature's chat dataset, beside the models.
 pub const CONVERSATIONS: &str = "conversations.jsonl";
+/// Conversations drawn apart from the training ones, for evaluation.
+pub const HELD_OUT: &str = "held_out.jsonl";
 
 /// A word-level tokenizer of `vocab_size` tokens: `<unk>`, `<s>`, `</s>`,
 /// `<|end_of_turn|>` (special), the openchat role words, then made-up
@@ -290,6 +294,15 @@ pub fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<Vec<String>> {
 /// plus two records the data stage must skip (non-alternating, empty).
 #[cfg(feature = "data")]
 pub fn write_conversations(path: &Path, words: &[String], n: usize, seed: u64) -> Result<()> {
+    let mut lines = conversation_lines(words, n, seed, "mini");
+    lines.push(serde_json::json!({"id": "bad_roles", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}).to_string());
+    lines.push(serde_json::json!({"id": "empty", "conversations": []}).to_string());
+    write_atomic(path, (lines.join("\n") + "\n").as_bytes())
+}
+
+/// `n` conversations of made-up words as JSON lines, ids `<prefix>_<i>`.
+#[cfg(feature = "data")]
+fn conversation_lines(words: &[String], n: usize, seed: u64, prefix: &str) -> Vec<String> {
     let mut rng = SplitMix64(seed ^ 0xC0117E55);
     let sentence = |rng: &mut SplitMix64| {
         let len = 3 + (rng.next_u64() % 12) as usize;
@@ -299,17 +312,13 @@ pub fn write_conversations(path: &Path, words: &[String], n: usize, seed: u64) -
         s.push(".");
         s.join(" ")
     };
-    let mut lines = Vec::new();
-    for i in 0..n {
-        let exchanges = 1 + (rng.next_u64() % 3) as usize;
-        let conv: Vec<serde_json::Value> = (0..exchanges * 2)
-            .map(|t| serde_json::json!({"from": if t % 2 == 0 { "human" } else { "gpt" }, "value": sentence(&mut rng)}))
-            .collect();
-        lines.push(
-            serde_json::json!({"id": format!("mini_{i}"), "conversations": conv}).to_string(),
-        );
-    }
-    lines.push(serde_json::json!({"id": "bad_roles", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}).to_string());
-    lines.push(serde_json::json!({"id": "empty", "conversations": []}).to_string());
-    write_atomic(path, (lines.join("\n") + "\n").as_bytes())
+    (0..n)
+        .map(|i| {
+            let exchanges = 1 + (rng.next_u64() % 3) as usize;
+            let conv: Vec<serde_json::Value> = (0..exchanges * 2)
+                .map(|t| serde_json::json!({"from": if t % 2 == 0 { "human" } else { "gpt" }, "value": sentence(&mut rng)}))
+                .collect();
+            serde_json::json!({"id": format!("{prefix}_{i}"), "conversations": conv}).to_string()
+        })
+        .collect()
 }

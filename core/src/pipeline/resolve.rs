@@ -6,6 +6,8 @@
 
 use crate::data::align::AlignOptions;
 use crate::data::represent::RepresentOptions;
+use crate::eval::stage::{EvalOptions, EvalSpec};
+use crate::eval::EvalModel;
 use crate::merge::params::Settings;
 use crate::pipeline::config::{defaults, toml_scalars, Config, DataSection, ModelSection};
 use crate::pipeline::miniature::MiniatureSpec;
@@ -22,6 +24,10 @@ struct DataOut {
     pivot_repr: PathBuf,
     /// Each source's name and its aligned representation.
     teachers: Vec<(String, PathBuf)>,
+    /// Each source's name and its model directory.
+    sources: Vec<(String, PathBuf)>,
+    /// The chat template of `[data]`.
+    template: String,
 }
 
 /// The problems found so far, and the stages laid out so far (a path that an
@@ -55,6 +61,7 @@ pub(super) fn resolve(cfg: &Config, registry: &Registry, force: bool) -> Result<
     let data = r.data_stages();
     let targets = r.fuse(data.as_ref());
     r.merge(data.as_ref(), &targets);
+    r.eval(data.as_ref());
     if !r.problems.is_empty() {
         return Err(Error::invalid(cfg.file.display().to_string(), r.problems));
     }
@@ -184,8 +191,13 @@ impl Resolver<'_> {
         let pivot_repr = out.join("pivot");
         self.represent("[pivot]", "pivot", pivot, data, &rs, &pivot_repr);
         let mut teachers = Vec::new();
+        let mut sources = Vec::new();
         for (s, name) in cfg.sources.iter().zip(names) {
             let Some(name) = name else { continue };
+            sources.push((
+                name.clone(),
+                crate::io::hub::resolve_model(&s.path, &cfg.root),
+            ));
             let table = format!("[[sources]] {name}");
             let repr = out.join(&name);
             self.represent(&table, &name, s, data, &rs, &repr);
@@ -206,6 +218,8 @@ impl Resolver<'_> {
             family: pivot.family.clone(),
             pivot_repr,
             teachers,
+            sources,
+            template: data.template.clone(),
         })
     }
 
@@ -519,6 +533,114 @@ impl Resolver<'_> {
             name: "merge".into(),
             out: req.out.clone(),
             job: Job::Merge(req),
+        });
+    }
+
+    /// The eval stage: every `[[eval.evaluators]]` entry on every model of
+    /// the run (or those `[eval] models` names).
+    fn eval(&mut self, data: Option<&DataOut>) {
+        let cfg = self.cfg;
+        let Some(e) = &cfg.eval else { return };
+        let mut models: Vec<EvalModel> = Vec::new();
+        if let Some(d) = data {
+            models.push(EvalModel {
+                name: "pivot".into(),
+                dir: d.pivot.clone(),
+            });
+            for (name, dir) in &d.sources {
+                models.push(EvalModel {
+                    name: name.clone(),
+                    dir: dir.clone(),
+                });
+            }
+        }
+        for st in &self.stages {
+            let name = match &st.job {
+                Job::Fuse(_) if st.name == "fuse sft" => "sft".to_string(),
+                Job::Fuse(_) => format!("target:{}", st.name.trim_start_matches("fuse ")),
+                Job::Merge(req) => format!("merge:{}", req.method),
+                _ => continue,
+            };
+            models.push(EvalModel {
+                name,
+                dir: st.out.clone(),
+            });
+        }
+        if let Some(wanted) = &e.models {
+            for w in wanted {
+                if !models.iter().any(|m| &m.name == w) {
+                    let known: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+                    self.problem(format!(
+                        "[eval] models: this run has no model `{w}` (it has: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
+            models.retain(|m| wanted.contains(&m.name));
+        }
+        if models.is_empty() {
+            self.problem(
+                "[eval]: the run has no model to evaluate ([pivot], [fuse] or [merge] make them)",
+            );
+        }
+        if e.evaluators.is_empty() {
+            self.problem("[eval] evaluators: add at least one [[eval.evaluators]] table (name = \"perplexity\", data = FILE)");
+        }
+        if let Err(err) = crate::model::parse_device(&e.device) {
+            self.problem(format!("[eval] device: {err}"));
+        }
+        let mut specs = Vec::new();
+        for (i, ev) in e.evaluators.iter().enumerate() {
+            let field = format!("[[eval.evaluators]] #{} ({})", i + 1, ev.name);
+            let mut params = match toml_scalars(&ev.parameters, &format!("{field} parameters")) {
+                Ok(p) => p,
+                Err(err) => {
+                    self.problem(err.to_string());
+                    continue;
+                }
+            };
+            let entry = match self.registry.evaluator(&ev.name) {
+                Ok(entry) => entry,
+                Err(err) => {
+                    self.problem(format!("{field} name: {err}"));
+                    continue;
+                }
+            };
+            // Evaluate with the template the run trains with, unless told otherwise.
+            if let (Some(d), Some(_)) = (data, entry.info.param("template")) {
+                params
+                    .entry("template".into())
+                    .or_insert_with(|| d.template.as_str().into());
+            }
+            let path = cfg.resolve(&ev.data);
+            self.input(&format!("{field} data"), &path, false);
+            match entry.info.resolve_scalars(&params) {
+                Err(err) => self.invalid(&format!("{field} parameters"), err),
+                Ok(resolved) if path.is_file() && !self.produced(&path) => {
+                    if let Err(err) = entry.plugin.check(&resolved, &path) {
+                        self.problem(format!("{field}: {err}"));
+                    }
+                }
+                Ok(_) => {}
+            }
+            specs.push(EvalSpec {
+                evaluator: ev.name.clone(),
+                data: path,
+                params,
+            });
+        }
+        let out = cfg.resolve(&e.out.clone().unwrap_or_else(|| cfg.run.dir.join("reports")));
+        self.stages.push(Stage {
+            name: "eval".into(),
+            out: out.clone(),
+            job: Job::Eval(Box::new(EvalOptions {
+                models,
+                specs,
+                out,
+                device: e.device.clone(),
+                progress: false,
+                force: false,
+            })),
         });
     }
 

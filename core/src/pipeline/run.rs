@@ -3,6 +3,7 @@
 
 use crate::data::align::{self, AlignOptions, AlignOutcome, FilterReport};
 use crate::data::represent::{self, RepresentOptions, RepresentOutcome};
+use crate::eval::stage::{self as eval_stage, EvalOptions, EvalOutcome};
 use crate::merge::engine::{self, ExecOptions, MergeReport, MERGE_RECORD};
 use crate::merge::plan::MergeRequest;
 use crate::pipeline::config::Config;
@@ -29,6 +30,8 @@ pub enum Job {
     /// Fine-tune a copy of the pivot against one source's aligned representation.
     Fuse(Box<FuseOptions>),
     Merge(MergeRequest),
+    /// Run the evaluators on the run's models and write the reports.
+    Eval(Box<EvalOptions>),
 }
 
 /// One stage of a run.
@@ -73,6 +76,12 @@ impl Stage {
                 .chain(req.models.iter())
                 .map(|m| m.path.clone())
                 .collect(),
+            Job::Eval(o) => o
+                .models
+                .iter()
+                .map(|m| m.dir.clone())
+                .chain(o.specs.iter().map(|s| s.data.clone()))
+                .collect(),
         }
     }
 
@@ -101,6 +110,7 @@ pub enum Outcome {
     Fuse(FuseOutcome),
     /// `None`: the output was up to date.
     Merge(Option<MergeReport>),
+    Eval(EvalOutcome),
 }
 
 /// A finished stage.
@@ -121,6 +131,7 @@ impl StageResult {
             Outcome::Filter(_) => false,
             Outcome::Fuse(r) => r.up_to_date,
             Outcome::Merge(r) => r.is_none(),
+            Outcome::Eval(r) => r.up_to_date,
         }
     }
 
@@ -142,6 +153,7 @@ impl StageResult {
             Outcome::Merge(None) => {
                 format!("merge: {out} is up to date (use --force to redo it)")
             }
+            Outcome::Eval(r) => format!("eval: {}", r.summary()),
         }
     }
 }
@@ -259,6 +271,7 @@ fn stage_status(stage: &Stage, registry: &Registry) -> Status {
         Job::Filter { .. } => return Status::Run("always (it reads the manifests only)".into()),
         Job::Fuse(o) => fuse::up_to_date(o, registry),
         Job::Merge(req) => Ok(recorded_merge_key(&req.out).flatten() == Some(merge_key(req))),
+        Job::Eval(o) => eval_stage::up_to_date(registry, o),
     };
     match fresh {
         Ok(true) => Status::UpToDate,
@@ -304,6 +317,14 @@ fn run_stage(
             },
         )?),
         Job::Merge(req) => Outcome::Merge(run_merge(req, registry, exec, force)?),
+        Job::Eval(o) => Outcome::Eval(eval_stage::eval(
+            registry,
+            &EvalOptions {
+                force,
+                progress: exec.progress,
+                ..(**o).clone()
+            },
+        )?),
     })
 }
 
