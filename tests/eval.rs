@@ -780,70 +780,37 @@ fn bad_mt_bench_input_is_refused_before_any_model_is_loaded() {
         "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n",
     )
     .unwrap();
-    let err = common::fails(&run(
-        d,
-        &[
-            "eval",
-            "--model",
+    let cases: &[(&str, &str, &str, &[&str], &str)] = &[
+        ("m/pivot", "exact_match", "e2", &[], "bad.jsonl"),
+        (
             "m/pivot",
-            "--evaluator",
-            "exact_match",
-            "--data",
-            "bad.jsonl",
-            "--out",
-            "e2",
-        ],
-        &[],
-    ));
-    assert!(err.contains("bad.jsonl"), "{err}");
-    let err = common::fails(&run(
-        d,
-        &[
-            "eval",
-            "--model",
-            "m/pivot",
-            "--evaluator",
             "perplexity",
-            "--data",
-            "q.jsonl",
-            "--out",
             "e3",
-            "--set",
-            "template=none",
-        ],
-        &[],
-    ));
-    assert!(err.contains("template = none"), "{err}");
-    let err = common::fails(&run(
-        d,
-        &[
+            &["--set", "template=none"],
+            "template = none",
+        ),
+        ("m/pivot", "nope", "e4", &[], "nope"),
+        ("m", "perplexity", "m/pivot", &[], "config.json"),
+    ];
+    for (model, evaluator, out, extra, want) in cases {
+        let data = if *evaluator == "exact_match" {
+            "bad.jsonl"
+        } else {
+            "q.jsonl"
+        };
+        let mut args = vec![
             "eval",
             "--model",
-            "m/pivot",
+            model,
             "--evaluator",
-            "nope",
+            evaluator,
             "--data",
-            "q.jsonl",
+            data,
             "--out",
-            "e4",
-        ],
-        &[],
-    ));
-    assert!(err.contains("nope"), "{err}");
-    let err = common::fails(&run(
-        d,
-        &[
-            "eval",
-            "--model",
-            "m",
-            "--evaluator",
-            "perplexity",
-            "--data",
-            "q.jsonl",
-            "--out",
-            "m/pivot",
-        ],
-        &[],
-    ));
-    assert!(err.contains("config.json"), "{err}");
+            out,
+        ];
+        args.extend(*extra);
+        let err = common::fails(&run(d, &args, &[]));
+        assert!(err.contains(want), "want `{want}` in: {err}");
+    }
 }

@@ -96,19 +96,28 @@ fn strings(v: &Value) -> Option<Vec<String>> {
         .collect()
 }
 
+/// The JSON lines of a file, with their 1-based line numbers (blank lines skipped).
+fn json_lines(path: &Path) -> Result<Vec<(usize, Value)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map(|v| (i + 1, v))
+                .map_err(|e| Error::config(path, format!("line {}: not JSON: {e}", i + 1)))
+        })
+        .collect()
+}
+
 /// Read FastChat's `question.jsonl`: every line needs `question_id` (a number
 /// or a string, unique), `category` and `turns` (one or more strings);
 /// `reference` (strings) is optional.
 pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = |what: String| Error::config(path, format!("line {}: {what}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| at(format!("not JSON: {e}")))?;
+    for (line, v) in json_lines(path)? {
+        let at = |what: String| Error::config(path, format!("line {line}: {what}"));
         let id = v.get("question_id").cloned().unwrap_or(Value::Null);
         if !(id.is_number() || id.is_string()) {
             return Err(at("needs `question_id`, a number or a string".into()));
@@ -152,15 +161,9 @@ pub struct JudgePrompt {
 
 /// Read FastChat's `judge_prompts.jsonl` (`name`, `system_prompt`, `prompt_template`).
 pub fn read_judge_prompts(path: &Path) -> Result<HashMap<String, JudgePrompt>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = HashMap::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = |what: &str| Error::config(path, format!("line {}: {what}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|_| at("not JSON"))?;
+    for (line, v) in json_lines(path)? {
+        let at = |what: &str| Error::config(path, format!("line {line}: {what}"));
         let field = |k: &str| {
             v[k].as_str()
                 .map(str::to_string)
@@ -179,15 +182,9 @@ pub fn read_judge_prompts(path: &Path) -> Result<HashMap<String, JudgePrompt>> {
 
 /// Read reference answers (FastChat's `reference_answer/gpt-4.jsonl`): question id → turns.
 pub fn read_references(path: &Path) -> Result<HashMap<String, Vec<String>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = HashMap::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = |what: &str| Error::config(path, format!("line {}: {what}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|_| at("not JSON"))?;
+    for (line, v) in json_lines(path)? {
+        let at = |what: &str| Error::config(path, format!("line {line}: {what}"));
         let turns = strings(&v["choices"][0]["turns"])
             .ok_or_else(|| at("needs `choices[0].turns`, a list of strings"))?;
         out.insert(id_key(&v["question_id"]), turns);
