@@ -158,5 +158,15 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Criterion draws its charts with plotters, whose fonts fusechat registers.
+fn config() -> Criterion {
+    fusechat::core::eval::report::register_fonts();
+    Criterion::default()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench
+}
 criterion_main!(benches);

@@ -84,5 +84,15 @@ fn bench(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-criterion_group!(benches, bench);
+/// Criterion draws its charts with plotters, whose fonts fusechat registers.
+fn config() -> Criterion {
+    fusechat::core::eval::report::register_fonts();
+    Criterion::default()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench
+}
 criterion_main!(benches);

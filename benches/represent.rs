@@ -198,5 +198,15 @@ fn bench_align(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_top_k, bench_align, bench_represent);
+/// Criterion draws its charts with plotters, whose fonts fusechat registers.
+fn config() -> Criterion {
+    fusechat::core::eval::report::register_fonts();
+    Criterion::default()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_top_k, bench_align, bench_represent
+}
 criterion_main!(benches);

@@ -364,6 +364,14 @@ fn judge_server(status: Option<u16>) -> (String, Arc<Mutex<Seen>>) {
                 } else if user.contains("QSLOW") {
                     std::thread::sleep(Duration::from_millis(1500));
                     (200, "Rating: [[9]]".into())
+                } else if user.contains("QHTML") {
+                    let page = "<html>not an API</html>";
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                        page.len()
+                    );
+                    return;
                 } else if user.contains("QNOSCORE") {
                     (200, "I cannot rate this.".into())
                 } else if system.contains("MULTI") {
@@ -690,6 +698,27 @@ fn judge_failures_that_cannot_succeed_stop_with_a_clear_error() {
     );
     assert_eq!(seen.lock().unwrap().bodies.len(), 1, "401 is not retried");
     assert!(!all_text_under(d).contains(KEY));
+    // A reply that is not the API's JSON fails that judgment only, recorded;
+    // a category FastChat has no temperature for is sampled at 0.7, with a warning.
+    write_jsonl(
+        &d.join("q.jsonl"),
+        &[
+            json!({"question_id": 1, "category": "writing", "turns": ["hello there"]}),
+            json!({"question_id": 2, "category": "poetry", "turns": ["QHTML page"]}),
+        ],
+    );
+    let (url, _) = judge_server(None);
+    let o = run(d, &mt_args(&url, &["--force"]), &env);
+    let text = common::ok(&o);
+    assert!(text.contains("poetry") && text.contains("0.7"), "{text}");
+    let js = lines(&d.join("ev/model_judgment/tiny-judge_single.jsonl"));
+    let bad = js.iter().find(|j| j["question_id"] == 2).unwrap();
+    assert_eq!(bad["judgment"], "$ERROR$");
+    assert!(bad["error"].as_str().unwrap().contains("not JSON"), "{bad}");
+    assert_eq!(
+        value(&results(&d.join("ev")), "pivot", "unscored", None),
+        (1.0, 2)
+    );
     // Nothing listening.
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -707,7 +736,7 @@ fn judge_failures_that_cannot_succeed_stop_with_a_clear_error() {
         "{err}"
     );
     // The answers stay for the rerun.
-    assert_eq!(lines(&d.join("ev/model_answer/pivot.jsonl")).len(), 1);
+    assert_eq!(lines(&d.join("ev/model_answer/pivot.jsonl")).len(), 2);
 }
 
 #[test]

@@ -132,6 +132,25 @@ pub fn write(dir: &Path, rows: &[EvalRow]) -> Result<Vec<PathBuf>> {
     Ok(files.to_vec())
 }
 
+/// Give plotters its `sans-serif` font (the bundled DejaVu Sans Mono) in
+/// every style. Plotters draws text only with registered fonts here (no system
+/// font lookup), and that holds for every user of plotters in the process, so
+/// the benches call this before criterion draws its charts.
+pub fn register_fonts() {
+    use plotters::style::FontStyle;
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        for style in [
+            FontStyle::Normal,
+            FontStyle::Bold,
+            FontStyle::Italic,
+            FontStyle::Oblique,
+        ] {
+            let _ = plotters::style::register_font("sans-serif", style, FONT);
+        }
+    });
+}
+
 fn chart_size(rows: &[EvalRow]) -> (u32, u32) {
     let n = panels(rows).len().max(1) as u32;
     (960, 360 * n)
@@ -159,10 +178,7 @@ where
     DB::ErrorType: 'static,
 {
     use plotters::prelude::*;
-    static REGISTERED: std::sync::Once = std::sync::Once::new();
-    REGISTERED.call_once(|| {
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    });
+    register_fonts();
     let root = backend.into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let ps = panels(rows);

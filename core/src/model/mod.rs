@@ -118,10 +118,10 @@ impl From<candle_core::Error> for Error {
     }
 }
 
-/// Per-layer key/value cache: (k, v) after RoPE, `[B, kv_heads, S, head_dim]`.
+/// Per-layer key/value cache for generation.
 #[derive(Default)]
 pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub layers: Vec<Option<LayerCache>>,
 }
 
 impl KvCache {
@@ -130,10 +130,57 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+            .map_or(0, |c| c.len)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// One layer's keys and values after RoPE, `[B, kv_heads, S, head_dim]`,
+/// in buffers with room to grow: a step writes its new positions in place
+/// (capacity doubles when full) instead of copying the whole cache.
+pub struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Append `[B, kv_heads, T, head_dim]` keys and values to `slot`; returns
+    /// every cached position's (views, not copies).
+    pub fn append(
+        slot: &mut Option<LayerCache>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let t = k.dim(2)?;
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let cap = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        if len + t > cap {
+            let (b, h, _, d) = k.dims4()?;
+            let cap = (2 * cap).max(len + t).max(64);
+            let grown = LayerCache {
+                k: Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?,
+                v: Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?,
+                len,
+            };
+            if let Some(old) = slot.as_ref() {
+                grown
+                    .k
+                    .slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                grown
+                    .v
+                    .slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(grown);
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k, 2, c.len)?;
+        c.v.slice_set(&v, 2, c.len)?;
+        c.len += t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
     }
 }
 
@@ -156,10 +203,11 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.logits(&self.hidden(input_ids, attention_mask)?)
     }
-    /// Logits `[B, T, V]` for `input_ids` `[B, T]` after the cached positions;
-    /// extends the cache. `key_mask` holds `B × (past + T)` flags, 1 for a
-    /// token and 0 for padding, so that a left-padded batch can share
-    /// positions (RoPE sees only relative offsets); `None`: no padding.
+    /// Logits `[B, 1, V]` at the last of `input_ids` `[B, T]` (what predicts
+    /// the next token), after the cached positions; extends the cache by T.
+    /// `key_mask` holds `B × (past + T)` flags, 1 for a token and 0 for
+    /// padding, so that a left-padded batch can share positions (RoPE sees
+    /// only relative offsets); `None`: no padding.
     fn forward_cached(
         &self,
         input_ids: &Tensor,

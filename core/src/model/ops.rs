@@ -266,19 +266,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
-/// `[B, kv, T, d]` → `[B, kv·rep, T, d]`, each key/value head repeated `rep`
-/// times (grouped-query attention).
-pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return x.contiguous();
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, rep, t, d))?
-        .contiguous()?
-        .reshape((b, kv * rep, t, d))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,16 +46,19 @@ pub struct MtBench;
 /// Categories whose questions are judged against a reference answer (FastChat's `NEED_REF_CATS`).
 pub const NEED_REF: &[&str] = &["math", "reasoning", "coding", "arena-hard-200"];
 
-/// FastChat's sampling temperature for a question category (unknown: 0.7).
-pub fn temperature(category: &str) -> f64 {
+/// FastChat's sampling temperature for a question category; `None` for a
+/// category FastChat has no temperature for (it then samples at 0.7).
+pub fn temperature(category: &str) -> Option<f64> {
     match category {
-        "writing" | "roleplay" => 0.7,
-        "extraction" | "math" | "coding" | "reasoning" => 0.0,
-        "stem" | "humanities" => 0.1,
-        "arena-hard-200" => 0.0,
-        _ => 0.7,
+        "writing" | "roleplay" => Some(0.7),
+        "extraction" | "math" | "coding" | "reasoning" | "arena-hard-200" => Some(0.0),
+        "stem" | "humanities" => Some(0.1),
+        _ => None,
     }
 }
+
+/// FastChat's default temperature for other categories.
+const DEFAULT_TEMPERATURE: f64 = 0.7;
 
 /// One line of `question.jsonl`.
 #[derive(Debug, Clone)]
@@ -541,6 +544,16 @@ fn answer(
             .expect("JSON")
             .as_bytes(),
     )?;
+    let unknown: std::collections::BTreeSet<&str> = todo
+        .iter()
+        .map(|q| q.category.as_str())
+        .filter(|c| temperature(c).is_none())
+        .collect();
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "mt_bench: FastChat has no temperature for categories {unknown:?}; sampling them at {DEFAULT_TEMPERATURE}, as FastChat does"
+        );
+    }
     let m = load(ctx, p)?;
     let stops = chat_stops(m.model.as_ref(), &m.tok, m.template.as_ref());
     let max_new_tokens = int(p, "max_new_tokens")?;
@@ -570,7 +583,7 @@ fn answer(
                 }
                 conv.push(q.turns[t].clone());
                 prompts.push(render_prompt(m.template.as_ref(), &conv)?);
-                let temp = temperature(&q.category);
+                let temp = temperature(&q.category).unwrap_or(DEFAULT_TEMPERATURE);
                 opts.push(GenOptions {
                     max_new_tokens,
                     temperature: if temp < 1e-4 { 0.0 } else { temp },

@@ -25,7 +25,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use fusechat_core::io::model_dir::ModelDir;
 use fusechat_core::model::ops::{self, linear};
-use fusechat_core::model::{candle_error as ce, CausalLm, KvCache, LoadOptions, SourceModel};
+use fusechat_core::model::{
+    candle_error as ce, CausalLm, KvCache, LayerCache, LoadOptions, SourceModel,
+};
 use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 use fusechat_core::{Error, Result};
 use serde_json::Value;
@@ -354,7 +356,7 @@ impl Attention {
         &self,
         h: &Tensor,
         pos: &Positions,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
         fused: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = h.dims3()?;
@@ -364,11 +366,7 @@ impl Attention {
         let mut k = self.rope(&split(&self.k, nkv)?, pos, fused)?;
         let mut v = split(&self.v, nkv)?.contiguous()?;
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+            (k, v) = LayerCache::append(slot, &k, &v)?;
         }
         let scale = 1.0 / (d as f64).sqrt();
         #[cfg(feature = "flash-attn")]
@@ -391,21 +389,32 @@ impl Attention {
             )?;
             return linear(&o.reshape((b, t, nh * d))?, &self.o);
         }
-        let k = ops::repeat_kv(&k, nh / nkv)?;
-        let v = ops::repeat_kv(&v, nh / nkv)?;
-        // scale q (T·d values) rather than the scores (T·S values);
-        // scores and softmax in f32 whatever the compute dtype (the bias is f32)
+        // Grouped-query attention without copying K and V for every query
+        // head: the g query heads that share a KV head are g·T rows of one
+        // product with it (head h = kv·g + j, so [B, H, T, d] reshapes to
+        // [B, kv, g·T, d]). Scale q (T·d values) rather than the scores (T·S
+        // values); scores and softmax in f32 whatever the compute dtype (the
+        // bias is f32).
+        let g = nh / nkv;
+        let s = k.dim(2)?;
         let att = (q * scale)?
+            .reshape((b, nkv, g * t, d))?
             .matmul(&k.t()?)?
             .to_dtype(DType::F32)?
-            .broadcast_add(&pos.bias)?;
+            .reshape((b, nkv, g, t, s))?
+            .broadcast_add(&pos.bias.unsqueeze(1)?)?
+            .reshape((b, nkv, g * t, s))?;
         let att = if fused {
             candle_nn::ops::softmax_last_dim(&att)?
         } else {
             ops::softmax(&att)?
         };
         let att = att.to_dtype(v.dtype())?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let o = att
+            .matmul(&v)?
+            .reshape((b, nh, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * d))?;
         linear(&o, &self.o)
     }
 }
@@ -434,7 +443,7 @@ impl Layer {
         &self,
         x: &Tensor,
         pos: &Positions,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
         fused: bool,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_norm.forward(x, fused)?;
@@ -612,7 +621,10 @@ impl Decoder {
         if cache.layers.len() != self.cfg.num_layers {
             cache.layers = (0..self.cfg.num_layers).map(|_| None).collect();
         }
-        self.logits(&self.run(input_ids, &pos, Some(cache))?)
+        // Generation needs the next token's logits only: the LM head (vocab ×
+        // hidden per position) runs on the last position, not the prompt's.
+        let h = self.run(input_ids, &pos, Some(cache))?;
+        self.logits(&h.narrow(1, t - 1, 1).map_err(ce)?)
     }
 
     /// RoPE tables and attention bias for `b` rows of `t` queries after `past`
