@@ -775,6 +775,7 @@ fn run_judge(
     let (tx, rx) = std::sync::mpsc::channel::<(usize, std::result::Result<String, JudgeError>)>();
     let mut abort: Option<String> = None;
     let mut failed = 0usize;
+    let mut judged = 0usize;
     std::thread::scope(|s| -> Result<()> {
         for _ in 0..judge.parallel().min(tasks.len()) {
             let tx = tx.clone();
@@ -828,6 +829,7 @@ fn run_judge(
                     lines.push(Line::Ours(j));
                 }
             }
+            judged += 1;
             pb.inc(1);
             pb.set_message(format!(
                 "{} retries, {failed} failed",
@@ -844,14 +846,15 @@ fn run_judge(
     write_judgments(file, lines)?;
     let retries = judge.retries_made.load(Ordering::Relaxed);
     tracing::info!(
-        "mt_bench: judged {} turns of `{model_id}` with {} ({retries} retries, {failed} failed); {}",
+        "mt_bench: judged {judged} of {} turns of `{model_id}` with {} ({retries} retries, {failed} failed, recorded as $ERROR$); {}",
         tasks.len(),
         js.config.model,
         file.display()
     );
     match abort {
         Some(m) => Err(Error::msg(format!(
-            "judging stopped: {m}. The judgments so far are in {}; rerun to judge the rest",
+            "judging stopped after {judged} of {} judgments: {m} (the judgments so far are in {}; rerun to judge the rest)",
+            tasks.len(),
             file.display()
         ))),
         None => Ok(()),
