@@ -684,3 +684,142 @@ fn dry_run_prints_the_stage_plan_and_run_ends_with_a_summary() {
     let align = plan.lines().find(|l| l.contains(" align solar ")).unwrap();
     assert!(align.contains("up to date"), "{plan}");
 }
+
+/// `examples/fusechat-7b.toml`, the paper's setup, parses and plans against
+/// stand-in model directories with the real models' configs, in a local HF
+/// cache, and a dry run writes nothing.
+#[test]
+fn the_paper_setup_example_plans_with_stand_in_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir_all(d.join("examples")).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fusechat-7b.toml");
+    std::fs::copy(&example, d.join("examples/fusechat-7b.toml")).unwrap();
+    let common = serde_json::json!({
+        "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "vocab_size": 32002, "torch_dtype": "bfloat16",
+    });
+    let with = |extra: serde_json::Value| {
+        let mut c = common.clone();
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    let models = [
+        (
+            "openchat--openchat_3.5",
+            with(
+                serde_json::json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "num_hidden_layers": 32, "rope_theta": 10000.0, "sliding_window": 4096}),
+            ),
+        ),
+        (
+            "NousResearch--Nous-Hermes-2-Mixtral-8x7B-DPO",
+            with(
+                serde_json::json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_hidden_layers": 32, "rope_theta": 1e6, "num_local_experts": 8, "num_experts_per_tok": 2}),
+            ),
+        ),
+        (
+            "NousResearch--Nous-Hermes-2-SOLAR-10.7B",
+            with(
+                serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 48, "rope_theta": 10000.0}),
+            ),
+        ),
+    ];
+    for (repo, config) in &models {
+        let snap = d.join(format!(
+            ".cache/huggingface/hub/models--{repo}/snapshots/0123abc"
+        ));
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("config.json"), config.to_string()).unwrap();
+        fusechat::core::pipeline::miniature::write_tokenizer(&snap, 64).unwrap();
+    }
+    std::fs::create_dir_all(d.join("data/mt_bench/reference_answer")).unwrap();
+    std::fs::write(
+        d.join("data/fusechat_mixture.json"),
+        r#"[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("data/mt_bench/question.jsonl"),
+        "{\"question_id\": 81, \"category\": \"writing\", \"turns\": [\"a\", \"b\"]}\n{\"question_id\": 111, \"category\": \"math\", \"turns\": [\"c\", \"d\"]}\n",
+    )
+    .unwrap();
+    let prompt = |name: &str| {
+        serde_json::json!({"name": name, "system_prompt": "s", "prompt_template": "{question}", "output_format": "[[rating]]"}).to_string()
+    };
+    let prompts: Vec<String> = [
+        "single-v1",
+        "single-math-v1",
+        "single-v1-multi-turn",
+        "single-math-v1-multi-turn",
+    ]
+    .iter()
+    .map(|n| prompt(n))
+    .collect();
+    std::fs::write(
+        d.join("data/mt_bench/judge_prompts.jsonl"),
+        prompts.join("\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("data/mt_bench/reference_answer/gpt-4.jsonl"),
+        "{\"question_id\": 111, \"choices\": [{\"index\": 0, \"turns\": [\"r1\", \"r2\"]}]}\n",
+    )
+    .unwrap();
+    let run = |key: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fusechat"));
+        c.args(["run", "--config", "examples/fusechat-7b.toml", "--dry-run"])
+            .current_dir(d)
+            .env("HOME", d)
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HOME")
+            .env_remove("RUST_LOG");
+        match key {
+            Some(k) => c.env("OPENAI_API_KEY", k),
+            None => c.env_remove("OPENAI_API_KEY"),
+        };
+        c.output().unwrap()
+    };
+    let plan = ok(&run(Some("sk-placeholder")));
+    for stage in [
+        "represent pivot",
+        "represent mixtral",
+        "align mixtral",
+        "represent solar",
+        "align solar",
+        "filter",
+        "fuse mixtral",
+        "fuse solar",
+        "merge",
+        "eval",
+    ] {
+        assert!(plan.contains(stage), "no `{stage}` in the plan:\n{plan}");
+    }
+    assert!(
+        plan.contains("runs/fusechat-7b/merged") && plan.contains("runs/fusechat-7b/reports"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("sk-placeholder") && !plan.contains("cannot tell"),
+        "{plan}"
+    );
+    assert!(
+        !d.join("runs").exists(),
+        "a dry run wrote {}",
+        d.join("runs").display()
+    );
+    // The judge is OpenAI's API: without the key the config is refused before anything runs.
+    let err = fails(&run(None));
+    assert!(err.contains("OPENAI_API_KEY is not set"), "{err}");
+    // A model directory without its tokenizer is a config problem, named, before anything runs.
+    let solar = d.join(
+        ".cache/huggingface/hub/models--NousResearch--Nous-Hermes-2-SOLAR-10.7B/snapshots/0123abc",
+    );
+    std::fs::remove_file(solar.join("tokenizer.json")).unwrap();
+    let err = fails(&run(Some("sk-placeholder")));
+    assert!(
+        err.contains("[[sources]] solar") && err.contains("no tokenizer.json"),
+        "{err}"
+    );
+}

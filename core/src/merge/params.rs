@@ -82,7 +82,7 @@ impl Scalar {
             {
                 Ok(Scalar::Str(b.to_string()))
             }
-            (ParamType::Text, Scalar::Str(_)) => Ok(self.clone()),
+            (ParamType::Text | ParamType::File, Scalar::Str(_)) => Ok(self.clone()),
             // `--set model_id=7` parses as a number: as text it is what was written
             (ParamType::Text, Scalar::Int(i)) => Ok(Scalar::Str(i.to_string())),
             (ParamType::Text, Scalar::Float(f)) => Ok(Scalar::Str(f.to_string())),

@@ -48,6 +48,21 @@ impl LoadOptions {
     }
 }
 
+/// Check a device name's form (`cpu` or `cuda:N`) without opening it, so
+/// that a config meant for a GPU machine can be checked anywhere.
+pub fn check_device(s: &str) -> Result<()> {
+    let cuda_ok = s
+        .strip_prefix("cuda:")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if s == "cpu" || s == "cuda" || cuda_ok {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "unknown device `{s}` (use cpu or cuda:N)"
+        )))
+    }
+}
+
 /// Parse a device name: `cpu`, or `cuda:N` in a build with the `cuda` feature.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {

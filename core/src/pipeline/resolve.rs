@@ -8,11 +8,12 @@ use crate::data::align::AlignOptions;
 use crate::data::represent::RepresentOptions;
 use crate::eval::stage::{EvalOptions, EvalSpec};
 use crate::eval::EvalModel;
+use crate::merge::params::Scalar;
 use crate::merge::params::Settings;
 use crate::pipeline::config::{defaults, toml_scalars, Config, DataSection, ModelSection};
 use crate::pipeline::miniature::MiniatureSpec;
 use crate::pipeline::run::{Job, Pipeline, Stage};
-use crate::plugin::registry::{PluginInfo, Registry};
+use crate::plugin::registry::{ParamType, PluginInfo, Registry};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -182,7 +183,7 @@ impl Resolver<'_> {
         ] {
             self.at_least(&format!("[represent] {f}"), v, 1);
         }
-        if let Err(e) = crate::model::parse_device(&rs.device) {
+        if let Err(e) = crate::model::check_device(&rs.device) {
             self.problem(format!("[represent] device: {e}"));
         }
         let out = cfg.resolve(&rs.out.clone().unwrap_or_else(|| cfg.run.dir.join("repr")));
@@ -254,7 +255,7 @@ impl Resolver<'_> {
             self.problem(format!("[fuse] {e}"));
             crate::train::fuse::LossNorm::Accum
         });
-        if let Err(e) = crate::model::parse_device(&f.device) {
+        if let Err(e) = crate::model::check_device(&f.device) {
             self.problem(format!("[fuse] device: {e}"));
         }
         match self.registry.loss(&f.loss) {
@@ -371,6 +372,14 @@ impl Resolver<'_> {
         let tokenizer = m.tokenizer.as_ref().map(|t| cfg.resolve(t));
         if let Some(t) = &tokenizer {
             self.input(&format!("{table} tokenizer"), t, true);
+        }
+        let tok_dir = tokenizer.clone().unwrap_or_else(|| model.clone());
+        if tok_dir.is_dir() && !self.produced(&tok_dir) && !tok_dir.join("tokenizer.json").is_file()
+        {
+            self.problem(format!(
+                "{table}: {} has no tokenizer.json (the HF fast tokenizer represent needs); save it with transformers' AutoTokenizer(...).save_pretrained, or name a directory that has it with `tokenizer = DIR`",
+                tok_dir.display()
+            ));
         }
         if let Some(f) = &m.family {
             if let Err(e) = self.registry.model(f) {
@@ -586,7 +595,7 @@ impl Resolver<'_> {
         if e.evaluators.is_empty() {
             self.problem("[eval] evaluators: add at least one [[eval.evaluators]] table (name = \"perplexity\", data = FILE)");
         }
-        if let Err(err) = crate::model::parse_device(&e.device) {
+        if let Err(err) = crate::model::check_device(&e.device) {
             self.problem(format!("[eval] device: {err}"));
         }
         let mut specs = Vec::new();
@@ -611,6 +620,13 @@ impl Resolver<'_> {
                 params
                     .entry("template".into())
                     .or_insert_with(|| d.template.as_str().into());
+            }
+            // File parameters are relative to the config file, as its paths are.
+            for spec in entry.info.params.iter().filter(|s| s.ty == ParamType::File) {
+                if let Some(Scalar::Str(f)) = params.get(&spec.name) {
+                    let p = cfg.resolve(Path::new(f)).to_string_lossy().into_owned();
+                    params.insert(spec.name.clone(), Scalar::Str(p));
+                }
             }
             let path = cfg.resolve(&ev.data);
             self.input(&format!("{field} data"), &path, false);

@@ -200,6 +200,32 @@ impl Pipeline {
         out
     }
 
+    /// The devices the stages compute on, each once.
+    pub fn devices(&self) -> Vec<&str> {
+        let mut d: Vec<&str> = self
+            .stages
+            .iter()
+            .filter_map(|s| match &s.job {
+                Job::Represent(o) => Some(o.device.as_str()),
+                Job::Fuse(o) => Some(o.device.as_str()),
+                Job::Eval(o) => Some(o.device.as_str()),
+                _ => None,
+            })
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// Open every device the stages need (before the first stage runs, so a
+    /// CUDA config on a machine without one fails before any compute).
+    pub fn open_devices(&self) -> Result<()> {
+        for d in self.devices() {
+            crate::model::parse_device(d).map_err(|e| Error::config(&self.file, format!("{e}")))?;
+        }
+        Ok(())
+    }
+
     /// The plan as text (`fusechat run --dry-run`): each stage, whether it
     /// would run and why, and what it writes.
     pub fn describe(&self, registry: &Registry) -> String {
@@ -220,6 +246,11 @@ impl Pipeline {
                 stage.out.display()
             ));
         }
+        for d in self.devices() {
+            if let Err(e) = crate::model::parse_device(d) {
+                s.push_str(&format!("note: a real run would stop here: {e}\n"));
+            }
+        }
         s.push_str("dry run: nothing computed, nothing written\n");
         s
     }
@@ -231,6 +262,7 @@ impl Pipeline {
         exec: &ExecOptions,
         mut done: impl FnMut(&StageResult),
     ) -> Result<Vec<StageResult>> {
+        self.open_devices()?;
         let mut results = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             let start = Instant::now();

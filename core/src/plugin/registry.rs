@@ -57,8 +57,10 @@ pub enum ParamType {
     Bool,
     /// One of a fixed list of strings.
     Choice(Vec<String>),
-    /// Any string (a path, a URL, a name).
+    /// Any string (a URL, a name).
     Text,
+    /// A file's path; in `fusechat.toml`, relative to the config file.
+    File,
 }
 
 impl fmt::Display for ParamType {
@@ -69,6 +71,7 @@ impl fmt::Display for ParamType {
             ParamType::Bool => f.write_str("bool"),
             ParamType::Choice(c) => write!(f, "one of {}", c.join("|")),
             ParamType::Text => f.write_str("text"),
+            ParamType::File => f.write_str("file"),
         }
     }
 }
@@ -139,9 +142,13 @@ impl ParamSpec {
     pub fn bool(name: &str, scope: Scope) -> Self {
         Self::new(name, ParamType::Bool, scope)
     }
-    /// Free text: a path, a URL, a name.
+    /// Free text: a URL, a name.
     pub fn text(name: &str, scope: Scope) -> Self {
         Self::new(name, ParamType::Text, scope)
+    }
+    /// A file's path.
+    pub fn file(name: &str, scope: Scope) -> Self {
+        Self::new(name, ParamType::File, scope)
     }
     pub fn choice(name: &str, choices: &[&str], scope: Scope) -> Self {
         Self::new(

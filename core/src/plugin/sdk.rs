@@ -444,6 +444,7 @@ pub fn params_to_json(specs: &[ParamSpec]) -> String {
                     ParamType::Bool => json!("bool"),
                     ParamType::Choice(c) => json!({"choice": c}),
                     ParamType::Text => json!("text"),
+                    ParamType::File => json!("file"),
                 },
                 "scope": match p.scope { Scope::Shared => "shared", Scope::PerModel => "per_model" },
                 "default": p.default.as_ref().map(scalar_json),
@@ -474,6 +475,7 @@ pub fn params_from_json(text: &str) -> crate::Result<Vec<ParamSpec>> {
                 Value::String(s) if s == "int" => ParamType::Int,
                 Value::String(s) if s == "bool" => ParamType::Bool,
                 Value::String(s) if s == "text" => ParamType::Text,
+                Value::String(s) if s == "file" => ParamType::File,
                 Value::Object(o) if o.contains_key("choice") => ParamType::Choice(
                     o["choice"]
                         .as_array()
