@@ -843,3 +843,79 @@ fn bad_mt_bench_input_is_refused_before_any_model_is_loaded() {
         assert!(err.contains(want), "want `{want}` in: {err}");
     }
 }
+
+#[test]
+fn mt_bench_answers_resume_and_follow_the_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    write_jsonl(
+        &d.join("q.jsonl"),
+        &[
+            json!({"question_id": 1, "category": "writing", "turns": ["hello there", "and more"]}),
+            json!({"question_id": 2, "category": "math", "turns": ["one two"]}),
+        ],
+    );
+    let answer = |n: &str, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            "m/pivot",
+            "--evaluator",
+            "mt_bench",
+            "--data",
+            "q.jsonl",
+            "--out",
+            "ev",
+            "--set",
+            n,
+        ];
+        args.extend(extra);
+        let out = common::ok(&run(d, &args, &[]));
+        (out, lines(&d.join("ev/model_answer/pivot.jsonl")))
+    };
+    let words = |a: &Value| -> usize {
+        a["choices"][0]["turns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().split_whitespace().count())
+            .max()
+            .unwrap()
+    };
+    let (_, short) = answer("max_new_tokens=2", &[]);
+    assert!(short.iter().all(|a| words(a) <= 2), "{short:?}");
+    // The same settings again (forced past the stage key): every answer is reused.
+    let (out, again) = answer("max_new_tokens=2", &["--force"]);
+    assert!(out.contains("every question already answered"), "{out}");
+    assert_eq!(again, short);
+    // Other settings: answered again, and the file holds only the new answers.
+    let (out, long) = answer("max_new_tokens=6", &[]);
+    assert!(out.contains("answering again"), "{out}");
+    assert_eq!(long.len(), 2);
+    assert!(long.iter().any(|a| words(a) > 2), "{long:?}");
+    // An answer file fusechat did not write is never overwritten.
+    std::fs::remove_file(d.join("ev/model_answer/pivot.fusechat.json")).unwrap();
+    let before = std::fs::read(d.join("ev/model_answer/pivot.jsonl")).unwrap();
+    let err = common::fails(&run(
+        d,
+        &[
+            "eval",
+            "--model",
+            "m/pivot",
+            "--evaluator",
+            "mt_bench",
+            "--data",
+            "q.jsonl",
+            "--out",
+            "ev",
+            "--force",
+        ],
+        &[],
+    ));
+    assert!(err.contains("fusechat did not write it"), "{err}");
+    assert_eq!(
+        std::fs::read(d.join("ev/model_answer/pivot.jsonl")).unwrap(),
+        before
+    );
+}

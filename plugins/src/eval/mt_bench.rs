@@ -403,7 +403,7 @@ impl Evaluator for MtBench {
         };
         let answers = answer(ctx, p, &qs, &model_id)?;
         let Some(((prompts, refs), js)) = judging else {
-            return answer_rows(ctx, p, &qs, &answers);
+            return answer_rows(ctx, &qs, &answers);
         };
         let judgments = judge(ctx, &js, &prompts, &refs, &qs, &answers, &model_id)?;
         let mut all = Means::default();
@@ -452,7 +452,6 @@ fn now() -> f64 {
 /// The mean answer length in tokens per turn, when there is no judge.
 fn answer_rows(
     ctx: &EvalContext<'_>,
-    _p: &ResolvedParams,
     qs: &[Question],
     answers: &BTreeMap<String, Answer>,
 ) -> Result<Vec<EvalRow>> {
@@ -520,6 +519,9 @@ fn answer(
                 "{}: the model or the settings changed; answering again",
                 file.display()
             );
+            // Gone before the new stamp is written, so that a run killed in
+            // between never pairs these answers with the new settings.
+            std::fs::remove_file(&file).map_err(|e| Error::io(&file, e))?;
         }
     }
     let complete = |q: &Question, a: Option<&Answer>| {
@@ -537,7 +539,6 @@ fn answer(
         tracing::info!("{}: every question already answered", file.display());
         return Ok(answers);
     }
-    // Answers written under other settings are gone from here on.
     write_atomic(
         &sidecar,
         serde_json::to_string_pretty(&stamp)
