@@ -229,8 +229,14 @@ pub struct Judgment {
 
 const ERROR: &str = "$ERROR$";
 
+/// What identifies a judgment: question, model, judge model, prompt name, turn.
+type JudgmentKey = (String, String, String, String, u32);
+
+/// The judge prompts by name, and the reference answers by question.
+type JudgeInputs = (HashMap<String, JudgePrompt>, HashMap<String, Vec<String>>);
+
 impl Judgment {
-    fn key(&self) -> (String, String, String, String, u32) {
+    fn key(&self) -> JudgmentKey {
         (
             id_key(&self.question_id),
             self.model.clone(),
@@ -296,10 +302,7 @@ fn reference<'a>(q: &'a Question, refs: &'a HashMap<String, Vec<String>>) -> Opt
 }
 
 /// Everything judging needs that can be checked before any model is loaded.
-fn check_judging(
-    js: &JudgeSettings,
-    qs: &[Question],
-) -> Result<(HashMap<String, JudgePrompt>, HashMap<String, Vec<String>>)> {
+fn check_judging(js: &JudgeSettings, qs: &[Question]) -> Result<JudgeInputs> {
     let mut problems = Vec::new();
     let prompts = read_judge_prompts(&js.prompts)?;
     let refs = match &js.references {
@@ -578,9 +581,9 @@ fn answer(
             for &i in &rows {
                 let q = chunk[i];
                 let mut conv = Vec::with_capacity(2 * t + 1);
-                for k in 0..t {
-                    conv.push(q.turns[k].clone());
-                    conv.push(done[i][k].clone());
+                for (question, answer) in q.turns[..t].iter().zip(&done[i]) {
+                    conv.push(question.clone());
+                    conv.push(answer.clone());
                 }
                 conv.push(q.turns[t].clone());
                 prompts.push(render_prompt(m.template.as_ref(), &conv)?);
@@ -682,7 +685,7 @@ fn judge(
     let file = dir.join(format!("{}_single.jsonl", safe_name(&judge_model)));
     // Read what is there; a later line for the same key replaces an earlier one.
     let mut lines: Vec<Line> = Vec::new();
-    let mut index: HashMap<(String, String, String, String, u32), usize> = HashMap::new();
+    let mut index: HashMap<JudgmentKey, usize> = HashMap::new();
     if let Ok(text) = std::fs::read_to_string(&file) {
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             match serde_json::from_str::<Judgment>(line) {
@@ -767,7 +770,7 @@ fn run_judge(
     file: &Path,
     model_id: &str,
     lines: &mut Vec<Line>,
-    index: &mut HashMap<(String, String, String, String, u32), usize>,
+    index: &mut HashMap<JudgmentKey, usize>,
 ) -> Result<()> {
     let judge = Judge::new(js.config.clone())?;
     let next = AtomicUsize::new(0);
