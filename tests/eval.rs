@@ -661,8 +661,10 @@ fn mt_bench_writes_fastchats_files_and_judges_through_failures() {
     // The key is in no file and no output.
     assert!(!all_text_under(d).contains(KEY) && !out.contains(KEY));
 
-    // A rerun judges only the failed ones (no-score judgments stand, as in FastChat).
-    let out2 = common::ok(&run(d, &mt_args(&url, &["--force"]), &env));
+    // The same command again judges only the failed ones (no-score judgments
+    // stand, as in FastChat): failures leave the stage not up to date.
+    assert!(out.contains("3 judgments of `pivot` failed"), "{out}");
+    let out2 = common::ok(&run(d, &mt_args(&url, &[]), &env));
     assert!(!out2.contains(KEY));
     let g = seen.lock().unwrap();
     let new: Vec<&Value> = g.bodies[requests..].iter().collect();

@@ -58,7 +58,25 @@ pub trait Evaluator: Send + Sync {
     fn check(&self, _params: &ResolvedParams, _data: &Path) -> Result<()> {
         Ok(())
     }
-    fn evaluate(&self, ctx: &EvalContext<'_>, params: &ResolvedParams) -> Result<Vec<EvalRow>>;
+    fn evaluate(&self, ctx: &EvalContext<'_>, params: &ResolvedParams) -> Result<Evaluation>;
+}
+
+/// What an evaluator found.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    pub rows: Vec<EvalRow>,
+    /// Why running again has work left (e.g. judge requests that failed):
+    /// the stage is then not recorded as up to date.
+    pub incomplete: Option<String>,
+}
+
+impl From<Vec<EvalRow>> for Evaluation {
+    fn from(rows: Vec<EvalRow>) -> Self {
+        Evaluation {
+            rows,
+            incomplete: None,
+        }
+    }
 }
 
 /// A built-in evaluator: `inventory::submit! { BuiltinEvaluator(|| Arc::new(Perplexity)) }`.

@@ -2,7 +2,9 @@
 //!
 //! The stage key covers the models' files (by content), their names, each
 //! evaluator's data file and resolved parameters; `eval.key.json`, written
-//! last, records it, so a rerun with the same key is up to date.
+//! last, records it, so a rerun with the same key is up to date. It is not
+//! written when an evaluator has work left (failed judge requests), so the
+//! next run retries that.
 
 use crate::eval::{report, EvalContext, EvalModel, EvalRow};
 use crate::io::model_dir::content_stamps;
@@ -173,6 +175,7 @@ pub fn eval(registry: &Registry, o: &EvalOptions) -> Result<EvalOutcome> {
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let _ = std::fs::remove_file(o.out.join(KEY_FILE));
     let mut rows = Vec::new();
+    let mut incomplete = Vec::new();
     for m in &o.models {
         for s in &o.specs {
             let entry = registry.evaluator(&s.evaluator)?;
@@ -191,10 +194,25 @@ pub fn eval(registry: &Registry, o: &EvalOptions) -> Result<EvalOutcome> {
                     s.evaluator, m.name
                 ))
             })?;
-            rows.extend(r);
+            rows.extend(r.rows);
+            incomplete.extend(r.incomplete);
         }
     }
     let files = report::write(&o.out, &rows)?;
+    if !incomplete.is_empty() {
+        // No key: the next run evaluates again, and the evaluators redo only
+        // what is missing.
+        for why in &incomplete {
+            tracing::warn!("eval: {why}");
+        }
+        return Ok(EvalOutcome {
+            rows,
+            files,
+            up_to_date: false,
+            seconds: start.elapsed().as_secs_f64(),
+            out: o.out.clone(),
+        });
+    }
     crate::io::writer::write_atomic(
         &o.out.join(KEY_FILE),
         serde_json::to_string_pretty(&serde_json::json!({"key": key}))

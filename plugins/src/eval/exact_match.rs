@@ -15,7 +15,7 @@
 
 use super::{bar, batch_param, int, load, max_new_tokens_param, template_param};
 use fusechat_core::data::conversation::{self, Conversation, Role};
-use fusechat_core::eval::{BuiltinEvaluator, EvalContext, EvalRow, Evaluator, Means};
+use fusechat_core::eval::{BuiltinEvaluator, EvalContext, Evaluation, Evaluator, Means};
 use fusechat_core::merge::params::ResolvedParams;
 use fusechat_core::model::generate::{chat_stops, replies, GenOptions};
 use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
@@ -113,7 +113,7 @@ impl Evaluator for ExactMatch {
         Ok(())
     }
 
-    fn evaluate(&self, ctx: &EvalContext<'_>, p: &ResolvedParams) -> Result<Vec<EvalRow>> {
+    fn evaluate(&self, ctx: &EvalContext<'_>, p: &ResolvedParams) -> Result<Evaluation> {
         let data = conversation::load(ctx.data, false)?;
         let m = load(ctx, p)?;
         let norm = Normalise {
@@ -169,7 +169,9 @@ impl Evaluator for ExactMatch {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let file = dir.join(format!("{}.jsonl", safe_name(&ctx.model.name)));
         fusechat_core::io::writer::write_atomic(&file, lines.as_bytes())?;
-        Ok(means.rows(&ctx.model.name, "exact_match", "accuracy", |x| x))
+        Ok(means
+            .rows(&ctx.model.name, "exact_match", "accuracy", |x| x)
+            .into())
     }
 }
 

@@ -27,7 +27,7 @@
 use super::exact_match::safe_name;
 use super::{bar, batch_param, int, load, max_new_tokens_param, template_param};
 use fusechat_core::eval::judge::{fill, score, Judge, JudgeConfig, JudgeError};
-use fusechat_core::eval::{BuiltinEvaluator, EvalContext, EvalRow, Evaluator, Means};
+use fusechat_core::eval::{BuiltinEvaluator, EvalContext, EvalRow, Evaluation, Evaluator, Means};
 use fusechat_core::io::writer::write_atomic;
 use fusechat_core::merge::params::ResolvedParams;
 use fusechat_core::model::generate::{chat_stops, render_prompt, replies, GenOptions};
@@ -389,7 +389,7 @@ impl Evaluator for MtBench {
         Ok(())
     }
 
-    fn evaluate(&self, ctx: &EvalContext<'_>, p: &ResolvedParams) -> Result<Vec<EvalRow>> {
+    fn evaluate(&self, ctx: &EvalContext<'_>, p: &ResolvedParams) -> Result<Evaluation> {
         let qs = read_questions(ctx.data)?;
         let judging = match judge_settings(p)? {
             Some(js) => Some((check_judging(&js, &qs)?, js)),
@@ -406,7 +406,7 @@ impl Evaluator for MtBench {
         };
         let answers = answer(ctx, p, &qs, &model_id)?;
         let Some(((prompts, refs), js)) = judging else {
-            return answer_rows(ctx, &qs, &answers);
+            return answer_rows(ctx, &qs, &answers).map(Evaluation::from);
         };
         let judgments = judge(ctx, &js, &prompts, &refs, &qs, &answers, &model_id)?;
         let mut all = Means::default();
@@ -442,7 +442,13 @@ impl Evaluator for MtBench {
                 judgments.len()
             );
         }
-        Ok(rows)
+        let failed = judgments.iter().filter(|j| j.judgment == ERROR).count();
+        Ok(Evaluation {
+            rows,
+            incomplete: (failed > 0).then(|| {
+                format!("{failed} judgments of `{name}` failed (recorded as $ERROR$); run again to retry them")
+            }),
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use fusechat_core::data::conversation;
 use fusechat_core::data::repr::loss_positions;
 use fusechat_core::data::represent::cross_entropy;
 use fusechat_core::data::template::Encoded;
-use fusechat_core::eval::{BuiltinEvaluator, EvalContext, EvalRow, Evaluator, Means};
+use fusechat_core::eval::{BuiltinEvaluator, EvalContext, Evaluation, Evaluator, Means};
 use fusechat_core::merge::params::ResolvedParams;
 use fusechat_core::model::{candle_error as ce, CausalLm};
 use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
@@ -49,7 +49,7 @@ impl Evaluator for Perplexity {
         conversation::load(data, false).map(|_| ())
     }
 
-    fn evaluate(&self, ctx: &EvalContext<'_>, p: &ResolvedParams) -> Result<Vec<EvalRow>> {
+    fn evaluate(&self, ctx: &EvalContext<'_>, p: &ResolvedParams) -> Result<Evaluation> {
         let data = conversation::load(ctx.data, false)?;
         if !data.skipped.is_empty() {
             tracing::warn!(
@@ -96,7 +96,7 @@ impl Evaluator for Perplexity {
         let name = &ctx.model.name;
         let mut rows = means.rows(name, "perplexity", "ce", |x| x);
         rows.extend(means.rows(name, "perplexity", "perplexity", f64::exp));
-        Ok(rows)
+        Ok(rows.into())
     }
 }
 
