@@ -172,6 +172,12 @@ impl Template {
         Ok(r)
     }
 
+    /// Whether a rendered text already starts with BOS (an `hf` template that
+    /// writes it), so that tokenizing must not add another.
+    pub fn starts_with_bos(&self, text: &str) -> bool {
+        matches!(self, Template::Hf { bos, .. } if !bos.is_empty() && text.starts_with(bos.as_str()))
+    }
+
     /// The prompt for generating the next assistant turn after `turns` (which end with the user).
     pub fn prompt(&self, system: Option<&str>, turns: &[Turn]) -> Result<String> {
         if let Template::Hf { .. } = self {
@@ -451,6 +457,11 @@ mod tests {
         // The difference of prefix renders includes the newline after <|im_end|>.
         assert_eq!(labelled(&hf), ["a1<|im_end|>\n", "a2<|im_end|>\n"]);
         assert!(!hf.has_bos);
+        assert!(t.starts_with_bos("<s><|im_start|>user") && !t.starts_with_bos("<|im_start|>user"));
+        assert!(
+            !Template::Openchat.starts_with_bos("<s>GPT4"),
+            "built-ins leave BOS to the tokenizer"
+        );
         let bad = Template::Hf {
             source: "{{ raise_exception('nope') }}".into(),
             bos: String::new(),

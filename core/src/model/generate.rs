@@ -314,7 +314,10 @@ pub fn reply(
 ) -> Result<String> {
     let prompt = render_prompt(template, turns)?;
     let enc = tok
-        .encode(prompt.as_str(), true)
+        .encode(
+            prompt.as_str(),
+            !template.is_some_and(|t| t.starts_with_bos(&prompt)),
+        )
         .map_err(|e| Error::msg(format!("encoding the prompt: {e}")))?;
     let decode = |ids: &[u32]| {
         tok.decode(ids, true)
@@ -339,7 +342,7 @@ pub fn reply(
     Ok(text.trim().to_string())
 }
 
-/// Replies to several rendered prompts, generated `batch` at a time with
+/// Replies to several prompts rendered with `template`, generated `batch` at a time with
 /// [`generate_batch`] (prompts of similar length share a batch, so padding
 /// stays small); each decoded without special tokens and trimmed. `on_done`
 /// is called with the number of replies each batch completes.
@@ -347,6 +350,7 @@ pub fn reply(
 pub fn replies(
     model: &dyn CausalLm,
     tok: &Tokenizer,
+    template: Option<&Template>,
     prompts: &[String],
     opts: &[GenOptions],
     batch: usize,
@@ -362,7 +366,7 @@ pub fn replies(
     let encoded: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            tok.encode(p.as_str(), true)
+            tok.encode(p.as_str(), !template.is_some_and(|t| t.starts_with_bos(p)))
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| Error::msg(format!("encoding a prompt: {e}")))
         })

@@ -145,6 +145,7 @@ impl Evaluator for ExactMatch {
         let answers = replies(
             m.model.as_ref(),
             &m.tok,
+            m.template.as_ref(),
             &prompts,
             &vec![opts; prompts.len()],
             int(p, "batch_size")?,

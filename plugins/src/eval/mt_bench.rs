@@ -602,7 +602,15 @@ fn answer(
                     ..Default::default()
                 });
             }
-            let texts = replies(m.model.as_ref(), &m.tok, &prompts, &opts, batch, |_| {})?;
+            let texts = replies(
+                m.model.as_ref(),
+                &m.tok,
+                m.template.as_ref(),
+                &prompts,
+                &opts,
+                batch,
+                |_| {},
+            )?;
             for (&i, text) in rows.iter().zip(texts) {
                 done[i].push(text);
             }
