@@ -158,15 +158,9 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// Criterion draws its charts with plotters, whose fonts fusechat registers.
-fn config() -> Criterion {
-    fusechat::core::eval::report::register_fonts();
-    Criterion::default()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion_config();
     targets = bench
 }
 criterion_main!(benches);

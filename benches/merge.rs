@@ -15,6 +15,8 @@ use fusechat::core::merge::plan::{plan, MergeRequest, ModelInput};
 use fusechat::core::pipeline::miniature::{generate, MiniatureSpec};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn model_set() -> (PathBuf, Vec<PathBuf>) {
     let layers = std::env::var("FUSECHAT_BENCH_LAYERS")
         .ok()
@@ -84,15 +86,9 @@ fn bench(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// Criterion draws its charts with plotters, whose fonts fusechat registers.
-fn config() -> Criterion {
-    fusechat::core::eval::report::register_fonts();
-    Criterion::default()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion_config();
     targets = bench
 }
 criterion_main!(benches);

@@ -9,6 +9,8 @@ use fusechat::core::merge::params::{ResolvedParams, Scalar};
 use fusechat::core::merge::{Merger, TensorBuf, TensorGroup};
 use std::path::PathBuf;
 
+mod common;
+
 fn plugin_path() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let status = std::process::Command::new(env!("CARGO"))
@@ -81,15 +83,9 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// Criterion draws its charts with plotters, whose fonts fusechat registers.
-fn config() -> Criterion {
-    fusechat::core::eval::report::register_fonts();
-    Criterion::default()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion_config();
     targets = bench
 }
 criterion_main!(benches);

@@ -198,15 +198,9 @@ fn bench_align(c: &mut Criterion) {
     g.finish();
 }
 
-/// Criterion draws its charts with plotters, whose fonts fusechat registers.
-fn config() -> Criterion {
-    fusechat::core::eval::report::register_fonts();
-    Criterion::default()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::criterion_config();
     targets = bench_top_k, bench_align, bench_represent
 }
 criterion_main!(benches);

@@ -8,6 +8,13 @@ use fusechat::core::io::hf_dir::write_hf_dir;
 use fusechat::plugins::models::decoder::DecoderConfig;
 use std::path::{Path, PathBuf};
 
+/// Criterion's settings for every bench. Criterion draws its charts with
+/// plotters, whose fonts fusechat registers (plotters looks up no system font).
+pub fn criterion_config() -> criterion::Criterion {
+    fusechat::core::eval::report::register_fonts();
+    criterion::Criterion::default()
+}
+
 pub fn bench_data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/bench-data")
