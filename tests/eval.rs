@@ -85,24 +85,20 @@ fn perplexity_is_the_token_mean_ce_of_an_independent_forward() {
     let d = tmp.path();
     let pivot = setup(d);
     let data = categorised(d, 7);
-    let o = run(
-        d,
-        &[
-            "eval",
-            "--model",
-            "m/pivot",
-            "--evaluator",
-            "perplexity",
-            "--data",
-            "held_out.jsonl",
-            "--out",
-            "ev",
-            "--set",
-            "batch_size=3",
-            "--no-progress",
-        ],
-        &[],
-    );
+    let args = [
+        "eval",
+        "--model",
+        "m/pivot",
+        "--evaluator",
+        "perplexity",
+        "--data",
+        "held_out.jsonl",
+        "--out",
+        "ev",
+        "--set",
+        "batch_size=3",
+    ];
+    let o = run(d, &[&args[..], &["--no-progress"]].concat(), &[]);
     let text = common::ok(&o);
     assert!(
         text.contains("ev/eval.json") && text.contains("ev/eval.png"),
@@ -162,19 +158,6 @@ fn perplexity_is_the_token_mean_ce_of_an_independent_forward() {
     }
     assert_eq!(sums.len(), 3, "overall, alpha and beta");
     // Up to date on a rerun; --force recomputes the same numbers.
-    let args = [
-        "eval",
-        "--model",
-        "m/pivot",
-        "--evaluator",
-        "perplexity",
-        "--data",
-        "held_out.jsonl",
-        "--out",
-        "ev",
-        "--set",
-        "batch_size=3",
-    ];
     let again = common::ok(&run(d, &args, &[]));
     assert!(again.contains("up to date"), "{again}");
     common::ok(&run(d, &[&args[..], &["--force"]].concat(), &[]));
