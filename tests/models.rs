@@ -537,3 +537,66 @@ fn unusable_config_values_are_errors_naming_the_field() {
     c["num_key_value_heads"] = json!(3);
     assert!(err(&c).contains("multiple of num_key_value_heads (3)"));
 }
+
+/// The KV cache grows past its first capacity (64 positions, then doubling)
+/// without changing a logit; a left-padded batch gives each row the logits of
+/// that row run alone.
+#[test]
+fn the_cache_grows_and_left_padded_rows_match_their_own_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in FLAVOURS {
+        let d = tmp.path().join(f.name());
+        make(&d, &config(f), 5);
+        let m = load(&d);
+        let seq: Vec<u32> = (0..150).map(|i| (i * 7 + i / 3) % 40).collect();
+        let mut cache = KvCache::default();
+        m.forward_cached(&ids(&seq[..50]), None, &mut cache)
+            .unwrap();
+        for n in 51..=seq.len() {
+            let step = m
+                .forward_cached(&ids(&seq[n - 1..n]), None, &mut cache)
+                .unwrap();
+            let full = m
+                .forward(&ids(&seq[..n]), &ones(n))
+                .unwrap()
+                .narrow(1, n - 1, 1)
+                .unwrap();
+            assert!(max_diff(&step, &full) <= 1e-4, "{f:?} position {n}");
+        }
+        assert_eq!(cache.len(), seq.len());
+
+        // Two prompts (5 and 9 tokens), left-padded into one batch, then 12 shared steps.
+        let (a, b) = (&seq[100..105], &seq[20..29]);
+        let width = b.len();
+        let mut input: Vec<u32> = vec![0; width - a.len()];
+        input.extend_from_slice(a);
+        input.extend_from_slice(b);
+        let mut mask: Vec<Vec<u32>> = vec![
+            [vec![0; width - a.len()], vec![1; a.len()]].concat(),
+            vec![1; width],
+        ];
+        let mut rows = [a.to_vec(), b.to_vec()];
+        let mut cache = KvCache::default();
+        let mut x = Tensor::from_vec(input, (2, width), &Device::Cpu).unwrap();
+        for step in 0..12 {
+            let got = m
+                .forward_cached(&x, Some(&mask.concat()), &mut cache)
+                .unwrap();
+            for (r, row) in rows.iter().enumerate() {
+                let alone = m
+                    .forward(&ids(row), &ones(row.len()))
+                    .unwrap()
+                    .narrow(1, row.len() - 1, 1)
+                    .unwrap();
+                let mine = got.narrow(0, r, 1).unwrap();
+                assert!(max_diff(&mine, &alone) <= 1e-4, "{f:?} row {r} step {step}");
+            }
+            let next = [seq[step], seq[step + 60]];
+            for (r, t) in next.iter().enumerate() {
+                rows[r].push(*t);
+                mask[r].push(1);
+            }
+            x = Tensor::from_vec(next.to_vec(), (2, 1), &Device::Cpu).unwrap();
+        }
+    }
+}
