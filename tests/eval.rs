@@ -418,7 +418,8 @@ fn judge_prompts(path: &Path) {
 
 const KEY: &str = "sk-test-SECRET-4b1d";
 
-fn mt_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+/// `fusechat eval` of mt_bench on the miniature's pivot, into `ev`, with `extra`.
+fn mt_bench<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "eval",
         "--model",
@@ -430,6 +431,14 @@ fn mt_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         "--out",
         "ev",
         "--no-progress",
+    ];
+    a.extend(extra);
+    a
+}
+
+/// [`mt_bench`] with the loopback judge at `url` and short timeouts.
+fn mt_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = mt_bench(&[
         "--set",
         "max_new_tokens=5",
         "--set",
@@ -448,8 +457,8 @@ fn mt_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         "judge_retries=2",
         "--set",
         "judge_backoff=0.01",
-    ];
-    a.extend(["--set"]);
+    ]);
+    a.push("--set");
     a.push(Box::leak(format!("judge_url={url}").into_boxed_str()));
     a.extend(extra);
     a
@@ -842,20 +851,7 @@ fn mt_bench_answers_resume_and_follow_the_settings() {
         ],
     );
     let answer = |n: &str, extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            "m/pivot",
-            "--evaluator",
-            "mt_bench",
-            "--data",
-            "q.jsonl",
-            "--out",
-            "ev",
-            "--set",
-            n,
-        ];
-        args.extend(extra);
+        let args = [&mt_bench(&["--set", n])[..], extra].concat();
         let out = common::ok(&run(d, &args, &[]));
         (out, lines(&d.join("ev/model_answer/pivot.jsonl")))
     };
@@ -882,22 +878,7 @@ fn mt_bench_answers_resume_and_follow_the_settings() {
     // An answer file fusechat did not write is never overwritten.
     std::fs::remove_file(d.join("ev/model_answer/pivot.fusechat.json")).unwrap();
     let before = std::fs::read(d.join("ev/model_answer/pivot.jsonl")).unwrap();
-    let err = common::fails(&run(
-        d,
-        &[
-            "eval",
-            "--model",
-            "m/pivot",
-            "--evaluator",
-            "mt_bench",
-            "--data",
-            "q.jsonl",
-            "--out",
-            "ev",
-            "--force",
-        ],
-        &[],
-    ));
+    let err = common::fails(&run(d, &mt_bench(&["--force"]), &[]));
     assert!(err.contains("fusechat did not write it"), "{err}");
     assert_eq!(
         std::fs::read(d.join("ev/model_answer/pivot.jsonl")).unwrap(),

@@ -128,7 +128,8 @@ fn cached_steps_equal_recomputing_the_prefix() {
         let d = tmp.path().join(f.name());
         make(&d, &config(f), 3);
         let m = load(&d);
-        let seq = [5u32, 17, 2, 33, 8, 8, 21, 14];
+        // 150 tokens: the cache grows past its first capacity (64 positions, then doubling)
+        let seq: Vec<u32> = (0..150).map(|i| (i * 7 + i / 3) % 40).collect();
         let mut cache = KvCache::default();
         // a 3-token prompt, then one token at a time
         let first = m.forward_cached(&ids(&seq[..3]), None, &mut cache).unwrap();
@@ -538,33 +539,15 @@ fn unusable_config_values_are_errors_naming_the_field() {
     assert!(err(&c).contains("multiple of num_key_value_heads (3)"));
 }
 
-/// The KV cache grows past its first capacity (64 positions, then doubling)
-/// without changing a logit; a left-padded batch gives each row the logits of
-/// that row run alone.
+/// A left-padded batch gives each row the logits of that row run alone.
 #[test]
-fn the_cache_grows_and_left_padded_rows_match_their_own_run() {
+fn left_padded_rows_match_their_own_run() {
     let tmp = tempfile::tempdir().unwrap();
     for f in FLAVOURS {
         let d = tmp.path().join(f.name());
         make(&d, &config(f), 5);
         let m = load(&d);
         let seq: Vec<u32> = (0..150).map(|i| (i * 7 + i / 3) % 40).collect();
-        let mut cache = KvCache::default();
-        m.forward_cached(&ids(&seq[..50]), None, &mut cache)
-            .unwrap();
-        for n in 51..=seq.len() {
-            let step = m
-                .forward_cached(&ids(&seq[n - 1..n]), None, &mut cache)
-                .unwrap();
-            let full = m
-                .forward(&ids(&seq[..n]), &ones(n))
-                .unwrap()
-                .narrow(1, n - 1, 1)
-                .unwrap();
-            assert!(max_diff(&step, &full) <= 1e-4, "{f:?} position {n}");
-        }
-        assert_eq!(cache.len(), seq.len());
-
         // Two prompts (5 and 9 tokens), left-padded into one batch, then 12 shared steps.
         let (a, b) = (&seq[100..105], &seq[20..29]);
         let width = b.len();
