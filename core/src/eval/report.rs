@@ -153,11 +153,15 @@ pub fn register_fonts() {
 
 fn chart_size(rows: &[EvalRow]) -> (u32, u32) {
     let n = panels(rows).len().max(1) as u32;
-    (960, 360 * n)
+    (960 + LEGEND_WIDTH, 360 * n)
 }
 
-/// One colour per model (a colour-blind-safe palette, then repeated).
-const PALETTE: [(u8, u8, u8); 10] = [
+/// Pixels to the right of each panel for its legend, clear of the bars.
+const LEGEND_WIDTH: u32 = 220;
+
+/// One colour per model (a colour-blind-safe palette, then more distinct
+/// ones; repeated past 14 models).
+const PALETTE: [(u8, u8, u8); 14] = [
     (0, 114, 178),
     (230, 159, 0),
     (0, 158, 115),
@@ -168,6 +172,10 @@ const PALETTE: [(u8, u8, u8); 10] = [
     (0, 0, 0),
     (120, 120, 120),
     (150, 80, 40),
+    (110, 70, 190),
+    (150, 200, 70),
+    (190, 30, 60),
+    (40, 60, 110),
 ];
 
 fn draw<DB: plotters::prelude::DrawingBackend>(
@@ -199,7 +207,9 @@ where
         let i = models.iter().position(|x| *x == m).unwrap_or(0) % PALETTE.len();
         RGBColor(PALETTE[i].0, PALETTE[i].1, PALETTE[i].2)
     };
-    for (p, area) in ps.iter().zip(areas.iter()) {
+    for (p, panel) in ps.iter().zip(areas.iter()) {
+        let (w, _) = panel.dim_in_pixel();
+        let (area, key) = panel.split_horizontally(w.saturating_sub(LEGEND_WIDTH));
         let vals: Vec<f64> = p
             .values
             .values()
@@ -216,7 +226,7 @@ where
         }
         let span = top - bottom;
         let (ncat, nmod) = (p.categories.len(), p.models.len().max(1));
-        let mut chart = ChartBuilder::on(area)
+        let mut chart = ChartBuilder::on(&area)
             .caption(
                 format!("{} · {}", p.evaluator, p.metric),
                 ("sans-serif", 18),
@@ -267,20 +277,14 @@ where
                     })
                 })
                 .collect();
-            chart
-                .draw_series(bars)
-                .map_err(|e| e.to_string())?
-                .label(m.to_string())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+            chart.draw_series(bars).map_err(|e| e.to_string())?;
+            // The legend, beside the plot: a swatch and the model's name.
+            let y = 48 + 20 * mi as i32;
+            key.draw(&Rectangle::new([(8, y - 5), (20, y + 5)], c.filled()))
+                .map_err(|e| e.to_string())?;
+            key.draw(&Text::new(m.to_string(), (26, y - 7), ("sans-serif", 13)))
+                .map_err(|e| e.to_string())?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.85))
-            .label_font(("sans-serif", 13))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
 }
