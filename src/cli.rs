@@ -614,6 +614,16 @@ fn model_labels(pipeline: &fusechat_core::pipeline::Pipeline, n: usize) -> Vec<S
     }
 }
 
+/// Size candle's compute pools (its elementwise pool and its GEMM threads
+/// read these variables once, at their first use): `n` threads, or their
+/// default of one per core when `n` is 0. Call before any tensor work.
+fn set_compute_threads(n: usize) {
+    if n > 0 {
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
     use fusechat_core::pipeline::{summary_table, Outcome, Pipeline};
     let cfg = Config::load(&args.config)?;
@@ -622,15 +632,21 @@ fn cmd_run(args: &RunArgs, plugins: &[PathBuf]) -> Result<()> {
     if args.dry_run {
         return emit(&pipeline.describe(registry));
     }
+    let mut exec = args.exec.options()?;
+    if exec.threads == 0 {
+        exec.threads = cfg.run.threads;
+    }
+    set_compute_threads(exec.threads);
     let mut printed: Result<()> = Ok(());
-    let results = pipeline.run(registry, &args.exec.options()?, |r| {
+    let results = pipeline.run(registry, &exec, |r| {
         if printed.is_ok() {
             printed = emit(&format!("{}\n", r.line()));
         }
     })?;
     printed?;
     for r in &results {
-        if let Outcome::Merge(Some(report)) = &r.outcome {
+        // The main merge's weights (the extra merges are for comparison).
+        if let (Outcome::Merge(Some(report)), "merge") = (&r.outcome, r.name.as_str()) {
             let n = report.weights.first().map_or(0, |(_, w)| w.len());
             let method = cfg.merge.as_ref().map_or("", |m| m.method.as_str());
             emit(&format!(

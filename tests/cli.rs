@@ -204,8 +204,7 @@ fn hf_ids_resolve_from_the_local_cache() {
 fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let repo_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusechat.toml");
-    std::fs::copy(repo_cfg, d.join("fusechat.toml")).unwrap();
+    std::fs::write(d.join("fusechat.toml"), small_default_config()).unwrap();
     let log = ok(&fusechat(d, &["run"]));
     // the default run fuses each source into a target, then merges the targets with VaRM
     assert!(
@@ -216,7 +215,17 @@ fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
             && log.contains("lm_head.weight"),
         "{log}"
     );
-    for t in ["targets/mixtral", "targets/solar", "merged"] {
+    let merges = [
+        "merged",
+        "merged-linear",
+        "merged-task_arithmetic",
+        "merged-ties",
+        "merged-slerp",
+    ];
+    for t in ["targets/mixtral", "targets/solar", "targets/sft"]
+        .iter()
+        .chain(&merges)
+    {
         assert!(
             d.join("runs/default")
                 .join(t)
@@ -230,21 +239,37 @@ fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(reports.join("eval.json")).unwrap()).unwrap();
     let rows = v["results"].as_array().unwrap();
-    for m in [
+    let models = [
         "pivot",
         "mixtral",
         "solar",
+        "sft",
         "target:mixtral",
         "target:solar",
         "merge:varm",
-    ] {
+        "merge:linear",
+        "merge:task_arithmetic",
+        "merge:ties",
+        "merge:slerp",
+    ];
+    for m in models {
+        // exact match per skill: metric `accuracy`, the skill as `category`,
+        // on the held-out split's 8 records per skill
+        for skill in ["add", "reverse", "capital"] {
+            let acc = rows
+                .iter()
+                .find(|r| r["model"] == m && r["metric"] == "accuracy" && r["category"] == skill)
+                .unwrap_or_else(|| panic!("no accuracy of {m} on {skill}: {v}"));
+            let x = acc["value"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x) && acc["n"] == 8, "{acc}");
+        }
         let ppl = rows
             .iter()
             .find(|r| r["model"] == m && r["metric"] == "perplexity" && r["category"].is_null())
             .unwrap_or_else(|| panic!("no perplexity of {m}: {v}"));
         let x = ppl["value"].as_f64().unwrap();
         assert!(
-            x.is_finite() && x > 1.0 && ppl["n"].as_u64().unwrap() > 50,
+            x.is_finite() && x > 1.0 && ppl["n"].as_u64().unwrap() >= 24,
             "{ppl}"
         );
         assert!(
@@ -260,7 +285,11 @@ fn run_uses_fusechat_toml_and_skips_when_up_to_date() {
         log.contains("up to date") && log.contains("eval: "),
         "{log}"
     );
-    assert!(!log.contains("eval                 ran"), "{log}");
+    let table = &log[log.rfind("stage ").expect("a summary table")..];
+    // every stage but `filter` (which always runs: it reads manifests only)
+    for line in table.lines().skip(1).filter(|l| !l.starts_with("filter ")) {
+        assert!(line.contains(" up to date "), "{line}\n{log}");
+    }
     ok(&fusechat(d, &["run", "--force"]));
     let again: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(reports.join("eval.json")).unwrap()).unwrap();
@@ -588,13 +617,13 @@ fn run_reports_every_config_problem_before_any_stage_runs() {
             "[[sources]]\nname = \"gone\"\npath = \"models/nowhere\"\naligner = \"identity\"\n\n[represent]",
         )
         .replace("name = \"perplexity\"", "name = \"perplexity\"\nparameters = { batch_size = 0 }")
-        .replace("[eval]\n", "[eval]\nmodels = [\"pivot\", \"merge:ties\"]\n");
+        .replace("[eval]\n", "[eval]\nmodels = [\"pivot\", \"merge:dare_ties\"]\n");
     std::fs::write(d.join("fusechat.toml"), text).unwrap();
     for args in [&["run"][..], &["run", "--dry-run"][..]] {
         let err = fails(&fusechat(d, args));
         assert!(err.contains("fusechat.toml has 5 problem(s)"), "{err}");
         assert!(
-            err.contains("[eval] models: this run has no model `merge:ties`")
+            err.contains("[eval] models: this run has no model `merge:dare_ties`")
                 && err.contains("merge:vram")
                 && err.contains("batch_size"),
             "{err}"
@@ -631,8 +660,7 @@ fn run_reports_every_config_problem_before_any_stage_runs() {
 fn dry_run_prints_the_stage_plan_and_run_ends_with_a_summary() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let repo_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusechat.toml");
-    std::fs::copy(&repo_cfg, d.join("fusechat.toml")).unwrap();
+    std::fs::write(d.join("fusechat.toml"), small_default_config()).unwrap();
     let stages = [
         "miniature",
         "represent pivot",
@@ -641,7 +669,15 @@ fn dry_run_prints_the_stage_plan_and_run_ends_with_a_summary() {
         "represent solar",
         "align solar",
         "filter",
+        "fuse mixtral",
+        "fuse solar",
+        "fuse sft",
         "merge",
+        "merge linear",
+        "merge task_arithmetic",
+        "merge ties",
+        "merge slerp",
+        "eval",
     ];
     let plan = ok(&fusechat(d, &["run", "--dry-run"]));
     for s in stages {
@@ -681,6 +717,9 @@ fn dry_run_prints_the_stage_plan_and_run_ends_with_a_summary() {
     let plan = ok(&fusechat(d, &["run", "--dry-run"]));
     let merge = plan.lines().find(|l| l.contains(" merge ")).unwrap();
     assert!(merge.contains("its inputs or settings changed"), "{plan}");
+    // the extra merges take the same targets, not VaRM's parameters
+    let linear = plan.lines().find(|l| l.contains(" merge linear ")).unwrap();
+    assert!(linear.contains("up to date"), "{plan}");
     let align = plan.lines().find(|l| l.contains(" align solar ")).unwrap();
     assert!(align.contains("up to date"), "{plan}");
 }
@@ -822,4 +861,35 @@ fn the_paper_setup_example_plans_with_stand_in_models() {
         err.contains("[[sources]] solar") && err.contains("no tokenizer.json"),
         "{err}"
     );
+}
+
+/// Mistakes in `[miniature]`, `[[merge.extra]]` and `[run]` are reported
+/// together, each naming its table and field, before anything runs.
+#[test]
+fn miniature_and_extra_merge_mistakes_are_reported_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let text = small_default_config()
+        .replace("family = \"mixtral\"", "family = \"mixtrall\"")
+        .replace("skill = \"reverse\"", "skill = \"revers\"")
+        .replace("focus = 0.6", "focus = 1.5")
+        .replace("threads = 1 ", "threads = 5000 ")
+        .replace("method = \"linear\"", "method = \"ties\"")
+        .replace("parameters = { t = 0.5 }", "parameters = { t = 2.0 }");
+    std::fs::write(d.join("fusechat.toml"), text).unwrap();
+    for args in [&["run"][..], &["run", "--dry-run"][..]] {
+        let err = fails(&fusechat(d, args));
+        for want in [
+            "[[miniature.sources]] #1 family: `mixtrall` (use one of",
+            "[[miniature.sources]] #2 skill: `revers` (use one of add, reverse, capital)",
+            "[miniature] focus = 1.5, little = 0.03",
+            "[run] threads = 5000: at most 1024",
+            "[merge] extra[2] method: `ties` is merged twice",
+            "[merge] extra[3] parameters",
+        ] {
+            assert!(err.contains(want), "missing `{want}` in:\n{err}");
+        }
+        assert!(err.contains("fusechat.toml has 6 problem(s)"), "{err}");
+        assert!(!d.join("runs").exists(), "something ran:\n{err}");
+    }
 }

@@ -205,3 +205,36 @@ pub fn python_with_safetensors() -> Option<String> {
     eprintln!("SKIPPED: {msg}");
     None
 }
+
+/// The repo's fusechat.toml with the miniature's training and the fusion cut
+/// to a few steps and records, so that the whole default run fits a
+/// debug-build test. Everything else (models, skills, stages, merges,
+/// evaluators) is as written.
+pub fn small_default_config() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusechat.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let small = [
+        ("steps", "12"),
+        ("train_records", "96"),
+        ("fusion_records", "64"),
+        ("held_out", "8"),
+        ("max_steps", "6"),
+    ];
+    let mut cut = Vec::new();
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            for (k, v) in small {
+                if l.starts_with(&format!("{k} =")) {
+                    cut.push(k);
+                    return format!("{k} = {v}");
+                }
+            }
+            l.to_string()
+        })
+        .collect();
+    for (k, _) in small {
+        assert!(cut.contains(&k), "fusechat.toml has no `{k} =` line to cut");
+    }
+    lines.join("\n") + "\n"
+}

@@ -84,7 +84,8 @@ pub mod defaults {
 pub struct Config {
     #[serde(default)]
     pub run: RunSection,
-    pub miniature: Option<MiniatureSection>,
+    /// The skilled miniature (the default run's models and data).
+    pub miniature: Option<crate::pipeline::miniature::SkilledSpec>,
     pub data: Option<DataSection>,
     pub pivot: Option<ModelSection>,
     #[serde(default)]
@@ -107,67 +108,24 @@ pub struct Config {
 pub struct RunSection {
     #[serde(default = "default_run_dir")]
     pub dir: PathBuf,
+    /// Compute threads (default 0: one per core); `--threads` overrides it.
+    /// Models as small as the miniature's run fastest on one: with more,
+    /// each tiny operation costs more in synchronisation than it saves.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 impl Default for RunSection {
     fn default() -> Self {
         RunSection {
             dir: default_run_dir(),
+            threads: 0,
         }
     }
 }
 
 fn default_run_dir() -> PathBuf {
     PathBuf::from(defaults::RUN_DIR)
-}
-
-/// A tiny deterministic model set: a Mistral-shaped pivot and perturbed fine-tunes.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MiniatureSection {
-    pub out: PathBuf,
-    #[serde(default = "d_vocab")]
-    pub vocab_size: usize,
-    #[serde(default = "d_hidden")]
-    pub hidden_size: usize,
-    #[serde(default = "d_inter")]
-    pub intermediate_size: usize,
-    #[serde(default = "d_layers")]
-    pub num_layers: usize,
-    #[serde(default = "d_heads")]
-    pub num_heads: usize,
-    #[serde(default = "d_kv")]
-    pub num_kv_heads: usize,
-    #[serde(default = "d_targets")]
-    pub targets: Vec<String>,
-    #[serde(default = "d_dtype")]
-    pub dtype: String,
-    #[serde(default)]
-    pub seed: u64,
-}
-fn d_vocab() -> usize {
-    512
-}
-fn d_hidden() -> usize {
-    64
-}
-fn d_inter() -> usize {
-    176
-}
-fn d_layers() -> usize {
-    4
-}
-fn d_heads() -> usize {
-    4
-}
-fn d_kv() -> usize {
-    2
-}
-fn d_targets() -> Vec<String> {
-    vec!["target_mixtral".into(), "target_solar".into()]
-}
-fn d_dtype() -> String {
-    "bf16".into()
 }
 
 /// `[data]`: the chat dataset and how records become tokens.
@@ -362,6 +320,23 @@ pub struct MergeSection {
     /// Merge models whose config.json architectures differ.
     #[serde(default)]
     pub allow_config_mismatch: bool,
+    /// More merges of the same models with other methods, for comparison
+    /// (`[[merge.extra]]`); each is its own stage and its own model in the
+    /// reports (`merge:<method>`).
+    #[serde(default)]
+    pub extra: Vec<ExtraMerge>,
+}
+
+/// One `[[merge.extra]]` entry: the main merge's models, base, dtype and
+/// seed, with another method and its own parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraMerge {
+    pub method: String,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+    /// Default: the main merge's `out` with `-<method>` appended.
+    pub out: Option<PathBuf>,
 }
 
 /// `[eval]`: the evaluators to run on the run's models, after every other stage.
@@ -497,6 +472,37 @@ impl Config {
             })?;
         }
         Ok(req)
+    }
+
+    /// The `[[merge.extra]]` entries as requests, each a copy of `main` (the
+    /// main merge, its models already filled in) with its own method,
+    /// parameters and output.
+    pub fn extra_merge_requests(&self, main: &MergeRequest) -> Result<Vec<MergeRequest>> {
+        let Some(m) = &self.merge else {
+            return Ok(Vec::new());
+        };
+        let in_file = |e: Error| Error::config(&self.file, e.to_string());
+        m.extra
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                let mut req = main.clone();
+                req.method = x.method.clone();
+                req.origin = format!("{} [[merge.extra]] {i}", self.file.display());
+                req.params =
+                    toml_settings(&x.parameters, &format!("[merge] extra[{i}].parameters"))
+                        .map_err(in_file)?;
+                req.out = match &x.out {
+                    Some(o) => self.resolve(o),
+                    None => {
+                        let mut name = main.out.file_name().unwrap_or_default().to_os_string();
+                        name.push(format!("-{}", x.method));
+                        main.out.with_file_name(name)
+                    }
+                };
+                Ok(req)
+            })
+            .collect()
     }
 }
 

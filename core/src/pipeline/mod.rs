@@ -16,6 +16,7 @@ pub mod miniature;
 mod resolve;
 #[cfg(all(feature = "candle", feature = "data"))]
 mod run;
+pub mod skills;
 
 #[cfg(all(feature = "candle", feature = "data"))]
 pub use run::{summary_table, Job, Outcome, Pipeline, Stage, StageResult, Status};

@@ -10,8 +10,9 @@ use crate::eval::stage::{EvalOptions, EvalSpec};
 use crate::eval::EvalModel;
 use crate::merge::params::Scalar;
 use crate::merge::params::Settings;
+use crate::merge::plan::MergeRequest;
 use crate::pipeline::config::{defaults, toml_scalars, Config, DataSection, ModelSection};
-use crate::pipeline::miniature::MiniatureSpec;
+use crate::pipeline::miniature::SkilledSpec;
 use crate::pipeline::run::{Job, Pipeline, Stage};
 use crate::plugin::registry::{ParamType, PluginInfo, Registry};
 use crate::{Error, Result};
@@ -58,6 +59,13 @@ pub(super) fn resolve(cfg: &Config, registry: &Registry, force: bool) -> Result<
         stages: Vec::new(),
         problems: Vec::new(),
     };
+    let max = crate::merge::engine::MAX_THREADS;
+    if cfg.run.threads > max {
+        r.problem(format!(
+            "[run] threads = {}: at most {max} (0 means one per core)",
+            cfg.run.threads
+        ));
+    }
     r.miniature();
     let data = r.data_stages();
     let targets = r.fuse(data.as_ref());
@@ -109,49 +117,17 @@ impl Resolver<'_> {
 
     fn miniature(&mut self) {
         let Some(m) = &self.cfg.miniature else { return };
-        for (f, v) in [
-            ("vocab_size", m.vocab_size),
-            ("hidden_size", m.hidden_size),
-            ("intermediate_size", m.intermediate_size),
-            ("num_layers", m.num_layers),
-            ("num_heads", m.num_heads),
-            ("num_kv_heads", m.num_kv_heads),
-        ] {
-            self.at_least(&format!("[miniature] {f}"), v, 1);
+        for p in m.problems() {
+            self.problem(p);
         }
-        if m.num_heads > 0
-            && m.num_kv_heads > 0
-            && (m.hidden_size % m.num_heads != 0 || m.num_heads % m.num_kv_heads != 0)
-        {
-            self.problem(
-                "[miniature]: hidden_size must divide by num_heads, and num_heads by num_kv_heads",
-            );
-        }
-        if m.targets.is_empty() {
-            self.problem("[miniature] targets: name at least one target model");
-        }
-        let dtype = crate::io::dtype::DType::parse(&m.dtype);
-        if dtype.is_none() {
-            self.problem(format!(
-                "[miniature] dtype: unknown dtype `{}` (use f32, bf16 or f16)",
-                m.dtype
-            ));
-        }
-        let spec = MiniatureSpec {
-            vocab_size: m.vocab_size,
-            hidden_size: m.hidden_size,
-            intermediate_size: m.intermediate_size,
-            num_layers: m.num_layers,
-            num_heads: m.num_heads,
-            num_kv_heads: m.num_kv_heads,
-            targets: m.targets.clone(),
-            dtype: dtype.unwrap_or(crate::io::dtype::DType::F32),
-            seed: m.seed,
+        let spec = SkilledSpec {
+            out: self.cfg.resolve(&m.out),
+            ..m.clone()
         };
         self.stages.push(Stage {
             name: "miniature".into(),
-            out: self.cfg.resolve(&m.out),
-            job: Job::Miniature(spec),
+            out: spec.out.clone(),
+            job: Job::Miniature(Box::new(spec)),
         });
     }
 
@@ -503,12 +479,53 @@ impl Resolver<'_> {
                 }
             }
         }
+        let main_out = req.out.clone();
+        let extras = match self.cfg.extra_merge_requests(&req) {
+            Ok(x) => x,
+            Err(e) => return self.problem(strip_file(&e, &self.cfg.file)),
+        };
+        let auto = self.cfg.merge.as_ref().is_some_and(|m| m.models.is_empty());
+        let mut seen: Vec<(String, PathBuf)> = Vec::new();
+        for (i, req) in std::iter::once(req).chain(extras).enumerate() {
+            let field = if i == 0 {
+                "[merge]".to_string()
+            } else {
+                format!("[merge] extra[{}]", i - 1)
+            };
+            if let Some((m, _)) = seen.iter().find(|(m, _)| *m == req.method) {
+                self.problem(format!(
+                    "{field} method: `{m}` is merged twice; the reports name a merge by its method (`merge:{m}`), so give each method once"
+                ));
+                continue;
+            }
+            if seen.iter().any(|(_, o)| *o == req.out) || (i > 0 && req.out == main_out) {
+                self.problem(format!(
+                    "{field} out: {} is another merge's output; give this one its own `out`",
+                    req.out.display()
+                ));
+                continue;
+            }
+            seen.push((req.method.clone(), req.out.clone()));
+            self.one_merge(&field, req, auto, i == 0);
+        }
+    }
+
+    /// One merge stage (the main `[merge]` or an extra one): its method, its
+    /// parameters and its inputs checked. A method that takes one model
+    /// besides its base (SLERP) merges fused targets pairwise: the first
+    /// target is its base, the second its model.
+    fn one_merge(&mut self, field: &str, mut req: MergeRequest, auto: bool, main: bool) {
         let before = self.problems.len();
         match self.registry.merger(&req.method) {
-            Err(e) => self.problem(format!("[merge] method: {e}")),
+            Err(e) => self.problem(format!("{field} method: {e}")),
             Ok(entry) => {
+                let c = entry.plugin.contract();
+                if auto && c.max_models == Some(1) && req.models.len() == 2 {
+                    req.base = Some(req.models.remove(0));
+                }
                 let info = entry.info.clone();
-                self.merge_params("[merge] parameters", &info, &req.params, None, &req.params);
+                let params_field = format!("{field} parameters");
+                self.merge_params(&params_field, &info, &req.params, None, &req.params);
                 for (i, m) in req.models.iter().enumerate() {
                     let field = format!("[merge] models[{i}].parameters");
                     let of = format!("model `{}`", m.reference);
@@ -528,18 +545,24 @@ impl Resolver<'_> {
             )
             .collect();
         let produced = inputs.iter().any(|(_, p)| self.produced(p));
-        for (field, p) in &inputs {
-            self.input(field, p, true);
+        if main {
+            for (field, p) in &inputs {
+                self.input(field, p, true);
+            }
         }
         // Inputs that exist and no stage rewrites: plan the merge in full now
         // (tensor names, shapes, dtypes, the method's input contract).
         if self.problems.len() == before && !produced {
             if let Err(e) = crate::merge::plan::plan(&req, self.registry) {
-                self.invalid("[merge]", e);
+                self.invalid(field, e);
             }
         }
         self.stages.push(Stage {
-            name: "merge".into(),
+            name: if main {
+                "merge".into()
+            } else {
+                format!("merge {}", req.method)
+            },
             out: req.out.clone(),
             job: Job::Merge(req),
         });

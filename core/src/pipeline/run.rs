@@ -8,7 +8,7 @@ use crate::merge::engine::{self, ExecOptions, MergeReport, MERGE_RECORD};
 use crate::merge::plan::MergeRequest;
 use crate::pipeline::config::Config;
 use crate::pipeline::key::stage_key;
-use crate::pipeline::miniature::{self, MiniatureSpec};
+use crate::pipeline::miniature::{self, SkilledSpec};
 use crate::plugin::registry::Registry;
 use crate::train::fuse::{self, FuseOptions, FuseOutcome};
 use crate::{Error, Result};
@@ -18,8 +18,9 @@ use std::time::Instant;
 /// What a stage computes, with every option resolved.
 #[derive(Debug, Clone)]
 pub enum Job {
-    /// Generate the demo model set into the stage's output directory.
-    Miniature(MiniatureSpec),
+    /// Build the skilled miniature (data, tokenizers, trained models) into
+    /// the stage's output directory.
+    Miniature(Box<SkilledSpec>),
     Represent(RepresentOptions),
     Align(AlignOptions),
     /// Drop rows with a NaN `metric_ce` from the pivot's and the teachers' manifests.
@@ -234,13 +235,14 @@ impl Pipeline {
             self.file.display(),
             self.stages.len()
         );
+        let w = name_width(self.stages.iter().map(|st| st.name.as_str()));
         for (i, (stage, status)) in self.stages.iter().zip(self.statuses(registry)).enumerate() {
             let what = match status {
                 Status::UpToDate => "up to date, skipped".to_string(),
                 Status::Run(why) => format!("runs: {why}"),
             };
             s.push_str(&format!(
-                "{:>2}. {:<20} {what}\n    writes {}\n",
+                "{:>2}. {:<w$} {what}\n    writes {}\n",
                 i + 1,
                 stage.name,
                 stage.out.display()
@@ -282,10 +284,11 @@ impl Pipeline {
 
 /// A table of what each stage did, where its output went and how long it took.
 pub fn summary_table(results: &[StageResult]) -> String {
-    let mut s = format!("{:<20} {:<11} {:>9}  output\n", "stage", "result", "time");
+    let w = name_width(results.iter().map(|r| r.name.as_str()));
+    let mut s = format!("{:<w$} {:<11} {:>9}  output\n", "stage", "result", "time");
     for r in results {
         s.push_str(&format!(
-            "{:<20} {:<11} {:>8.2}s  {}\n",
+            "{:<w$} {:<11} {:>8.2}s  {}\n",
             r.name,
             if r.up_to_date() { "up to date" } else { "ran" },
             r.seconds,
@@ -295,9 +298,14 @@ pub fn summary_table(results: &[StageResult]) -> String {
     s
 }
 
+/// The width of the stage-name column: the longest name, at least 20.
+fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.map(|n| n.chars().count()).max().unwrap_or(0).max(20)
+}
+
 fn stage_status(stage: &Stage, registry: &Registry) -> Status {
     let fresh = match &stage.job {
-        Job::Miniature(spec) => Ok(miniature::up_to_date(spec, &stage.out)),
+        Job::Miniature(spec) => Ok(miniature::skilled_up_to_date(spec)),
         Job::Represent(o) => represent::up_to_date(o),
         Job::Align(o) => align::up_to_date(o),
         Job::Filter { .. } => return Status::Run("always (it reads the manifests only)".into()),
@@ -321,7 +329,7 @@ fn run_stage(
 ) -> Result<Outcome> {
     Ok(match &stage.job {
         Job::Miniature(spec) => Outcome::Miniature {
-            generated: miniature::generate(spec, &stage.out)?.generated,
+            generated: miniature::build_skilled(spec, registry, force, exec.progress)?,
         },
         Job::Represent(o) => {
             let o = RepresentOptions {
