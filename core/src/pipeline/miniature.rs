@@ -66,25 +66,13 @@ impl MiniatureSpec {
 
     /// Tensor names and shapes, in checkpoint order.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let hd = h / self.num_heads;
-        let kv = hd * self.num_kv_heads;
-        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
-        for l in 0..self.num_layers {
-            let p = format!("model.layers.{l}");
-            t.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            t.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
-            t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-            t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
-            t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-            t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-            t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-        }
-        t.push(("model.norm.weight".to_string(), vec![h]));
-        t.push(("lm_head.weight".to_string(), vec![v, h]));
-        t
+        let kv = self.hidden_size / self.num_heads * self.num_kv_heads;
+        decoder_tensors(
+            (self.hidden_size, self.intermediate_size, kv),
+            self.num_layers,
+            self.vocab_size,
+            None,
+        )
     }
 
     /// The pivot's values for one tensor.
@@ -207,6 +195,46 @@ pub fn generate(spec: &MiniatureSpec, out: &Path) -> Result<MiniatureSet> {
         targets,
         generated: true,
     })
+}
+
+/// Tensor names and shapes of a Llama-family decoder, in checkpoint order:
+/// `(hidden, intermediate, key/value width)`, and Mixtral's sparse experts
+/// in place of the dense MLP when `experts` is given.
+fn decoder_tensors(
+    (h, i, kv): (usize, usize, usize),
+    layers: usize,
+    vocab: usize,
+    experts: Option<usize>,
+) -> Vec<(String, Vec<usize>)> {
+    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        t.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        t.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
+        t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+        t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        match experts {
+            Some(n) => {
+                let x = format!("{p}.block_sparse_moe");
+                t.push((format!("{x}.gate.weight"), vec![n, h]));
+                for e in 0..n {
+                    t.push((format!("{x}.experts.{e}.w1.weight"), vec![i, h]));
+                    t.push((format!("{x}.experts.{e}.w2.weight"), vec![h, i]));
+                    t.push((format!("{x}.experts.{e}.w3.weight"), vec![i, h]));
+                }
+            }
+            None => {
+                t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+                t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+                t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+            }
+        }
+    }
+    t.push(("model.norm.weight".to_string(), vec![h]));
+    t.push(("lm_head.weight".to_string(), vec![vocab, h]));
+    t
 }
 
 /// The miniature's chat dataset, beside the models.
@@ -635,34 +663,14 @@ impl SkilledSpec {
 
     /// Tensor names and shapes of model `m`, in checkpoint order.
     fn tensors(&self, m: &MiniModel, vocab: usize) -> Vec<(String, Vec<usize>)> {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
-        let kv = h / self.num_heads * self.num_kv_heads;
-        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h])];
-        for l in 0..m.layers {
-            let p = format!("model.layers.{l}");
-            t.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            t.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
-            t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-            t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
-            t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            if m.family == "mixtral" {
-                let x = format!("{p}.block_sparse_moe");
-                t.push((format!("{x}.gate.weight"), vec![m.experts, h]));
-                for e in 0..m.experts {
-                    t.push((format!("{x}.experts.{e}.w1.weight"), vec![i, h]));
-                    t.push((format!("{x}.experts.{e}.w2.weight"), vec![h, i]));
-                    t.push((format!("{x}.experts.{e}.w3.weight"), vec![i, h]));
-                }
-            } else {
-                t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-                t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-                t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-            }
-        }
-        t.push(("model.norm.weight".to_string(), vec![h]));
-        t.push(("lm_head.weight".to_string(), vec![vocab, h]));
-        t
+        let kv = self.hidden_size / self.num_heads * self.num_kv_heads;
+        let experts = (m.family == "mixtral").then_some(m.experts);
+        decoder_tensors(
+            (self.hidden_size, self.intermediate_size, kv),
+            m.layers,
+            vocab,
+            experts,
+        )
     }
 
     /// The training mixture of a model whose skill is `skill`.
