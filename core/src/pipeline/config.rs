@@ -3,9 +3,12 @@
 //! ```toml
 //! [run]
 //! dir = "runs/default"            # where stages write (relative to this file)
+//! threads = 0                     # compute threads; 0: one per core (--threads overrides)
 //!
-//! [miniature]                     # generate a tiny deterministic model set (demo, tests)
-//! out = "runs/default/models"
+//! [miniature]                     # the skilled miniature: data and three tiny trained models
+//! out = "runs/default/models"     # (sizes, skills, steps: see `SkilledSpec`)
+//! pivot = { family = "mistral", layers = 2 }
+//! sources = [{ name = "mixtral", family = "mixtral", layers = 2, skill = "add" }]
 //!
 //! [data]                          # the data-construction stages (represent, align, filter)
 //! path = "conversations.jsonl"    # ShareGPT or OpenAI form, JSON or JSONL
@@ -33,6 +36,9 @@
 //! out_dtype = "bf16"
 //! [merge.parameters]
 //! statistic = "square"
+//! [[merge.extra]]                 # the same models merged another way: merge:ties
+//! method = "ties"
+//! parameters = { density = 0.5 }
 //!
 //! [eval]                          # after the other stages; reports in <run dir>/reports
 //! models = ["pivot", "merge:varm"] # default: every model of the run
