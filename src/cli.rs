@@ -358,7 +358,7 @@ pub struct RunArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ExecArgs {
-    /// Worker threads (default: one per core).
+    /// Worker threads. 0 (the default): `[run] threads` under `fusechat run`, else one per core.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Working memory the merge may use at once, e.g. 4GiB; a tensor larger than this runs alone.

@@ -875,7 +875,9 @@ fn miniature_and_extra_merge_mistakes_are_reported_before_anything_runs() {
         .replace("focus = 0.6", "focus = 1.5")
         .replace("threads = 1 ", "threads = 5000 ")
         .replace("method = \"linear\"", "method = \"ties\"")
-        .replace("parameters = { t = 0.5 }", "parameters = { t = 2.0 }");
+        .replace("parameters = { t = 0.5 }", "parameters = { t = 2.0 }")
+        .replace("models/solar\"", "models/sollar\"")
+        .replace("lr = 3e-3", "lr = 0");
     std::fs::write(d.join("fusechat.toml"), text).unwrap();
     for args in [&["run"][..], &["run", "--dry-run"][..]] {
         let err = fails(&fusechat(d, args));
@@ -884,12 +886,15 @@ fn miniature_and_extra_merge_mistakes_are_reported_before_anything_runs() {
             "[[miniature.sources]] #2 skill: `revers` (use one of add, reverse, capital)",
             "[miniature] focus = 1.5, little = 0.03",
             "[run] threads = 5000: at most 1024",
-            "[merge] extra[2] method: `ties` is merged twice",
-            "[merge] extra[3] parameters",
+            "[[merge.extra]] #3 method: `ties` is merged twice",
+            "[[merge.extra]] #4 parameters",
+            // a path into the miniature's directory that it does not make
+            "[[sources]] solar path: `./runs/default/models/sollar` does not exist",
+            "[fuse] lr = 0: use a finite rate > 0",
         ] {
             assert!(err.contains(want), "missing `{want}` in:\n{err}");
         }
-        assert!(err.contains("fusechat.toml has 6 problem(s)"), "{err}");
+        assert!(err.contains("fusechat.toml has 8 problem(s)"), "{err}");
         assert!(!d.join("runs").exists(), "something ran:\n{err}");
     }
 }

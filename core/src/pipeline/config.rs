@@ -494,10 +494,12 @@ impl Config {
             .map(|(i, x)| {
                 let mut req = main.clone();
                 req.method = x.method.clone();
-                req.origin = format!("{} [[merge.extra]] {i}", self.file.display());
-                req.params =
-                    toml_settings(&x.parameters, &format!("[merge] extra[{i}].parameters"))
-                        .map_err(in_file)?;
+                req.origin = format!("{} [[merge.extra]] #{}", self.file.display(), i + 1);
+                req.params = toml_settings(
+                    &x.parameters,
+                    &format!("[[merge.extra]] #{} parameters", i + 1),
+                )
+                .map_err(in_file)?;
                 req.out = match &x.out {
                     Some(o) => self.resolve(o),
                     None => {

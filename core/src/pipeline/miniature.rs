@@ -619,6 +619,21 @@ impl SkilledSpec {
         p
     }
 
+    /// Every file and directory the miniature writes into `out`.
+    pub fn products(&self) -> Vec<PathBuf> {
+        let mut p: Vec<PathBuf> = [CONVERSATIONS, HELD_OUT, "tokenizer", STAMP]
+            .iter()
+            .map(|f| self.out.join(f))
+            .collect();
+        for (name, m) in self.models() {
+            p.push(self.out.join(name));
+            if m.bpe_vocab.is_some() {
+                p.push(self.out.join(format!("tokenizer-{name}")));
+            }
+        }
+        p
+    }
+
     fn models(&self) -> impl Iterator<Item = (&str, &MiniModel)> {
         std::iter::once(("pivot", &self.pivot))
             .chain(self.sources.iter().map(|m| (m.name.as_str(), m)))

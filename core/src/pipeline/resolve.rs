@@ -490,7 +490,7 @@ impl Resolver<'_> {
             let field = if i == 0 {
                 "[merge]".to_string()
             } else {
-                format!("[merge] extra[{}]", i - 1)
+                format!("[[merge.extra]] #{i}")
             };
             if let Some((m, _)) = seen.iter().find(|(m, _)| *m == req.method) {
                 self.problem(format!(

@@ -88,7 +88,13 @@ impl Stage {
 
     /// Whether this stage writes `path` (or a directory above it).
     pub fn writes(&self, path: &Path) -> bool {
-        !matches!(self.job, Job::Filter { .. }) && path.starts_with(&self.out)
+        match &self.job {
+            Job::Filter { .. } => false,
+            // Only what it makes: a path into its directory that names no
+            // model or file of the miniature is a mistake to report now.
+            Job::Miniature(spec) => spec.products().iter().any(|p| path.starts_with(p)),
+            _ => path.starts_with(&self.out),
+        }
     }
 }
 

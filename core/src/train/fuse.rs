@@ -141,8 +141,11 @@ impl FuseOptions {
     /// Every number in its range, or every problem at once.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            p.push(format!("lr = {}: use a finite rate ≥ 0", self.lr));
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            p.push(format!(
+                "lr = {}: use a finite rate > 0 (at 0 no weight would move)",
+                self.lr
+            ));
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             p.push(format!(
