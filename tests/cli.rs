@@ -875,7 +875,7 @@ fn miniature_and_extra_merge_mistakes_are_reported_before_anything_runs() {
         .replace("focus = 0.6", "focus = 1.5")
         .replace("threads = 1 ", "threads = 5000 ")
         .replace("method = \"linear\"", "method = \"ties\"")
-        .replace("parameters = { t = 0.5 }", "parameters = { t = 2.0 }")
+        .replace("parameters = { t = 0.5 }", "")
         .replace("models/solar\"", "models/sollar\"")
         .replace("lr = 3e-3", "lr = 0");
     std::fs::write(d.join("fusechat.toml"), text).unwrap();
@@ -887,7 +887,8 @@ fn miniature_and_extra_merge_mistakes_are_reported_before_anything_runs() {
             "[miniature] focus = 1.5, little = 0.03",
             "[run] threads = 5000: at most 1024",
             "[[merge.extra]] #3 method: `ties` is merged twice",
-            "[[merge.extra]] #4 parameters",
+            // known before the targets it merges exist
+            "[[merge.extra]] #4 parameters: `t` is required by `slerp`",
             // a path into the miniature's directory that it does not make
             "[[sources]] solar path: `./runs/default/models/sollar` does not exist",
             "[fuse] lr = 0: use a finite rate > 0",

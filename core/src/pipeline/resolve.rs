@@ -14,7 +14,7 @@ use crate::merge::plan::MergeRequest;
 use crate::pipeline::config::{defaults, toml_scalars, Config, DataSection, ModelSection};
 use crate::pipeline::miniature::SkilledSpec;
 use crate::pipeline::run::{Job, Pipeline, Stage};
-use crate::plugin::registry::{ParamType, PluginInfo, Registry};
+use crate::plugin::registry::{ParamType, PluginInfo, Registry, Scope};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -526,6 +526,16 @@ impl Resolver<'_> {
                 let info = entry.info.clone();
                 let params_field = format!("{field} parameters");
                 self.merge_params(&params_field, &info, &req.params, None, &req.params);
+                // A required shared parameter missing is known now, even
+                // when the inputs are made by earlier stages.
+                for p in info.params.iter().filter(|p| {
+                    p.required && p.scope == Scope::Shared && !req.params.contains_key(&p.name)
+                }) {
+                    self.problem(format!(
+                        "{params_field}: `{}` is required by `{}` ({}); set it",
+                        p.name, req.method, p.help
+                    ));
+                }
                 for (i, m) in req.models.iter().enumerate() {
                     let field = format!("[merge] models[{i}].parameters");
                     let of = format!("model `{}`", m.reference);
