@@ -808,6 +808,16 @@ pub fn build_skilled(
 
     for (k, (name, m)) in spec.models().enumerate() {
         let started = std::time::Instant::now();
+        // Said before its bar (the trainer's, labelled `fuse`) starts.
+        tracing::info!(
+            "miniature: training {name} ({}/{}: {}, {} layers, skill {}, {} steps)",
+            k + 1,
+            spec.sources.len() + 1,
+            m.family,
+            m.layers,
+            m.skill.as_deref().unwrap_or("none"),
+            spec.steps
+        );
         let data = world.records(
             spec.train_records,
             &spec.mix(m.skill.as_deref()),
