@@ -1,4 +1,4 @@
-//! The example Model Stock method called natively (as a built-in would be)
+//! The example median method called natively (as a built-in would be)
 //! against the same method through the plugin ABI, on the same data: the cost
 //! of crossing the boundary. Inputs are contiguous f32, so nothing is copied.
 //!
@@ -15,18 +15,12 @@ fn plugin_path() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let status = std::process::Command::new(env!("CARGO"))
         .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "fusechat-model-stock",
-        ])
+        .args(["build", "--release", "--quiet", "-p", "fusechat-median"])
         .status()
         .expect("cargo build");
     assert!(status.success());
     root.join("target/release").join(format!(
-        "{}fusechat_model_stock{}",
+        "{}fusechat_median{}",
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ))
@@ -46,7 +40,8 @@ fn bench(c: &mut Criterion) {
     let mut params = ResolvedParams::default();
     params
         .shared
-        .insert("filter_wise".into(), Scalar::Bool(false));
+        .insert("ignore_zeros".into(), Scalar::Bool(false));
+    params.shared.insert("lambda".into(), Scalar::Float(1.0));
     params.per_model = vec![Default::default(); 3];
     let shape = [n];
     let inputs = || -> (TensorBuf<'static>, Vec<TensorBuf<'static>>) {
@@ -68,11 +63,11 @@ fn bench(c: &mut Criterion) {
         };
         m.merge(g).unwrap()
     };
-    let native = fusechat_model_stock::ModelStock;
+    let native = fusechat_median::Median;
     let loaded = fusechat::core::plugin::dynamic::load_library(&plugin_path()).unwrap();
     let plugin = &loaded[0];
 
-    let mut g = c.benchmark_group("model_stock_16MiB_x4");
+    let mut g = c.benchmark_group("median_16MiB_x4");
     g.throughput(Throughput::Bytes((n * 4 * 4) as u64));
     g.bench_function("built_in", |b| {
         b.iter_batched(inputs, |i| run(&native, i), BatchSize::LargeInput)

@@ -23,8 +23,15 @@ fn refs(v: &[PathBuf]) -> Vec<&Path> {
 fn configure(r: &mut MergeRequestAlias, method: &str) {
     match method {
         "slerp" => set(r, "t", json!(0.3)),
-        "ties" | "dare_linear" | "dare_ties" => set(r, "density", json!(0.6)),
+        "ties" | "dare_linear" | "dare_ties" | "della" | "della_linear" => {
+            set(r, "density", json!(0.6))
+        }
+        "breadcrumbs" | "breadcrumbs_ties" => {
+            set(r, "density", json!(0.6));
+            set(r, "gamma", json!(0.1));
+        }
         "sce" => set(r, "select_topk", json!(0.5)),
+        "nearswap" => set(r, "t", json!(0.01)),
         _ => {}
     }
 }
@@ -39,7 +46,7 @@ fn merging_identical_models_returns_them() {
     copy_dir(&pivot, &b);
     for method in METHODS {
         let out = tmp.path().join(format!("out-{method}"));
-        let models: Vec<&Path> = if *method == "slerp" {
+        let models: Vec<&Path> = if models_for(method) == 1 {
             vec![&b]
         } else {
             vec![&a, &b]

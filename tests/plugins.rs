@@ -1,4 +1,4 @@
-//! Plugins loaded at run time: the example Model Stock plugin against an
+//! Plugins loaded at run time: the example median plugin against an
 //! independent computation, its snapshot, zero-copy crossing, configuration
 //! and clashes, and every kind of bad plugin.
 
@@ -22,7 +22,7 @@ fn lib(name: &str) -> PathBuf {
             .arg("build")
             .arg("--quiet");
         for p in [
-            "fusechat-model-stock",
+            "fusechat-median",
             "fixture-bad-abi",
             "fixture-no-entry",
             "fixture-panics",
@@ -55,48 +55,37 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
     (tmp, d)
 }
 
-/// Model Stock written out independently: t from the mean pairwise cosine of the deltas.
-fn model_stock_reference(base: &[f32], models: &[Vec<f32>], rows: usize) -> Vec<f32> {
-    let n = models.len() as f64;
-    let cols = base.len() / rows;
-    let mut out = vec![0f32; base.len()];
-    for r in 0..rows {
-        let span = r * cols..(r + 1) * cols;
-        let deltas: Vec<Vec<f64>> = models
-            .iter()
-            .map(|m| {
-                m[span.clone()]
-                    .iter()
-                    .zip(&base[span.clone()])
-                    .map(|(x, b)| *x as f64 - *b as f64)
-                    .collect()
-            })
-            .collect();
-        let mut cos = Vec::new();
-        for i in 0..deltas.len() {
-            for j in i + 1..deltas.len() {
-                let dot: f64 = deltas[i].iter().zip(&deltas[j]).map(|(a, b)| a * b).sum();
-                let ni = deltas[i].iter().map(|a| a * a).sum::<f64>().sqrt();
-                let nj = deltas[j].iter().map(|a| a * a).sum::<f64>().sqrt();
-                cos.push(dot / (ni * nj));
-            }
-        }
-        let c = cos.iter().sum::<f64>() / cos.len() as f64;
-        let t = n * c / (1.0 + (n - 1.0) * c);
-        for k in span.clone() {
-            let avg = models.iter().map(|m| m[k] as f64).sum::<f64>() / n;
-            out[k] = (t * avg + (1.0 - t) * base[k] as f64) as f32;
-        }
-    }
-    out
+/// The task-vector median written out independently: sort each element's deltas.
+fn median_reference(
+    base: &[f32],
+    models: &[Vec<f32>],
+    ignore_zeros: bool,
+    lambda: f64,
+) -> Vec<f32> {
+    (0..base.len())
+        .map(|k| {
+            let mut d: Vec<f64> = models
+                .iter()
+                .map(|m| (m[k] - base[k]) as f64)
+                .filter(|x| !ignore_zeros || *x != 0.0)
+                .collect();
+            d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let med = match d.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => d[n / 2],
+                n => (d[n / 2 - 1] + d[n / 2]) / 2.0,
+            };
+            (base[k] as f64 + lambda * med) as f32
+        })
+        .collect()
 }
 
 #[test]
 fn example_plugin_merges_like_the_formula() {
     let (_t, d) = setup();
-    let plugin = lib("fusechat_model_stock");
-    for filter_wise in [false, true] {
-        let out = format!("out-{filter_wise}");
+    let plugin = lib("fusechat_median");
+    for (ignore_zeros, lambda) in [(false, 1.0), (true, 0.5)] {
+        let out = format!("out-{ignore_zeros}");
         ok(&fusechat(
             &d,
             &[
@@ -104,7 +93,7 @@ fn example_plugin_merges_like_the_formula() {
                 plugin.to_str().unwrap(),
                 "merge",
                 "--method",
-                "model_stock",
+                "median",
                 "--base",
                 "set/pivot",
                 "--model",
@@ -114,24 +103,21 @@ fn example_plugin_merges_like_the_formula() {
                 "--model",
                 "set/t2",
                 "--set",
-                &format!("filter_wise={filter_wise}"),
+                &format!("ignore_zeros={ignore_zeros}"),
+                "--set",
+                &format!("lambda={lambda}"),
                 "--out",
                 &out,
             ],
         ));
         let models: Vec<PathBuf> = (0..3).map(|i| d.join(format!("set/t{i}"))).collect();
-        for (name, shape, base) in tensors(&d.join("set/pivot")) {
+        for (name, _, base) in tensors(&d.join("set/pivot")) {
             let ms: Vec<Vec<f32>> = models.iter().map(|m| tensor(m, &name)).collect();
-            let rows = if filter_wise && shape.len() >= 2 {
-                base.len() / shape[shape.len() - 1]
-            } else {
-                1
-            };
-            let want = model_stock_reference(&base, &ms, rows);
+            let want = median_reference(&base, &ms, ignore_zeros, lambda);
             let got = tensor(&d.join(&out), &name);
             assert!(
                 max_abs_diff(&got, &want) < 1e-6,
-                "filter_wise={filter_wise} {name}"
+                "ignore_zeros={ignore_zeros} {name}"
             );
         }
     }
@@ -142,7 +128,7 @@ fn example_plugin_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     model_set(&d.join("set"), 2, DType::BF16);
-    let plugin = lib("fusechat_model_stock");
+    let plugin = lib("fusechat_median");
     ok(&fusechat(
         d,
         &[
@@ -150,7 +136,7 @@ fn example_plugin_snapshot() {
             plugin.to_str().unwrap(),
             "merge",
             "--method",
-            "model_stock",
+            "median",
             "--base",
             "set/pivot",
             "--model",
@@ -177,17 +163,17 @@ fn example_plugin_snapshot() {
             })
         })
         .collect();
-    insta::assert_yaml_snapshot!("plugin_model_stock", rows);
+    insta::assert_yaml_snapshot!("plugin_median", rows);
 }
 
 /// Crossing the boundary does not copy: the result comes back in the host's own buffer.
 #[test]
 fn contiguous_f32_tensors_cross_without_a_copy() {
-    let mergers =
-        fusechat::core::plugin::dynamic::load_library(&lib("fusechat_model_stock")).unwrap();
+    let mergers = fusechat::core::plugin::dynamic::load_library(&lib("fusechat_median")).unwrap();
     let m = &mergers[0];
     let mut p = ResolvedParams::default();
-    p.shared.insert("filter_wise".into(), Scalar::Bool(false));
+    p.shared.insert("ignore_zeros".into(), Scalar::Bool(false));
+    p.shared.insert("lambda".into(), Scalar::Float(1.0));
     p.per_model = vec![Default::default(); 2];
     let base: Vec<f32> = (0..64).map(|i| i as f32 * 0.01).collect();
     let base_ptr = base.as_ptr();
@@ -201,7 +187,7 @@ fn contiguous_f32_tensors_cross_without_a_copy() {
         .enumerate()
         .map(|(i, x)| x + (i % 5) as f32 * 0.1)
         .collect();
-    let want = model_stock_reference(&base, &[a.clone(), b.clone()], 1);
+    let want = median_reference(&base, &[a.clone(), b.clone()], false, 1.0);
     let g = TensorGroup {
         name: "w",
         layer: None,
@@ -254,14 +240,14 @@ fn a_plugin_allocated_result_outlives_the_plugin_handle() {
 #[test]
 fn plugins_come_from_the_config_and_are_listed_with_their_origin() {
     let (_t, d) = setup();
-    let plugin = lib("fusechat_model_stock");
+    let plugin = lib("fusechat_median");
     std::fs::write(d.join("fusechat.toml"), format!(
-        "[plugins]\npaths = [\"{}\"]\n\n[merge]\nmethod = \"model_stock\"\nbase = \"set/pivot\"\nmodels = [\"set/t0\", \"set/t1\"]\nout = \"merged\"\n",
+        "[plugins]\npaths = [\"{}\"]\n\n[merge]\nmethod = \"median\"\nbase = \"set/pivot\"\nmodels = [\"set/t0\", \"set/t1\"]\nout = \"merged\"\n",
         plugin.display()
     )).unwrap();
-    let listing = ok(&fusechat(&d, &["plugins", "model_stock"]));
+    let listing = ok(&fusechat(&d, &["plugins", "median"]));
     assert!(
-        listing.contains(&plugin.display().to_string()) && listing.contains("filter_wise"),
+        listing.contains(&plugin.display().to_string()) && listing.contains("ignore_zeros"),
         "{listing}"
     );
     ok(&fusechat(&d, &["merge", "--config", "fusechat.toml"]));
@@ -272,13 +258,13 @@ fn plugins_come_from_the_config_and_are_listed_with_their_origin() {
 #[test]
 fn plugin_parameters_are_validated_before_compute() {
     let (_t, d) = setup();
-    let plugin = lib("fusechat_model_stock");
+    let plugin = lib("fusechat_median");
     let base = [
         "--plugin",
         plugin.to_str().unwrap(),
         "merge",
         "--method",
-        "model_stock",
+        "median",
         "--base",
         "set/pivot",
         "--model",
@@ -289,17 +275,17 @@ fn plugin_parameters_are_validated_before_compute() {
         "o",
     ];
     let mut args = base.to_vec();
-    args.extend(["--set", "filter_wize=true"]);
+    args.extend(["--set", "ignore_zeroes=true"]);
     let err = fails(&fusechat(&d, &args));
     assert!(
-        err.contains("unknown parameter `filter_wize`") && err.contains("known: filter_wise"),
+        err.contains("unknown parameter `ignore_zeroes`") && err.contains("known: ignore_zeros"),
         "{err}"
     );
     let mut args = base.to_vec();
-    args.extend(["--set", "filter_wise=3"]);
+    args.extend(["--set", "ignore_zeros=3"]);
     let err = fails(&fusechat(&d, &args));
     assert!(
-        err.contains("parameter `filter_wise`: expected bool"),
+        err.contains("parameter `ignore_zeros`: expected bool"),
         "{err}"
     );
     let err = fails(&fusechat(
@@ -309,7 +295,7 @@ fn plugin_parameters_are_validated_before_compute() {
             plugin.to_str().unwrap(),
             "merge",
             "--method",
-            "model_stock",
+            "median",
             "--base",
             "set/pivot",
             "--model",
@@ -328,7 +314,7 @@ fn plugin_parameters_are_validated_before_compute() {
 #[test]
 fn a_name_clash_is_an_error_unless_the_config_says_which_wins() {
     let (_t, d) = setup();
-    let plugin = lib("fusechat_model_stock");
+    let plugin = lib("fusechat_median");
     let copy = d.join(plugin.file_name().unwrap());
     std::fs::copy(&plugin, &copy).unwrap();
     let cfg = |prefer: &str| {
@@ -341,18 +327,18 @@ fn a_name_clash_is_an_error_unless_the_config_says_which_wins() {
     std::fs::write(d.join("fusechat.toml"), cfg("")).unwrap();
     let err = fails(&fusechat(&d, &["plugins"]));
     assert!(
-        err.contains("clashes") && err.contains("[plugins.prefer]") && err.contains("model_stock"),
+        err.contains("clashes") && err.contains("[plugins.prefer]") && err.contains("median"),
         "{err}"
     );
     std::fs::write(
         d.join("fusechat.toml"),
         cfg(&format!(
-            "[plugins.prefer]\nmodel_stock = \"{}\"\n",
+            "[plugins.prefer]\nmedian = \"{}\"\n",
             copy.display()
         )),
     )
     .unwrap();
-    let listing = ok(&fusechat(&d, &["plugins", "model_stock"]));
+    let listing = ok(&fusechat(&d, &["plugins", "median"]));
     assert!(listing.contains(&copy.display().to_string()), "{listing}");
 }
 
@@ -434,7 +420,7 @@ fn missing_files_and_foreign_libraries_are_clear_errors() {
     );
     // The example plugin with its ELF machine patched to AArch64.
     if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
-        let mut bytes = std::fs::read(lib("fusechat_model_stock")).unwrap();
+        let mut bytes = std::fs::read(lib("fusechat_median")).unwrap();
         bytes[18] = 0xB7;
         bytes[19] = 0x00;
         std::fs::write(d.join("arm.so"), bytes).unwrap();

@@ -39,12 +39,12 @@ fn snapshot(method: &str, configure: impl Fn(&mut fusechat::core::merge::plan::M
     let tmp = tempfile::tempdir().unwrap();
     let (pivot, t) = model_set(&tmp.path().join("set"), 2, DType::BF16);
     let out = tmp.path().join("out");
-    let models: Vec<&Path> = if method == "slerp" {
+    let models: Vec<&Path> = if models_for(method) == 1 {
         vec![&t[0]]
     } else {
         vec![&t[0], &t[1]]
     };
-    let base = if method == "linear" {
+    let base = if matches!(method, "linear" | "karcher" | "passthrough") {
         None
     } else {
         Some(pivot.as_path())
@@ -113,4 +113,78 @@ fn varm_layer_granularity() {
     set(&mut r, "statistic", json!("abs"));
     merge(&r);
     insta::assert_yaml_snapshot!("merge_varm_layer_abs", summary(&out));
+}
+
+#[test]
+fn breadcrumbs() {
+    snapshot("breadcrumbs", |r| {
+        set(r, "density", json!(0.5));
+        set(r, "gamma", json!(0.1));
+    });
+}
+
+#[test]
+fn breadcrumbs_ties() {
+    snapshot("breadcrumbs_ties", |r| {
+        set(r, "density", json!(0.5));
+        set(r, "gamma", json!(0.1));
+        set(r, "normalize", json!(true));
+    });
+}
+
+#[test]
+fn della() {
+    snapshot("della", |r| set(r, "density", json!(0.5)));
+}
+
+#[test]
+fn della_linear() {
+    snapshot("della_linear", |r| {
+        set(r, "density", json!(0.4));
+        set(r, "epsilon", json!(0.2));
+    });
+}
+
+#[test]
+fn model_stock() {
+    snapshot("model_stock", |_| {});
+}
+
+#[test]
+fn nuslerp() {
+    snapshot("nuslerp", |r| {
+        set_model(r, 1, "weight", json!(3.0));
+        set(r, "nuslerp_flatten", json!(false));
+    });
+}
+
+#[test]
+fn multislerp() {
+    snapshot("multislerp", |r| set_model(r, 1, "weight", json!(2.0)));
+}
+
+#[test]
+fn karcher() {
+    snapshot("karcher", |_| {});
+}
+
+#[test]
+fn passthrough() {
+    snapshot("passthrough", |r| {
+        set(
+            r,
+            "scale",
+            json!([{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]),
+        )
+    });
+}
+
+#[test]
+fn nearswap() {
+    snapshot("nearswap", |r| set(r, "t", json!(0.01)));
+}
+
+#[test]
+fn arcee_fusion() {
+    snapshot("arcee_fusion", |_| {});
 }

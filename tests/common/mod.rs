@@ -21,7 +21,26 @@ pub const METHODS: &[&str] = &[
     "dare_ties",
     "sce",
     "varm",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "passthrough",
+    "nearswap",
+    "arcee_fusion",
 ];
+
+/// How many models besides the base a method takes in the tests.
+pub fn models_for(method: &str) -> usize {
+    match method {
+        "slerp" | "passthrough" | "nearswap" | "arcee_fusion" => 1,
+        _ => 2,
+    }
+}
 
 /// A small Mistral-shaped spec (2 layers, hidden 16) with `targets` targets.
 pub fn spec(targets: usize, dtype: DType) -> MiniatureSpec {

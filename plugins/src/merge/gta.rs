@@ -1,5 +1,6 @@
 //! Generalized task arithmetic: the one kernel behind task_arithmetic, TIES,
-//! DARE-linear and DARE-TIES (as in mergekit, a family of methods is data).
+//! DARE, Model Breadcrumbs and DELLA, linear and with sign consensus (as in
+//! mergekit, a family of methods is data).
 //!
 //! With δⱼ = θʲ − θ⁰ sparsified to δ̂ⱼ and uⱼ = wⱼ·δ̂ⱼ:
 //! - without sign consensus, `mixed = Σ uⱼ`, `divisor = Σ wⱼ` (|Σ wⱼ| < 1e-8 → 1);
@@ -21,6 +22,13 @@ pub enum Sparsify {
     Magnitude,
     /// DARE: keep each element with probability `density`, then rescale.
     Bernoulli,
+    /// Model Breadcrumbs: drop the `int(gamma·N)` largest |δ| (outliers) and
+    /// the smallest, so that `int(density·N)` remain.
+    Outliers,
+    /// DELLA's MAGPRUNE: keep each element with a probability that rises
+    /// linearly with its magnitude rank in its row, from `density − epsilon`
+    /// to `density + epsilon`.
+    MagPrune,
 }
 
 /// How DARE restores the scale of a thinned task vector.
@@ -46,12 +54,14 @@ impl Rescale {
 /// The shared parameters of the family. `rescale` defaults to `l1` for DARE
 /// and to `none` (mergekit's `false`) for the others, as in mergekit.
 pub fn params(default_normalize: bool, sparsify: Sparsify) -> Vec<ParamSpec> {
-    vec![
+    let mut specs = vec![
         super::weight_param(),
         ParamSpec::float("density", Scope::PerModel).default(1.0).range(0.0, 1.0).help(match sparsify {
             Sparsify::None => "accepted for mergekit compatibility; task arithmetic keeps every element",
             Sparsify::Magnitude => "fraction of δ kept, by magnitude (top int(density·N))",
             Sparsify::Bernoulli => "probability of keeping each element of δ",
+            Sparsify::Outliers => "fraction of δ kept after the outliers and the smallest are dropped",
+            Sparsify::MagPrune => "mean probability of keeping an element of δ",
         }),
         ParamSpec::bool("normalize", Scope::Shared)
             .default(default_normalize)
@@ -60,12 +70,28 @@ pub fn params(default_normalize: bool, sparsify: Sparsify) -> Vec<ParamSpec> {
             .default(1.0)
             .help("scale of the combined delta"),
         ParamSpec::choice("rescale", &["l1", "inverse_p", "none", "true", "false"], Scope::Shared)
-            .default(if sparsify == Sparsify::Bernoulli { "l1" } else { "none" })
-            .help("after sparsifying: l1 = match ‖δ‖₁ (mergekit's true); inverse_p = divide by density (DARE paper); none (false)"),
+            .default(if matches!(sparsify, Sparsify::Bernoulli | Sparsify::MagPrune) { "l1" } else { "none" })
+            .help("after sparsifying: l1 = match ‖δ‖₁ (mergekit's true); inverse_p = divide each kept element by its keep probability (DARE and DELLA papers); none (false)"),
         ParamSpec::bool("int8_mask", Scope::Shared)
             .default(false)
             .help("accepted for mergekit compatibility (masks are exact here)"),
-    ]
+    ];
+    match sparsify {
+        Sparsify::Outliers => specs.push(
+            ParamSpec::float("gamma", Scope::PerModel)
+                .default(0.01)
+                .range(0.0, 1.0)
+                .help("fraction of the largest |δ| dropped as outliers (int(gamma·N) elements)"),
+        ),
+        Sparsify::MagPrune => specs.push(
+            ParamSpec::float("epsilon", Scope::PerModel)
+                .default(0.15)
+                .range(0.0, 1.0)
+                .help("half-width of the keep probabilities: density ± epsilon must lie in (0, 1)"),
+        ),
+        _ => {}
+    }
+    specs
 }
 
 /// Restore the scale of a sparsified delta whose L1 norm was `before`.
@@ -169,6 +195,123 @@ pub fn magnitude(delta: &mut [f32], density: f64) {
     keep_top_k(delta, k);
 }
 
+/// Which elements are among the `k` largest |x| (ties at the threshold in
+/// index order, so the sets for growing `k` are nested).
+fn top_k_mask(data: &[f32], k: usize) -> Vec<bool> {
+    if k == 0 {
+        return vec![false; data.len()];
+    }
+    if k >= data.len() {
+        return vec![true; data.len()];
+    }
+    let thr = kth_largest_abs(data, k);
+    let above = data.iter().filter(|x| x.abs() > thr).count();
+    let mut ties_left = k - above;
+    data.iter()
+        .map(|x| {
+            let a = x.abs();
+            if a > thr {
+                true
+            } else if a == thr && ties_left > 0 {
+                ties_left -= 1;
+                true
+            } else {
+                false
+            }
+        })
+        .collect()
+}
+
+/// Model Breadcrumbs: with `target = int(density·N)` and `top = int(gamma·N)`,
+/// drop the `top` largest |δ| and the `N − target − top` smallest (when that is
+/// negative, fewer outliers are dropped so that `target` remain).
+///
+/// mergekit 0.1.5 keeps nothing when `int(gamma·N)` is 0 (its slice
+/// `indices[n_bot:-0]` is empty); here the `target` largest are kept then.
+pub fn breadcrumbs(delta: &mut [f32], density: f64, gamma: f64) {
+    if density >= 1.0 {
+        return;
+    }
+    let n = delta.len();
+    let target = (density.max(0.0) * n as f64) as usize;
+    let top = ((gamma.max(0.0) * n as f64) as usize).min(n - target);
+    let bottom = n - target - top;
+    let keep = top_k_mask(delta, n - bottom);
+    let outliers = top_k_mask(delta, top);
+    for ((x, k), o) in delta.iter_mut().zip(keep).zip(outliers) {
+        if !k || o {
+            *x = 0.0;
+        }
+    }
+}
+
+/// DELLA's MAGPRUNE over a tensor of `shape`, ranking along dimension 1 as
+/// mergekit does (the row of a matrix; a vector is one row). In a row of
+/// length n, the element of ascending magnitude rank r (1-based, ties in index
+/// order) is kept with probability `p = density − ε + 2ε·(r − 1)/(n − 1)`
+/// (`density` when n = 1), drawn from the counter-based generator. Then
+/// `l1` rescales the whole delta to its former L1 norm, `inverse_p` divides
+/// each kept element by its own p (the DELLA paper).
+pub fn magprune(
+    delta: &mut [f32],
+    shape: &[usize],
+    density: f64,
+    epsilon: f64,
+    rescale: Rescale,
+    key: u64,
+) -> std::result::Result<(), String> {
+    if density >= 1.0 {
+        return Ok(());
+    }
+    if density <= 0.0 {
+        delta.iter_mut().for_each(|x| *x = 0.0);
+        return Ok(());
+    }
+    if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
+        return Err(format!(
+            "della: density ± epsilon must lie in (0, 1), got density {density} and epsilon {epsilon}; lower epsilon"
+        ));
+    }
+    let before = l1(delta);
+    let (outer, len, inner) = match shape.len() {
+        0 | 1 => (1, delta.len(), 1),
+        _ => (shape[0], shape[1], shape[2..].iter().product::<usize>()),
+    };
+    let mut order: Vec<u32> = Vec::with_capacity(len);
+    let mut probs = vec![0f32; delta.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| o * len * inner + j * inner + i;
+            order.clear();
+            order.extend(0..len as u32);
+            order.sort_by(|&a, &b| {
+                delta[at(a as usize)]
+                    .abs()
+                    .total_cmp(&delta[at(b as usize)].abs())
+            });
+            for (r, &j) in order.iter().enumerate() {
+                let norm = if len > 1 {
+                    r as f64 / (len - 1) as f64
+                } else {
+                    0.5
+                };
+                probs[at(j as usize)] = (density - epsilon + 2.0 * epsilon * norm) as f32;
+            }
+        }
+    }
+    for (i, (x, p)) in delta.iter_mut().zip(&probs).enumerate() {
+        if dare_uniform(key, i as u64) >= *p as f64 {
+            *x = 0.0;
+        } else if rescale == Rescale::InverseP {
+            *x /= p;
+        }
+    }
+    if rescale == Rescale::L1 {
+        rescale_delta(delta, before, density, rescale);
+    }
+    Ok(())
+}
+
 /// The counter-based uniform draw for DARE: a pure function of (seed, tensor,
 /// model, element), so a merge is bit-reproducible whatever the threads.
 #[inline]
@@ -253,6 +396,15 @@ impl Merger for Gta {
         let normalize = p.bool("normalize")?;
         let lambda = p.f64("lambda")? as f32;
         let rescale = Rescale::parse(p.str("rescale")?);
+        let n = weights.len();
+        let gamma = match self.sparsify {
+            Sparsify::Outliers => p.model_f64("gamma")?,
+            _ => vec![0.0; n],
+        };
+        let epsilon = match self.sparsify {
+            Sparsify::MagPrune => p.model_f64("epsilon")?,
+            _ => vec![0.0; n],
+        };
         super::deltas_in_place(&mut g)?;
         for (j, d) in g.models.iter_mut().enumerate() {
             match self.sparsify {
@@ -266,6 +418,21 @@ impl Merger for Gta {
                 Sparsify::Bernoulli => {
                     bernoulli(d, density[j], rescale, dare_key(g.seed, g.name, j))
                 }
+                Sparsify::Outliers if density[j] < 1.0 => {
+                    let before = l1(d);
+                    breadcrumbs(d, density[j], gamma[j]);
+                    rescale_delta(d, before, density[j], rescale);
+                }
+                Sparsify::Outliers => {}
+                Sparsify::MagPrune => magprune(
+                    d,
+                    g.shape,
+                    density[j],
+                    epsilon[j],
+                    rescale,
+                    dare_key(g.seed, g.name, j),
+                )
+                .map_err(|e| fusechat_core::Error::msg(format!("tensor `{}`: {e}", g.name)))?,
             }
         }
         let w: Vec<f32> = weights.iter().map(|w| *w as f32).collect();

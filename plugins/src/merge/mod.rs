@@ -3,9 +3,20 @@
 
 pub mod gta;
 
+pub mod arcee_fusion;
+pub mod breadcrumbs;
+pub mod breadcrumbs_ties;
 pub mod dare_linear;
 pub mod dare_ties;
+pub mod della;
+pub mod della_linear;
+pub mod karcher;
 pub mod linear;
+pub mod model_stock;
+pub mod multislerp;
+pub mod nearswap;
+pub mod nuslerp;
+pub mod passthrough;
 pub mod sce;
 pub mod slerp;
 pub mod task_arithmetic;

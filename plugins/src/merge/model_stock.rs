@@ -1,5 +1,5 @@
 //! `model_stock`: Model Stock (Jang, Yun and Han, "Model Stock: All we need is
-//! just a few fine-tuned models", ECCV 2024), as a fusechat plugin.
+//! just a few fine-tuned models", ECCV 2024), as mergekit computes it.
 //!
 //! For N ≥ 2 fine-tuned models θ¹..θᴺ of one pretrained θ⁰, with δⱼ = θʲ − θ⁰,
 //! let cos φ be the mean pairwise cosine similarity of the δⱼ (each norm
@@ -10,11 +10,12 @@
 //! With `filter_wise = true` the angle, and so `t`, is computed per row (over
 //! the last dimension) instead of over the whole tensor.
 //!
-//! The kernel writes its result into the base buffer, which inside fusechat is
-//! the host's own memory: nothing is copied across the plugin boundary.
+//! The kernel writes its result into the base buffer. N·cos/(1+(N−1)·cos) is
+//! undefined when the denominator vanishes (cos = −1/(N−1)); fusechat stops
+//! with an error naming the tensor where mergekit writes inf or NaN.
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
-use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
+use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
 use fusechat_core::{Error, Result};
 
 pub struct ModelStock;
@@ -92,7 +93,8 @@ impl Merger for ModelStock {
         for (r, row) in base.chunks_mut(cols).enumerate() {
             let span = r * cols..r * cols + row.len();
             let deltas: Vec<&[f32]> = g.models.iter().map(|m| &m[span.clone()]).collect();
-            let t = model_stock_t(&deltas).map_err(Error::msg)?;
+            let t = model_stock_t(&deltas)
+                .map_err(|e| Error::msg(format!("tensor `{}`: {e}", g.name)))?;
             // θ = t·(θ⁰ + mean δ) + (1 − t)·θ⁰ = θ⁰ + t·mean δ
             for (i, b) in row.iter_mut().enumerate() {
                 let mean: f64 = deltas.iter().map(|d| d[i] as f64).sum::<f64>() / n as f64;
@@ -108,4 +110,4 @@ impl Merger for ModelStock {
     }
 }
 
-fusechat_core::export_plugin!(ModelStock);
+inventory::submit! { BuiltinMerger(|| std::sync::Arc::new(ModelStock)) }
