@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use fusechat_core::io::writer::parse_size;
 use fusechat_core::merge::engine::{self, ExecOptions, MergeReport};
 use fusechat_core::merge::params::Setting;
-use fusechat_core::merge::plan::{MergeRequest, ModelInput};
+use fusechat_core::merge::plan::{MergeRequest, ModelInput, Numerics};
 use fusechat_core::model::generate;
 use fusechat_core::pipeline::config::{defaults, parse_dtype, Config};
 use std::io::IsTerminal;
@@ -428,6 +428,10 @@ pub struct MergeArgs {
     /// Write the output in this dtype (default: --dtype, else the inputs').
     #[arg(long)]
     pub out_dtype: Option<String>,
+    /// Arithmetic: fusechat (f32, rounded once; the default) or mergekit (in --dtype, rounded
+    /// after every operation in mergekit's order, for mergekit's bytes).
+    #[arg(long, value_name = "MODE", value_parser = ["fusechat", "mergekit"])]
+    pub numerics: Option<String>,
     /// Seed of random methods (DARE).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -530,6 +534,9 @@ pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequ
     }
     if let Some(d) = parse_dtype(args.out_dtype.as_deref(), "--out-dtype")? {
         req.out_dtype = Some(d);
+    }
+    if let Some(n) = args.numerics.as_deref().and_then(Numerics::parse) {
+        req.numerics = n;
     }
     if let Some(s) = args.seed {
         req.seed = s;

@@ -476,7 +476,9 @@ fn karcher_is_the_midpoint_of_two_and_stationary_for_three() {
 }
 
 /// SOLAR-style depth up-scaling: layers [0, 2) of one model and [1, 2) of
-/// another stack into a 3-layer model, copied bit for bit (scaled where asked).
+/// another stack into a 3-layer model, copied bit for bit (scaled where asked);
+/// the embeddings come from the first slice, the final norm and lm_head from
+/// the last (mergekit's rule).
 #[test]
 fn passthrough_stacks_slices_and_scales() {
     let (tmp, _, t) = setup(2);
@@ -512,7 +514,9 @@ fn passthrough_stacks_slices_and_scales() {
                     (&t[1], format!("model.layers.1.{tail}"))
                 }
             }
-            None => (&t[0], name.clone()),
+            // as in mergekit: embeddings from the first slice, the rest from the last
+            None if name.contains("embed") => (&t[0], name.clone()),
+            None => (&t[1], name.clone()),
         };
         let s = if name.contains("o_proj") { 0.5 } else { 1.0 };
         let want: Vec<f32> = tensor(src, &src_name).iter().map(|x| x * s).collect();

@@ -103,6 +103,16 @@ impl DType {
         v
     }
 
+    /// One value rounded to this dtype and back (nearest, ties to even).
+    #[inline]
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            DType::F32 => v,
+            DType::F16 => f16::from_f32(v).to_f32(),
+            DType::BF16 => f32::from_bits((f32_to_bf16_bits(v) as u32) << 16),
+        }
+    }
+
     /// Round f32 values to this dtype and back, in place (what loading in
     /// this dtype would have given).
     pub fn round_trip(self, values: &mut [f32]) {

@@ -297,6 +297,14 @@ pub trait Merger: Send + Sync {
         Ok(None)
     }
 
+    /// Whether the kernel implements `numerics = "mergekit"`: when
+    /// [`ResolvedParams::round_ops`] is set, it computes in that dtype with
+    /// mergekit's order of operations and a rounding after each. The planner
+    /// refuses the mode for a method that says no.
+    fn mergekit_numerics(&self) -> bool {
+        false
+    }
+
     /// Per-model `(sum, count)` of the method's statistic over this tensor.
     fn statistic(&self, group: &TensorGroup<'_>) -> Result<Vec<(f64, u64)>> {
         Err(crate::Error::msg(format!(

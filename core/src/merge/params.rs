@@ -238,6 +238,10 @@ pub type Settings = BTreeMap<String, Setting>;
 pub struct ResolvedParams {
     pub shared: BTreeMap<String, Scalar>,
     pub per_model: Vec<BTreeMap<String, Scalar>>,
+    /// `numerics = "mergekit"`: compute in this dtype, rounding after every
+    /// operation as PyTorch does (only for methods whose
+    /// [`Merger::mergekit_numerics`](crate::merge::Merger::mergekit_numerics) is true).
+    pub round_ops: Option<crate::io::dtype::DType>,
 }
 
 impl ResolvedParams {
@@ -290,6 +294,7 @@ impl ResolvedParams {
         let mut out = ResolvedParams {
             shared: BTreeMap::new(),
             per_model: vec![BTreeMap::new(); models.len()],
+            round_ops: None,
         };
         let mut problems = Vec::new();
         let missing = |spec: &ParamSpec, model| ParamProblem::Missing {

@@ -51,6 +51,29 @@ pub enum SliceModel {
     Model(usize),
 }
 
+/// The arithmetic of a merge (`--numerics`, `[merge] numerics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Numerics {
+    /// Compute in f32 and round once to the output dtype: the closest to the
+    /// exact value.
+    #[default]
+    Fusechat,
+    /// mergekit's: compute in the request's `dtype`, rounding after every
+    /// operation, in mergekit's order of operations, so that a bf16 request
+    /// gives mergekit's bytes.
+    Mergekit,
+}
+
+impl Numerics {
+    pub fn parse(s: &str) -> Option<Numerics> {
+        match s {
+            "fusechat" => Some(Numerics::Fusechat),
+            "mergekit" => Some(Numerics::Mergekit),
+            _ => None,
+        }
+    }
+}
+
 /// A merge, however it was asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeRequest {
@@ -65,6 +88,7 @@ pub struct MergeRequest {
     /// output is written in `out_dtype`, else `dtype`, else the input dtype.
     pub dtype: Option<DType>,
     pub out_dtype: Option<DType>,
+    pub numerics: Numerics,
     pub seed: u64,
     pub out: PathBuf,
     pub max_shard_size: u64,
@@ -88,6 +112,7 @@ impl MergeRequest {
             params: Settings::new(),
             dtype: None,
             out_dtype: None,
+            numerics: Numerics::Fusechat,
             seed: 0,
             out: out.into(),
             max_shard_size: crate::io::writer::DEFAULT_MAX_SHARD_SIZE,
@@ -121,7 +146,7 @@ impl MergeRequest {
                 ),
             }
         }
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "method": self.method,
             "base": self.base.as_ref().map(|b| b.reference.clone()),
             "models": self.models.iter().map(|m| serde_json::json!({
@@ -133,7 +158,13 @@ impl MergeRequest {
             "dtype": self.dtype.map(|d| d.to_string()),
             "out_dtype": self.out_dtype.map(|d| d.to_string()),
             "seed": self.seed,
-        })
+        });
+        // only when asked, so that the description (and the stage key) of a
+        // default request is what it always was
+        if self.numerics == Numerics::Mergekit {
+            v["numerics"] = "mergekit".into();
+        }
+        v
     }
 }
 
@@ -223,6 +254,10 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
         specs: &entry.info.params,
         global: &req.params,
         out_dtype: req.out_dtype.or(req.dtype),
+        round_ops: match req.numerics {
+            Numerics::Mergekit => req.dtype,
+            Numerics::Fusechat => None,
+        },
     };
     let planned = planner.plan_all(&slices, &mut problems);
     if planned.tensors.is_empty() && problems.is_empty() {
@@ -290,6 +325,9 @@ fn check_request<'r>(
     }
     if let Some(e) = &entry {
         check_params(req, e, &mut problems);
+        if req.numerics == Numerics::Mergekit {
+            check_mergekit_numerics(req, e, registry, &mut problems);
+        }
     }
     if !req.allow_config_mismatch {
         check_architectures(&inputs, !req.slices.is_empty(), &mut problems);
@@ -546,6 +584,34 @@ fn open_model(inp: &ModelInput, problems: &mut Problems) -> Option<ModelDir> {
 // --- Parameters: names, types and scopes, before anything else.
 
 /// Parameter names, types and scope, through the check every plugin kind shares.
+/// `numerics = "mergekit"` needs a dtype to compute in and a method that
+/// implements it.
+fn check_mergekit_numerics(
+    req: &MergeRequest,
+    entry: &MergerEntry,
+    registry: &Registry,
+    problems: &mut Problems,
+) {
+    if req.dtype.is_none() {
+        problems.request(
+            "numerics = \"mergekit\" computes in the request's dtype, and none is given: set `dtype` (`--dtype bf16`; FuseChat's mergekit configs say `dtype: bfloat16`)".into(),
+        );
+    }
+    if !entry.plugin.mergekit_numerics() {
+        let able: Vec<&str> = registry
+            .mergers()
+            .iter()
+            .filter(|m| m.plugin.mergekit_numerics())
+            .map(|m| m.info.name.as_str())
+            .collect();
+        problems.request(format!(
+            "method `{}` has no numerics = \"mergekit\" mode (it computes in f32 and rounds once); the methods that have one: {}",
+            entry.info.name,
+            able.join(", ")
+        ));
+    }
+}
+
 fn check_params(req: &MergeRequest, entry: &MergerEntry, problems: &mut Problems) {
     let info = &entry.info;
     for (k, v) in &req.params {
@@ -904,6 +970,8 @@ struct TensorPlanner<'a> {
     global: &'a Settings,
     /// The requested output dtype, if any (else the input's).
     out_dtype: Option<DType>,
+    /// `numerics = "mergekit"`: the dtype every operation rounds to.
+    round_ops: Option<DType>,
 }
 
 /// One output tensor to plan: its name, layer, layer position and sources,
@@ -953,17 +1021,21 @@ fn non_layer_names(dir: &ModelDir) -> (Vec<String>, Vec<String>) {
 
 impl TensorPlanner<'_> {
     /// Every output tensor in output order: the embeddings, each slice's
-    /// layers, the other non-layer tensors (final norm, lm_head). Non-layer
-    /// tensors come from the first slice's sources, at t = 0.
+    /// layers, the other non-layer tensors (final norm, lm_head). As in
+    /// mergekit, the embeddings come from the first slice's sources and the
+    /// final norm and lm_head from the last slice's (the same slice without
+    /// explicit slices), at t = 0.
     fn plan_all(&self, slices: &[Vec<SliceSrc>], problems: &mut Problems) -> Planned {
         let first = lead_first(&slices[0], self.base);
+        let last = lead_first(&slices[slices.len() - 1], self.base);
         let lead = first[0].0;
-        let (pre, post) = non_layer_names(&self.models[lead].dir);
-        let non_layer = |name: &String| Candidate {
+        let (pre, _) = non_layer_names(&self.models[lead].dir);
+        let (_, post) = non_layer_names(&self.models[last[0].0].dir);
+        let non_layer = |name: &String, from: &[(usize, usize)]| Candidate {
             name: name.clone(),
             layer: None,
             t: 0.0,
-            sources: first
+            sources: from
                 .iter()
                 .map(|&(d, _)| TensorSource {
                     model: d,
@@ -973,7 +1045,7 @@ impl TensorPlanner<'_> {
         };
         let mut tensors = Vec::new();
         for name in &pre {
-            tensors.extend(self.plan(non_layer(name), problems));
+            tensors.extend(self.plan(non_layer(name, &first), problems));
         }
         let mut layers = 0;
         for s in slices {
@@ -987,7 +1059,7 @@ impl TensorPlanner<'_> {
             }
         }
         for name in &post {
-            tensors.extend(self.plan(non_layer(name), problems));
+            tensors.extend(self.plan(non_layer(name, &last), problems));
         }
         Planned {
             tensors,
@@ -1142,7 +1214,10 @@ impl TensorPlanner<'_> {
             .map(|s| self.models[s.model].settings)
             .collect();
         let ps = match ResolvedParams::resolve(self.specs, self.global, &settings, tensor, t) {
-            Ok(p) => return Some(p),
+            Ok(mut p) => {
+                p.round_ops = self.round_ops;
+                return Some(p);
+            }
             Err(ps) => ps,
         };
         for p in ps {

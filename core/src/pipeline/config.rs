@@ -34,6 +34,7 @@
 //! models = ["runs/default/models/target_a", { path = "runs/default/models/target_b", parameters = { weight = 2.0 } }]
 //! out = "runs/default/merged"
 //! out_dtype = "bf16"
+//! numerics = "fusechat"   # or "mergekit": compute in `dtype`, rounding after every op
 //! [merge.parameters]
 //! statistic = "square"
 //! [[merge.extra]]                 # the same models merged another way: merge:ties
@@ -320,6 +321,9 @@ pub struct MergeSection {
     pub parameters: BTreeMap<String, toml::Value>,
     pub dtype: Option<String>,
     pub out_dtype: Option<String>,
+    /// "fusechat" (f32 compute, rounded once) or "mergekit" (in `dtype`,
+    /// rounded after every operation).
+    pub numerics: Option<String>,
     #[serde(default)]
     pub seed: u64,
     pub max_shard_size: Option<String>,
@@ -467,6 +471,14 @@ impl Config {
         req.dtype = parse_dtype(m.dtype.as_deref(), "[merge] dtype").map_err(in_file)?;
         req.out_dtype =
             parse_dtype(m.out_dtype.as_deref(), "[merge] out_dtype").map_err(in_file)?;
+        if let Some(n) = &m.numerics {
+            req.numerics = crate::merge::plan::Numerics::parse(n).ok_or_else(|| {
+                err(
+                    "numerics",
+                    format!("`{n}` is not a numerics mode: use \"fusechat\" (the default: f32, rounded once) or \"mergekit\" (in `dtype`, rounded after every operation)"),
+                )
+            })?;
+        }
         req.seed = m.seed;
         req.allow_config_mismatch = m.allow_config_mismatch;
         if let Some(s) = &m.max_shard_size {

@@ -536,6 +536,19 @@ impl Resolver<'_> {
                         p.name, req.method, p.help
                     ));
                 }
+                if req.numerics == crate::merge::plan::Numerics::Mergekit {
+                    if !entry.plugin.mergekit_numerics() {
+                        self.problem(format!(
+                            "{field}: method `{}` has no numerics = \"mergekit\" mode; remove `numerics` or pick a method that has one (`fusechat plugins` marks them)",
+                            req.method
+                        ));
+                    }
+                    if req.dtype.is_none() {
+                        self.problem(format!(
+                            "{field}: numerics = \"mergekit\" computes in the merge's dtype, and none is given: set `dtype = \"bf16\"`"
+                        ));
+                    }
+                }
                 for (i, m) in req.models.iter().enumerate() {
                     let field = format!("[merge] models[{i}].parameters");
                     let of = format!("model `{}`", m.reference);

@@ -436,7 +436,12 @@ impl Kind for dyn Merger {
             Some(m) => format!("{}-{m} models", c.min_models),
             None => format!("{}+ models", c.min_models),
         };
-        Some(format!("{base}; {models}"))
+        let numerics = if self.mergekit_numerics() {
+            "; numerics = mergekit"
+        } else {
+            ""
+        };
+        Some(format!("{base}; {models}{numerics}"))
     }
 }
 

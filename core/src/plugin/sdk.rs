@@ -558,6 +558,9 @@ pub fn resolved_from_json(text: &str) -> crate::Result<ResolvedParams> {
             .iter()
             .map(map)
             .collect::<Result<_, _>>()?,
+        // a plugin loaded at run time has no mergekit numerics mode (the
+        // planner refuses it), so the host never asks for one
+        round_ops: None,
     })
 }
 

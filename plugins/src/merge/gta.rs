@@ -9,6 +9,7 @@
 //!
 //! then `θ = θ⁰ + λ·mixed / divisor` when normalising, else `θ⁰ + λ·mixed`.
 
+use fusechat_core::io::dtype::DType;
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorBuf, TensorGroup};
 use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
 use fusechat_core::rng::{fnv1a, mix64};
@@ -18,7 +19,7 @@ use fusechat_core::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sparsify {
     None,
-    /// TIES: keep the `int(density·N)` largest |δ|.
+    /// TIES: keep the `max(1, int(density·N))` largest |δ|.
     Magnitude,
     /// DARE: keep each element with probability `density`, then rescale.
     Bernoulli,
@@ -186,12 +187,17 @@ pub fn keep_top_k(data: &mut [f32], k: usize) {
     }
 }
 
-/// TIES trimming: keep the `int(density·N)` largest |δ| (by selection, not a sort).
+/// TIES trimming: keep the `max(1, int(density·N))` largest |δ| (by
+/// selection, not a sort); nothing when `density` ≤ 0 (mergekit 0.1.5).
 pub fn magnitude(delta: &mut [f32], density: f64) {
     if density >= 1.0 {
         return;
     }
-    let k = (density.max(0.0) * delta.len() as f64) as usize;
+    let k = if density <= 0.0 {
+        0
+    } else {
+        ((density * delta.len() as f64) as usize).max(1)
+    };
     keep_top_k(delta, k);
 }
 
@@ -224,10 +230,8 @@ fn top_k_mask(data: &[f32], k: usize) -> Vec<bool> {
 
 /// Model Breadcrumbs: with `target = int(density·N)` and `top = int(gamma·N)`,
 /// drop the `top` largest |δ| and the `N − target − top` smallest (when that is
-/// negative, fewer outliers are dropped so that `target` remain).
-///
-/// mergekit 0.1.5 keeps nothing when `int(gamma·N)` is 0 (its slice
-/// `indices[n_bot:-0]` is empty); here the `target` largest are kept then.
+/// negative, fewer outliers are dropped so that `target` remain), as mergekit
+/// 0.1.5 keeps the ascending ranks `[N − target − top, N − top)`.
 pub fn breadcrumbs(delta: &mut [f32], density: f64, gamma: f64) {
     if density >= 1.0 {
         return;
@@ -259,6 +263,22 @@ pub fn magprune(
     epsilon: f64,
     rescale: Rescale,
     key: u64,
+) -> std::result::Result<(), String> {
+    magprune_with(delta, shape, density, epsilon, rescale, key, None)
+}
+
+/// [`magprune`], with the keep probabilities computed as mergekit does in a
+/// request's dtype when `round` is given (ranks, their normalisation and the
+/// probabilities rounded to it), and no rescaling then (the caller rescales
+/// with rounding).
+fn magprune_with(
+    delta: &mut [f32],
+    shape: &[usize],
+    density: f64,
+    epsilon: f64,
+    rescale: Rescale,
+    key: u64,
+    round: Option<DType>,
 ) -> std::result::Result<(), String> {
     if density >= 1.0 {
         return Ok(());
@@ -306,7 +326,7 @@ pub fn magprune(
             *x /= p;
         }
     }
-    if rescale == Rescale::L1 {
+    if rescale == Rescale::L1 && round.is_none() {
         rescale_delta(delta, before, density, rescale);
     }
     Ok(())
@@ -389,7 +409,14 @@ impl Merger for Gta {
         }
     }
 
+    fn mergekit_numerics(&self) -> bool {
+        true
+    }
+
     fn merge<'a>(&self, mut g: TensorGroup<'a>) -> Result<Merged<'a>> {
+        if let Some(d) = g.params.round_ops {
+            return self.merge_rounded(g, d);
+        }
         let p = g.params;
         let weights = p.model_f64("weight")?;
         let density = p.model_f64("density")?;
@@ -442,6 +469,164 @@ impl Merger for Gta {
             data: out,
             weights: Some(weights),
         })
+    }
+}
+
+impl Gta {
+    /// `numerics = "mergekit"`: mergekit 0.1.5's GTA task in dtype `d`, every
+    /// operation rounded as PyTorch rounds it (elementwise ops in f32, then
+    /// rounded; sums accumulated in f32 and rounded once):
+    /// δ = θʲ − θ⁰; sparsified, and with `rescale` multiplied by
+    /// (‖δ‖₁ / ‖δ̂‖₁), both norms and the ratio rounded; uⱼ = δ̂ⱼ·wⱼ (wⱼ rounded
+    /// to the dtype); the sign election on the rounded Σ uⱼ; mixed = Σ mⱼuⱼ and
+    /// divisor = Σ mⱼwⱼ, each rounded; mixed / divisor; mixed·λ when λ ≠ 1;
+    /// θ⁰ + mixed.
+    fn merge_rounded<'a>(&self, mut g: TensorGroup<'a>, d: DType) -> Result<Merged<'a>> {
+        let r = |x: f32| d.round(x);
+        let p = g.params;
+        let weights = p.model_f64("weight")?;
+        let density = p.model_f64("density")?;
+        let normalize = p.bool("normalize")?;
+        let lambda = p.f64("lambda")?;
+        let rescale = match Rescale::parse(p.str("rescale")?) {
+            Rescale::InverseP => {
+                return Err(fusechat_core::Error::msg(format!(
+                    "tensor `{}`: rescale = inverse_p is not mergekit's; with numerics = \"mergekit\" use l1 (true) or none (false)",
+                    g.name
+                )))
+            }
+            other => other,
+        };
+        let n = weights.len();
+        let gamma = match self.sparsify {
+            Sparsify::Outliers => p.model_f64("gamma")?,
+            _ => vec![0.0; n],
+        };
+        let epsilon = match self.sparsify {
+            Sparsify::MagPrune => p.model_f64("epsilon")?,
+            _ => vec![0.0; n],
+        };
+        let base = g.base.take().ok_or_else(|| {
+            fusechat_core::Error::msg(format!(
+                "tensor `{}`: this method needs a base model",
+                g.name
+            ))
+        })?;
+        let rsum = |v: &[f32]| r(v.iter().map(|x| x.abs() as f64).sum::<f64>() as f32);
+        let mut ties = 0usize;
+        for (j, m) in g.models.iter_mut().enumerate() {
+            m.iter_mut()
+                .zip(base.iter())
+                .for_each(|(x, b)| *x = r(*x - b));
+            if self.sparsify == Sparsify::None || density[j] >= 1.0 {
+                continue;
+            }
+            let before = rsum(m);
+            match self.sparsify {
+                Sparsify::None => {}
+                Sparsify::Magnitude => {
+                    ties += ambiguous_at_threshold(m, density[j]);
+                    magnitude(m, density[j]);
+                }
+                Sparsify::Bernoulli => {
+                    let (key, keep) = (dare_key(g.seed, g.name, j), r(density[j] as f32) as f64);
+                    for (i, x) in m.iter_mut().enumerate() {
+                        if dare_uniform(key, i as u64) >= keep {
+                            *x = 0.0;
+                        }
+                    }
+                }
+                Sparsify::Outliers => breadcrumbs(m, density[j], gamma[j]),
+                Sparsify::MagPrune => magprune_with(
+                    m,
+                    g.shape,
+                    density[j],
+                    epsilon[j],
+                    Rescale::None,
+                    dare_key(g.seed, g.name, j),
+                    Some(d),
+                )
+                .map_err(|e| fusechat_core::Error::msg(format!("tensor `{}`: {e}", g.name)))?,
+            }
+            if rescale == Rescale::L1 {
+                let after = rsum(m);
+                if before >= 1e-7 && after >= 1e-7 {
+                    let ratio = r(before / after);
+                    m.iter_mut().for_each(|x| *x = r(*x * ratio));
+                }
+            }
+        }
+        if ties > 0 {
+            tracing::debug!(
+                tensor = g.name,
+                ties,
+                "magnitudes equal to the trimming threshold: which of them are kept may differ from mergekit's (argsort order)"
+            );
+        }
+        let w: Vec<f32> = weights.iter().map(|w| r(*w as f32)).collect();
+        for (m, wj) in g.models.iter_mut().zip(&w) {
+            m.iter_mut().for_each(|x| *x = r(*x * wj));
+        }
+        let mut out = base;
+        for (i, o) in out.iter_mut().enumerate() {
+            let (mut mixed, mut divisor);
+            if self.consensus {
+                let sum = r(g.models.iter().map(|m| m[i]).sum::<f32>());
+                let s = if sum >= 0.0 { 1.0 } else { -1.0 };
+                mixed = 0.0;
+                divisor = 0.0;
+                for (m, wj) in g.models.iter().zip(&w) {
+                    if m[i] * s > 0.0 {
+                        mixed += m[i];
+                        divisor += wj;
+                    }
+                }
+                divisor = r(divisor);
+                if divisor == 0.0 {
+                    divisor = 1.0;
+                }
+            } else {
+                mixed = g.models.iter().map(|m| m[i]).sum::<f32>();
+                divisor = r(w.iter().sum::<f32>());
+                if divisor.abs() < 1e-8 {
+                    divisor = 1.0;
+                }
+            }
+            mixed = r(mixed);
+            if normalize {
+                mixed = r(mixed / divisor);
+            }
+            if lambda != 1.0 {
+                mixed = r(mixed * lambda as f32);
+            }
+            *o = r(*o + mixed);
+        }
+        Ok(Merged {
+            data: out,
+            weights: Some(weights),
+        })
+    }
+}
+
+/// How many elements share the trimming threshold's magnitude when only some
+/// of them are kept (0 when the choice is not ambiguous).
+fn ambiguous_at_threshold(delta: &[f32], density: f64) -> usize {
+    let n = delta.len();
+    let k = if density <= 0.0 {
+        0
+    } else {
+        ((density * n as f64) as usize).max(1)
+    };
+    if k == 0 || k >= n {
+        return 0;
+    }
+    let thr = kth_largest_abs(delta, k);
+    let above = delta.iter().filter(|x| x.abs() > thr).count();
+    let equal = delta.iter().filter(|x| x.abs() == thr).count();
+    if above + equal > k {
+        equal
+    } else {
+        0
     }
 }
 
@@ -554,7 +739,9 @@ mod tests {
         magnitude(&mut ties, 0.5);
         assert_eq!(ties, vec![1.0, -1.0, 0.0, 0.0]);
         let mut none = vec![1.0, 2.0];
-        magnitude(&mut none, 0.1); // k = 0
+        magnitude(&mut none, 0.1); // int(0.2) = 0, but a positive density keeps one
+        assert_eq!(none, vec![0.0, 2.0]);
+        magnitude(&mut none, 0.0);
         assert_eq!(none, vec![0.0, 0.0]);
     }
 

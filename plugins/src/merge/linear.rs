@@ -40,6 +40,11 @@ impl Merger for Linear {
             max_models: None,
         }
     }
+    /// mergekit 0.1.5's linear already computes in f32 and rounds once, as
+    /// fusechat does: `numerics = "mergekit"` changes nothing.
+    fn mergekit_numerics(&self) -> bool {
+        true
+    }
     fn merge<'a>(&self, mut g: TensorGroup<'a>) -> fusechat_core::Result<Merged<'a>> {
         let weights = g.params.model_f64("weight")?;
         let normalize = g.params.bool("normalize")?;

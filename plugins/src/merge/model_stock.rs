@@ -10,9 +10,9 @@
 //! With `filter_wise = true` the angle, and so `t`, is computed per row (over
 //! the last dimension) instead of over the whole tensor.
 //!
-//! The kernel writes its result into the base buffer. N·cos/(1+(N−1)·cos) is
-//! undefined when the denominator vanishes (cos = −1/(N−1)); fusechat stops
-//! with an error naming the tensor where mergekit writes inf or NaN.
+//! The kernel writes its result into the base buffer. Where the denominator
+//! 1 + (N−1)·cos is below 1e-6 in magnitude, t is undefined and the base is
+//! kept (t = 0), as mergekit 0.1.5 does.
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
 use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
@@ -21,7 +21,7 @@ use fusechat_core::{Error, Result};
 pub struct ModelStock;
 
 /// The interpolation factor for one row: `N·c / (1 + (N−1)·c)`.
-pub fn model_stock_t(deltas: &[&[f32]]) -> std::result::Result<f64, String> {
+pub fn model_stock_t(deltas: &[&[f32]]) -> f64 {
     let n = deltas.len();
     let norm = |d: &[f32]| {
         d.iter()
@@ -45,12 +45,10 @@ pub fn model_stock_t(deltas: &[&[f32]]) -> std::result::Result<f64, String> {
     }
     let cos = sum / pairs as f64;
     let denom = 1.0 + (n as f64 - 1.0) * cos;
-    if denom.abs() < 1e-12 {
-        return Err(format!(
-            "the deltas' mean cosine is {cos:.6}, where t = N·cos/(1+(N−1)·cos) is undefined"
-        ));
+    if denom.abs() < 1e-6 {
+        return 0.0; // undefined: keep the base
     }
-    Ok(n as f64 * cos / denom)
+    n as f64 * cos / denom
 }
 
 impl Merger for ModelStock {
@@ -93,8 +91,7 @@ impl Merger for ModelStock {
         for (r, row) in base.chunks_mut(cols).enumerate() {
             let span = r * cols..r * cols + row.len();
             let deltas: Vec<&[f32]> = g.models.iter().map(|m| &m[span.clone()]).collect();
-            let t = model_stock_t(&deltas)
-                .map_err(|e| Error::msg(format!("tensor `{}`: {e}", g.name)))?;
+            let t = model_stock_t(&deltas);
             // θ = t·(θ⁰ + mean δ) + (1 − t)·θ⁰ = θ⁰ + t·mean δ
             for (i, b) in row.iter_mut().enumerate() {
                 let mean: f64 = deltas.iter().map(|d| d[i] as f64).sum::<f64>() / n as f64;
@@ -111,3 +108,16 @@ impl Merger for ModelStock {
 }
 
 inventory::submit! { BuiltinMerger(|| std::sync::Arc::new(ModelStock)) }
+
+#[cfg(test)]
+mod tests {
+    use super::model_stock_t;
+
+    #[test]
+    fn t_is_zero_where_the_formula_is_undefined() {
+        // two opposite deltas: cos = −1, 1 + (N−1)·cos = 0
+        assert_eq!(model_stock_t(&[&[1.0, 2.0], &[-1.0, -2.0]]), 0.0);
+        // two equal deltas: cos = 1, t = 2/2 = 1
+        assert!((model_stock_t(&[&[1.0, 2.0], &[1.0, 2.0]]) - 1.0).abs() < 1e-12);
+    }
+}

@@ -1,6 +1,6 @@
 //! `nearswap`: take the other model's value where it is near the base's.
-//! Per element, with `w = clamp(t / |θ⁰ − θ¹|, 0, 1)` (1 where the models are
-//! equal): `w·θ¹ + (1 − w)·θ⁰`, computed in that order as mergekit does.
+//! Per element, with `w = clamp(t / max(|θ⁰ − θ¹|, 1e-6), 0, 1)`:
+//! `w·θ¹ + (1 − w)·θ⁰`, computed in that order as mergekit 0.1.5 does.
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
 use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};

@@ -7,8 +7,8 @@
 //! each slice along dimension 0 (mergekit's naming). For each pair of vectors,
 //! with uᵢ = vᵢ / max(‖vᵢ‖, 1e-7), θ = acos(clamp(u₁·u₂, −1, 1)):
 //! `(sin((1−t)θ)·v₁ + sin(tθ)·v₂) / sin θ`, or the lerp `(1−t)·v₁ + t·v₂`
-//! when |sin θ| < 1e-8. Unlike `slerp`, the vectors are not normalised for the
-//! lerp fallback's threshold: an angle, not a dot product, decides.
+//! when 1 − cos²θ ≤ 1e-16 (`slerp` falls back to the lerp far earlier, at
+//! |cos θ| > 0.9995).
 
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
 use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
@@ -25,12 +25,13 @@ fn slerp_strided(t: f64, v0: &mut [f32], v1: &[f32], len: usize, idx: impl Fn(us
         n1 += b * b;
         dot += a * b;
     }
-    let cos = dot / (n0.sqrt().max(1e-7) * n1.sqrt().max(1e-7));
-    let theta = cos.clamp(-1.0, 1.0).acos();
-    let sin_theta = theta.sin();
-    let (s0, s1) = if sin_theta.abs() < 1e-8 {
+    let cos = (dot / (n0.sqrt().max(1e-7) * n1.sqrt().max(1e-7))).clamp(-1.0, 1.0);
+    // colinear, as mergekit 0.1.5 tests it: 1 − cos² ≤ ε², ε = 1e-8
+    let (s0, s1) = if 1.0 - cos * cos <= 1e-16 {
         (1.0 - t, t)
     } else {
+        let theta = cos.acos();
+        let sin_theta = theta.sin();
         (
             ((1.0 - t) * theta).sin() / sin_theta,
             (t * theta).sin() / sin_theta,
