@@ -72,13 +72,35 @@ def write_models(root):
     for name in ["a", "b"]:
         # fine-tunes: small changes, so that bf16 rounding of the deltas matters
         models[name] = {n: t + torch.randn(t.shape, generator=g) * 2e-3 for n, t in base.items()}
+    # c: b with one added token (a row more in the embeddings and lm_head), for tokenizer_source
+    models["c"] = dict(models["b"])
+    for n in ["model.embed_tokens.weight", "lm_head.weight"]:
+        models["c"][n] = torch.cat([models["b"][n], torch.randn(1, HIDDEN, generator=g) * 0.02])
     for name, tensors in models.items():
         d = os.path.join(root, name)
         os.makedirs(d, exist_ok=True)
         save_file({n: t.to(torch.bfloat16).contiguous() for n, t in tensors.items()},
                   os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        cfg = config()
+        extra = ["<extra>"] if name == "c" else []
+        cfg["vocab_size"] = VOCAB + len(extra)
         with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(config(), f)
+            json.dump(cfg, f)
+        write_tokenizer(d, extra)
+
+
+def write_tokenizer(d, extra):
+    """A word-level tokenizer of VOCAB words, plus `extra` added tokens."""
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    added = [{"id": VOCAB + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, t in enumerate(extra)]
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+           "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+           "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}, f)
 
 
 CASES = {
@@ -96,6 +118,8 @@ CASES = {
     "karcher": "models:\n  - model: {a}\n  - model: {b}\nmerge_method: karcher\ndtype: {dtype}\n",
     "nearswap": "models:\n  - model: {a}\nmerge_method: nearswap\nbase_model: {base}\nparameters:\n  t: 0.001\ndtype: {dtype}\n",
     "arcee_fusion": "models:\n  - model: {a}\nmerge_method: arcee_fusion\nbase_model: {base}\ndtype: {dtype}\n",
+    "linear_union": "models:\n  - model: {a}\n    parameters: {{weight: 1.0}}\n  - model: {c}\n    parameters: {{weight: 1.0}}\nmerge_method: linear\nbase_model: {a}\ntokenizer_source: union\ndtype: {dtype}\n",
+    "ties_union": "models:\n  - model: {a}\n    parameters: {{density: 0.5, weight: 0.5}}\n  - model: {c}\n    parameters: {{density: 0.5, weight: 0.5}}\nmerge_method: ties\nbase_model: {base}\ntokenizer_source: union\ndtype: {dtype}\n",
     "passthrough": "slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n  - sources:\n      - model: {b}\n        layer_range: [1, 2]\nmerge_method: passthrough\ndtype: {dtype}\n",
 }
 RANDOM = {"dare_ties", "della"}
@@ -119,7 +143,7 @@ def at_threshold(paths, t, density, gamma):
         for v in {asc[bot].item(), asc[min(n, bot + target) - 1].item()}:
             mask |= d == v
     return mask
-ROUNDED = {"task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della", "linear"}
+ROUNDED = {"task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della", "linear", "ties_union"}
 
 
 def run(cmd):
@@ -148,7 +172,7 @@ def main():
     root = args.keep or tempfile.mkdtemp(prefix="fc-vs-mk-")
     os.makedirs(root, exist_ok=True)
     write_models(root)
-    paths = {k: os.path.join(root, k) for k in ["base", "a", "b"]}
+    paths = {k: os.path.join(root, k) for k in ["base", "a", "b", "c"]}
     print(f"{'case':18} {'mode':9} {'identical':>10} {'max ulps':>9} {'mean ulps vs f64':>17} {'kept':>6}")
     for name, text in CASES.items():
         if args.only and name not in args.only:

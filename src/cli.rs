@@ -432,6 +432,10 @@ pub struct MergeArgs {
     /// after every operation in mergekit's order, for mergekit's bytes).
     #[arg(long, value_name = "MODE", value_parser = ["fusechat", "mergekit"])]
     pub numerics: Option<String>,
+    /// Output vocabulary for models whose vocabularies differ: base, union, or one of the
+    /// models (mergekit's tokenizer_source); embedding and lm_head rows are aligned by token.
+    #[arg(long, value_name = "SOURCE")]
+    pub tokenizer_source: Option<String>,
     /// Seed of random methods (DARE).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -537,6 +541,9 @@ pub fn merge_request(args: &MergeArgs, cfg: Option<&Config>) -> Result<MergeRequ
     }
     if let Some(n) = args.numerics.as_deref().and_then(Numerics::parse) {
         req.numerics = n;
+    }
+    if let Some(t) = &args.tokenizer_source {
+        req.tokenizer_source = Some(fusechat_core::merge::vocab::TokenizerSource::parse(t));
     }
     if let Some(s) = args.seed {
         req.seed = s;

@@ -141,15 +141,34 @@ fn load_group<'a>(
         }
         Ok(v.into())
     };
-    let base = match &t.base {
-        Some(b) => Some(read(b.model, &b.name)?),
-        None => None,
+    let (base, models) = match (&plan.vocab, t.vocab) {
+        (Some(v), true) => {
+            // rows aligned to the output vocabulary, base first
+            let sources: Vec<&crate::merge::plan::TensorSource> =
+                t.base.iter().chain(&t.inputs).collect();
+            let data = sources
+                .iter()
+                .map(|s| Ok((s.model, read(s.model, &s.name)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let width = t.shape[1];
+            let views: Vec<(usize, &[f32])> = data.iter().map(|(m, d)| (*m, &d[..])).collect();
+            let mut aligned = v.align(&views, width).into_iter().map(TensorBuf::from);
+            let base = t.base.as_ref().and_then(|_| aligned.next());
+            (base, aligned.collect())
+        }
+        _ => {
+            let base = match &t.base {
+                Some(b) => Some(read(b.model, &b.name)?),
+                None => None,
+            };
+            let models = t
+                .inputs
+                .iter()
+                .map(|s| read(s.model, &s.name))
+                .collect::<Result<Vec<_>>>()?;
+            (base, models)
+        }
     };
-    let models = t
-        .inputs
-        .iter()
-        .map(|s| read(s.model, &s.name))
-        .collect::<Result<Vec<_>>>()?;
     Ok(TensorGroup {
         name: &t.name,
         layer: t.layer,
@@ -407,6 +426,12 @@ fn write_output(
         if src.is_file() {
             std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
         }
+    }
+    // tokenizer_source = union: the base's tokenizer with the other models' tokens added
+    if let Some(json) = plan.vocab.as_ref().and_then(|v| v.tokenizer_json.as_ref()) {
+        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        // the slow tokenizer's files would not know the added tokens
+        let _ = std::fs::remove_file(dir.join("tokenizer.model"));
     }
     let weights: Vec<(String, Vec<f64>)> = plan
         .tensors

@@ -51,20 +51,53 @@ pub fn parse(
             ));
         }
     }
-    for k in ["tokenizer_source", "tokenizer", "chat_template"] {
-        if obj.contains_key(k) {
-            warnings.push(format!(
-                "{}: `{k}` is not supported yet; the tokenizer files are copied from the base (or first) model",
-                path.display()
-            ));
+    if obj.contains_key("chat_template") {
+        warnings.push(format!(
+            "{}: `chat_template` is not supported yet; the tokenizer files' own template is kept",
+            path.display()
+        ));
+    }
+    // `tokenizer_source: x`, or the newer `tokenizer: {source: x}`
+    let tokenizer = obj.get("tokenizer").filter(|v| !v.is_null());
+    if let Some(t) = tokenizer {
+        for k in t.as_object().into_iter().flat_map(|o| o.keys()) {
+            if k != "source" {
+                warnings.push(format!(
+                    "{}: `tokenizer.{k}` is not supported yet and is ignored",
+                    path.display()
+                ));
+            }
         }
     }
+    let source = match (
+        obj.get("tokenizer_source").filter(|v| !v.is_null()),
+        tokenizer,
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "give either `tokenizer_source` or `tokenizer`, not both".into(),
+            ))
+        }
+        (Some(v), None) => Some(v),
+        (None, Some(t)) => t.get("source"),
+        (None, None) => None,
+    };
+    let tokenizer_source = match source {
+        None => None,
+        Some(Value::String(s)) => Some(crate::merge::vocab::TokenizerSource::parse(s)),
+        Some(_) => {
+            return Err(err(
+                "`tokenizer_source` must be base, union or a model (a string)".into(),
+            ))
+        }
+    };
     let method = obj
         .get("merge_method")
         .and_then(Value::as_str)
         .ok_or_else(|| err("`merge_method` is missing or not a string".into()))?;
     let mut req = MergeRequest::new(method, out);
     req.origin = format!("mergekit config {}", path.display());
+    req.tokenizer_source = tokenizer_source;
 
     let settings = |v: Option<&Value>, field: &str| -> Result<Settings> {
         match v {

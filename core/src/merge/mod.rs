@@ -10,6 +10,7 @@ pub mod engine;
 pub mod mergekit;
 pub mod params;
 pub mod plan;
+pub mod vocab;
 
 use crate::merge::params::ResolvedParams;
 use crate::plugin::registry::PluginInfo;

@@ -89,6 +89,8 @@ pub struct MergeRequest {
     pub dtype: Option<DType>,
     pub out_dtype: Option<DType>,
     pub numerics: Numerics,
+    /// mergekit's `tokenizer_source`: merge models whose vocabularies differ.
+    pub tokenizer_source: Option<crate::merge::vocab::TokenizerSource>,
     pub seed: u64,
     pub out: PathBuf,
     pub max_shard_size: u64,
@@ -113,6 +115,7 @@ impl MergeRequest {
             dtype: None,
             out_dtype: None,
             numerics: Numerics::Fusechat,
+            tokenizer_source: None,
             seed: 0,
             out: out.into(),
             max_shard_size: crate::io::writer::DEFAULT_MAX_SHARD_SIZE,
@@ -164,6 +167,9 @@ impl MergeRequest {
         if self.numerics == Numerics::Mergekit {
             v["numerics"] = "mergekit".into();
         }
+        if let Some(t) = &self.tokenizer_source {
+            v["tokenizer_source"] = t.describe().into();
+        }
         v
     }
 }
@@ -189,6 +195,9 @@ pub struct PlannedTensor {
     pub params: ResolvedParams,
     /// Bytes read from the inputs (base included), for progress and estimates.
     pub input_bytes: u64,
+    /// A vocabulary tensor (embeddings, lm_head) whose rows are aligned to the
+    /// output vocabulary on load (`tokenizer_source`).
+    pub vocab: bool,
 }
 
 impl PlannedTensor {
@@ -220,6 +229,8 @@ pub struct Plan {
     pub config: serde_json::Value,
     /// The model whose tokenizer files are copied.
     pub tokenizer_from: usize,
+    /// `tokenizer_source`: the output vocabulary and each model's rows in it.
+    pub vocab: Option<crate::merge::vocab::VocabPlan>,
     pub warnings: Vec<String>,
     pub request: serde_json::Value,
     pub origin: String,
@@ -248,7 +259,12 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
         slices,
     } = check_request(req, registry, &mut warnings)?;
     let mut problems = Problems::default();
+    let vocab = match &req.tokenizer_source {
+        None => None,
+        Some(source) => Some(vocab_plan(source, &models, roles.base)?),
+    };
     let planner = TensorPlanner {
+        vocab: vocab.as_ref(),
         models: &models,
         base: roles.base,
         specs: &entry.info.params,
@@ -270,7 +286,10 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
     if req.slices.is_empty() {
         warnings.extend(extra_tensor_warnings(&models, &slices, planned.lead));
     }
-    let config = output_config(&models[planned.lead].dir, &planned, req);
+    let mut config = output_config(&models[planned.lead].dir, &planned, req);
+    if let (Some(v), Some(obj)) = (&vocab, config.as_object_mut()) {
+        obj.insert("vocab_size".into(), serde_json::json!(v.size));
+    }
     let (models, labels): (Vec<ModelDir>, Vec<String>) =
         models.into_iter().map(|m| (m.dir, m.label)).unzip();
     Ok(Plan {
@@ -284,7 +303,8 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
         max_shard_size: req.max_shard_size,
         seed: req.seed,
         config,
-        tokenizer_from: planned.lead,
+        tokenizer_from: vocab.as_ref().map_or(planned.lead, |v| v.files_from),
+        vocab,
         warnings,
         request: req.to_json(),
         origin: req.origin.clone(),
@@ -330,7 +350,12 @@ fn check_request<'r>(
         }
     }
     if !req.allow_config_mismatch {
-        check_architectures(&inputs, !req.slices.is_empty(), &mut problems);
+        check_architectures(
+            &inputs,
+            !req.slices.is_empty(),
+            req.tokenizer_source.is_some(),
+            &mut problems,
+        );
     }
     let contract = entry.as_ref().map(|e| e.plugin.contract());
     let base_use = contract.map_or(BaseUse::Optional, |c| c.base);
@@ -584,6 +609,32 @@ fn open_model(inp: &ModelInput, problems: &mut Problems) -> Option<ModelDir> {
 // --- Parameters: names, types and scopes, before anything else.
 
 /// Parameter names, types and scope, through the check every plugin kind shares.
+/// The output vocabulary of a request with `tokenizer_source`.
+fn vocab_plan(
+    source: &crate::merge::vocab::TokenizerSource,
+    models: &[Model],
+    base: Option<usize>,
+) -> Result<crate::merge::vocab::VocabPlan> {
+    use crate::merge::vocab::TokenizerSource;
+    let chosen = match source {
+        TokenizerSource::Model(name) => Some(
+            models
+                .iter()
+                .position(|m| m.label == *name || same_path(&m.dir.path, Path::new(name)))
+                .ok_or_else(|| {
+                    let known: Vec<&str> = models.iter().map(|m| m.label.as_str()).collect();
+                    Error::msg(format!(
+                        "tokenizer_source `{name}` is none of the merge's models ({}); use base, union or one of them",
+                        known.join(", ")
+                    ))
+                })?,
+        ),
+        _ => None,
+    };
+    let dirs: Vec<&ModelDir> = models.iter().map(|m| &m.dir).collect();
+    crate::merge::vocab::plan(source, &dirs, base, chosen)
+}
+
 /// `numerics = "mergekit"` needs a dtype to compute in and a method that
 /// implements it.
 fn check_mergekit_numerics(
@@ -661,7 +712,7 @@ fn architecture_fields(
 /// Every input's architecture fields against the first's: a difference, or a
 /// required field that is missing, is a problem naming the model, the field
 /// and both values. `sliced`: layer counts may differ (slices pick layers).
-fn check_architectures(inputs: &Inputs, sliced: bool, problems: &mut Problems) {
+fn check_architectures(inputs: &Inputs, sliced: bool, vocabs: bool, problems: &mut Problems) {
     let opened: Vec<(&Input, &ModelDir)> = inputs
         .models
         .iter()
@@ -698,7 +749,7 @@ fn check_architectures(inputs: &Inputs, sliced: bool, problems: &mut Problems) {
     };
     for (m, d) in rest {
         for (field, default) in architecture_fields(&d.config) {
-            if sliced && field == "num_hidden_layers" {
+            if sliced && field == "num_hidden_layers" || vocabs && field == "vocab_size" {
                 continue;
             }
             let first_default = architecture_fields(&fd.config)
@@ -972,6 +1023,8 @@ struct TensorPlanner<'a> {
     out_dtype: Option<DType>,
     /// `numerics = "mergekit"`: the dtype every operation rounds to.
     round_ops: Option<DType>,
+    /// `tokenizer_source`: the output vocabulary.
+    vocab: Option<&'a crate::merge::vocab::VocabPlan>,
 }
 
 /// One output tensor to plan: its name, layer, layer position and sources,
@@ -1118,7 +1171,8 @@ impl TensorPlanner<'_> {
     /// Plan one tensor, or record why it cannot be merged.
     fn plan(&self, c: Candidate, problems: &mut Problems) -> Option<PlannedTensor> {
         let lead = self.entry(&c.sources[0]).expect("taken from the lead");
-        if !self.check_sources(&c.sources, lead, problems) {
+        let vocab = self.vocab.is_some() && self.is_vocab_tensor(&c);
+        if !self.check_sources(&c.sources, lead, vocab, problems) {
             return None;
         }
         let input_bytes = c
@@ -1126,7 +1180,10 @@ impl TensorPlanner<'_> {
             .iter()
             .map(|s| self.entry(s).map_or(0, |t| (t.end - t.start) as u64))
             .sum();
-        let shape = lead.shape.clone();
+        let mut shape = lead.shape.clone();
+        if let (true, Some(v)) = (vocab, self.vocab) {
+            shape[0] = v.size;
+        }
         let out_dtype = self.out_dtype.unwrap_or(lead.dtype.expect("checked"));
         let (base, inputs) = self.split_base(c.sources);
         let params = self.resolve_params(&c.name, c.t, &inputs, problems)?;
@@ -1140,7 +1197,19 @@ impl TensorPlanner<'_> {
             inputs,
             params,
             input_bytes,
+            vocab,
         })
+    }
+
+    /// A non-layer matrix with one row per token of its model's vocabulary
+    /// (the embeddings, lm_head), in every source.
+    fn is_vocab_tensor(&self, c: &Candidate) -> bool {
+        c.layer.is_none()
+            && c.sources.iter().all(|s| {
+                let rows = self.models[s.model].dir.config["vocab_size"].as_u64();
+                self.entry(s)
+                    .is_some_and(|t| t.shape.len() == 2 && Some(t.shape[0] as u64) == rows)
+            })
     }
 
     fn entry(&self, s: &TensorSource) -> Option<&TensorEntry> {
@@ -1153,6 +1222,7 @@ impl TensorPlanner<'_> {
         &self,
         sources: &[TensorSource],
         lead: &TensorEntry,
+        vocab: bool,
         problems: &mut Problems,
     ) -> bool {
         let lead_label = &self.models[sources[0].model].label;
@@ -1164,7 +1234,8 @@ impl TensorPlanner<'_> {
                     Kind::MissingTensor,
                     format!("tensor `{name}` is missing from `{label}` (present in `{lead_label}`)"),
                 ),
-                Some(t) if t.shape != lead.shape => (
+                // a vocabulary tensor's rows are aligned on load: only its width must agree
+                Some(t) if t.shape != lead.shape && !(vocab && t.shape[1..] == lead.shape[1..]) => (
                     Kind::Shape,
                     format!(
                         "shape mismatch for `{name}`: `{lead_label}` has {:?}, `{label}` has {:?}",

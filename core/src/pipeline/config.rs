@@ -35,6 +35,7 @@
 //! out = "runs/default/merged"
 //! out_dtype = "bf16"
 //! numerics = "fusechat"   # or "mergekit": compute in `dtype`, rounding after every op
+//! tokenizer_source = "union"   # or "base" or a model: merge models whose vocabularies differ
 //! [merge.parameters]
 //! statistic = "square"
 //! [[merge.extra]]                 # the same models merged another way: merge:ties
@@ -324,6 +325,9 @@ pub struct MergeSection {
     /// "fusechat" (f32 compute, rounded once) or "mergekit" (in `dtype`,
     /// rounded after every operation).
     pub numerics: Option<String>,
+    /// mergekit's `tokenizer_source`: "base", "union" or one of the models
+    /// (as written); merges models whose vocabularies differ.
+    pub tokenizer_source: Option<String>,
     #[serde(default)]
     pub seed: u64,
     pub max_shard_size: Option<String>,
@@ -479,6 +483,17 @@ impl Config {
                 )
             })?;
         }
+        req.tokenizer_source = m.tokenizer_source.as_deref().map(|t| {
+            // a model is named as written in `base`/`models`, resolved like them
+            match crate::merge::vocab::TokenizerSource::parse(t) {
+                crate::merge::vocab::TokenizerSource::Model(p) => {
+                    crate::merge::vocab::TokenizerSource::Model(
+                        self.resolve(Path::new(&p)).display().to_string(),
+                    )
+                }
+                other => other,
+            }
+        });
         req.seed = m.seed;
         req.allow_config_mismatch = m.allow_config_mismatch;
         if let Some(s) = &m.max_shard_size {
