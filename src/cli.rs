@@ -436,7 +436,7 @@ pub struct MergeArgs {
     /// models (mergekit's tokenizer_source); embedding and lm_head rows are aligned by token.
     #[arg(long, value_name = "SOURCE")]
     pub tokenizer_source: Option<String>,
-    /// Seed of random methods (DARE).
+    /// Seed of random methods (DARE, DELLA).
     #[arg(long)]
     pub seed: Option<u64>,
     /// Largest shard, e.g. 5GB (the default), 500MB.

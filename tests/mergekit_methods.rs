@@ -235,17 +235,39 @@ fn della_keeps_by_magnitude_rank_and_rescales() {
     assert_ne!(&*got, &*other);
 }
 
+/// density ± epsilon outside (0, 1) on some tensors (a density gradient) is
+/// refused by the planner, before anything runs, naming the parameter.
 #[test]
-fn della_refuses_an_epsilon_that_leaves_zero_one() {
-    let mut p = della_params("l1");
-    p.per_model[0].insert("epsilon".into(), Scalar::Float(0.5));
-    let shape = [2, 3];
-    let m = fusechat::plugins::merge::della::DELLA;
-    let Err(err) = m.merge(della_group(&p, 2, 3, &shape, 0)) else {
-        panic!("density 0.5 ± 0.5 should be refused")
+fn della_refuses_an_epsilon_that_leaves_zero_one_before_compute() {
+    let (tmp, pivot, t) = setup(2);
+    let mut r = request("della", Some(&pivot), &refs(&t), &tmp.path().join("o"));
+    set(&mut r, "density", json!([0.5, 0.9]));
+    set(&mut r, "epsilon", json!(0.15));
+    let Err(err) = fusechat::core::merge::plan::plan(&r, &fusechat::registry()) else {
+        panic!("density 0.9 + epsilon 0.15 ≥ 1 on the last layer should be refused")
     };
     let err = err.to_string();
-    assert!(err.contains("epsilon") && err.contains("up_proj"), "{err}");
+    assert!(
+        err.contains("density ± epsilon")
+            && err.contains("model.layers.1.")
+            && err.contains("lower epsilon"),
+        "{err}"
+    );
+    // the first layer (density 0.5) is fine: only tensors of the last are named
+    assert!(!err.contains("model.layers.0."), "{err}");
+    assert!(!tmp.path().join("o").exists());
+}
+
+#[test]
+fn multislerp_refuses_weights_that_sum_to_zero_before_compute() {
+    let (tmp, pivot, t) = setup(2);
+    let mut r = request("multislerp", Some(&pivot), &refs(&t), &tmp.path().join("o"));
+    set_model(&mut r, 0, "weight", json!(1.0));
+    set_model(&mut r, 1, "weight", json!(-1.0));
+    let Err(err) = fusechat::core::merge::plan::plan(&r, &fusechat::registry()) else {
+        panic!("weights 1 and -1 cannot be normalised")
+    };
+    assert!(err.to_string().contains("sum to 0"), "{err}");
 }
 
 /// Model Stock written out: t from the mean pairwise cosine of the deltas.
@@ -260,7 +282,8 @@ fn model_stock_ref(base: &[f32], ds: &[Vec<f64>], rows: usize) -> Vec<f64> {
             for j in i + 1..ds.len() {
                 let (a, b) = (&ds[i][sp.clone()], &ds[j][sp.clone()]);
                 let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-                cos.push((dot / (norm(a).max(1e-6) * norm(b).max(1e-6))).clamp(-1.0, 1.0));
+                // mergekit 0.1.5: the product of the norms is clamped at 1e-6
+                cos.push((dot / (norm(a) * norm(b)).max(1e-6)).clamp(-1.0, 1.0));
             }
         }
         let c = cos.iter().sum::<f64>() / cos.len() as f64;

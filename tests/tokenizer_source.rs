@@ -16,6 +16,11 @@ const WORDS: [&str; 5] = ["<unk>", "a", "b", "c", "d"];
 /// A one-layer model whose vocabulary is WORDS plus `added` (added tokens),
 /// with embedding row i = `seed + i` everywhere, and lm_head = −embedding.
 fn model(dir: &Path, added: &[&str], seed: f32) -> PathBuf {
+    model_ordered(dir, added, seed, false)
+}
+
+/// As [`model`], with the plain words at reversed ids when `reversed`.
+fn model_ordered(dir: &Path, added: &[&str], seed: f32, reversed: bool) -> PathBuf {
     let vocab = WORDS.len() + added.len();
     let embed: Vec<f32> = (0..vocab * WIDTH)
         .map(|k| seed + (k / WIDTH) as f32)
@@ -44,10 +49,11 @@ fn model(dir: &Path, added: &[&str], seed: f32) -> PathBuf {
         "hidden_size": WIDTH, "num_attention_heads": 1, "num_key_value_heads": 1, "vocab_size": vocab,
     });
     write_model_dir(dir, &config, &tensors, DType::F32, 5_000_000_000).unwrap();
+    let n = WORDS.len();
     let words: serde_json::Map<String, serde_json::Value> = WORDS
         .iter()
         .enumerate()
-        .map(|(i, w)| (w.to_string(), json!(i)))
+        .map(|(i, w)| (w.to_string(), json!(if reversed { n - 1 - i } else { i })))
         .collect();
     let added: Vec<serde_json::Value> = added
         .iter()
@@ -81,7 +87,31 @@ fn without_it_differing_vocabularies_are_refused() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("vocab_size"), "{err}");
+    assert!(
+        err.contains("vocab_size") && err.contains("tokenizer_source"),
+        "{err}"
+    );
+}
+
+/// Rows are matched by token string, not by id: a model whose words sit at
+/// reversed ids is aligned to the base's order.
+#[test]
+fn rows_are_matched_by_token_not_by_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = model(&tmp.path().join("base"), &[], 0.0);
+    let p = model_ordered(&tmp.path().join("p"), &[], 10.0, true);
+    let out = tmp.path().join("o");
+    let mut r = request("linear", None, &[&base, &p], &out);
+    r.tokenizer_source = Some(TokenizerSource::Base);
+    merge(&r);
+    // word i: the base's row i (= i) and p's row 4 − i (= 10 + 4 − i): mean 7
+    // (by id it would be i + 5)
+    for (i, row) in rows(&out, "model.embed_tokens.weight").iter().enumerate() {
+        assert!(
+            row.iter().all(|v| (v - 7.0).abs() < 1e-5),
+            "word {i}: {row:?}"
+        );
+    }
 }
 
 #[test]

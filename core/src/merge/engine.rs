@@ -136,8 +136,12 @@ fn load_group<'a>(
 ) -> Result<TensorGroup<'a>> {
     let read = |model: usize, name: &str| -> Result<TensorBuf> {
         let mut v = plan.models[model].read_f32(name)?;
-        if let Some(d) = plan.load_dtype {
-            d.round_trip(&mut v);
+        let stored = plan.models[model].tensor(name).and_then(|e| e.dtype);
+        match (plan.load_dtype, stored) {
+            // values stored in the load dtype, or loaded as f32, are already exact
+            (Some(d), Some(s)) if d == s || d == crate::io::dtype::DType::F32 => {}
+            (Some(d), _) => d.round_trip(&mut v),
+            (None, _) => {}
         }
         Ok(v.into())
     };

@@ -60,13 +60,16 @@ pub fn parse(
     // `tokenizer_source: x`, or the newer `tokenizer: {source: x}`
     let tokenizer = obj.get("tokenizer").filter(|v| !v.is_null());
     if let Some(t) = tokenizer {
-        for k in t.as_object().into_iter().flat_map(|o| o.keys()) {
-            if k != "source" {
-                warnings.push(format!(
-                    "{}: `tokenizer.{k}` is not supported yet and is ignored",
-                    path.display()
-                ));
-            }
+        // these change the output's shape or rows: refuse rather than ignore
+        if let Some(k) = t
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .find(|k| *k != "source")
+        {
+            return Err(err(format!(
+                "`tokenizer.{k}` is not supported yet (fusechat reads `tokenizer.source` only); remove it, or merge with mergekit"
+            )));
         }
     }
     let source = match (

@@ -298,6 +298,14 @@ pub trait Merger: Send + Sync {
         Ok(None)
     }
 
+    /// Combinations of one tensor's resolved parameters that the method cannot
+    /// use (a single value's type and range are checked from its
+    /// `ParamSpec`), as `(parameter, model position or None, message)`. The
+    /// planner asks for every tensor, so they are reported before anything runs.
+    fn check_params(&self, _params: &ResolvedParams) -> Vec<(String, Option<usize>, String)> {
+        Vec::new()
+    }
+
     /// Whether the kernel implements `numerics = "mergekit"`: when
     /// [`ResolvedParams::round_ops`] is set, it computes in that dtype with
     /// mergekit's order of operations and a rounding after each. The planner

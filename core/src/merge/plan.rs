@@ -264,6 +264,7 @@ pub fn plan(req: &MergeRequest, registry: &Registry) -> Result<Plan> {
         Some(source) => Some(vocab_plan(source, &models, roles.base)?),
     };
     let planner = TensorPlanner {
+        merger: entry.plugin.as_ref(),
         vocab: vocab.as_ref(),
         models: &models,
         base: roles.base,
@@ -757,6 +758,13 @@ fn check_architectures(inputs: &Inputs, sliced: bool, vocabs: bool, problems: &m
                 .find(|(f, _)| *f == field)
                 .and_then(|(_, d)| d);
             match (value(fd, field, &first_default), value(d, field, &default)) {
+                (Some(a), Some(b)) if a != b && field == "vocab_size" => problems.request(format!(
+                    "models `{}` and `{}` have different vocabularies: config.json `vocab_size` is {} vs {}; say which vocabulary the output has with `tokenizer_source` (base, union or one of the models: `--tokenizer-source`, `[merge] tokenizer_source`, mergekit's `tokenizer_source:`), and the embedding and lm_head rows are aligned by token",
+                    first.label,
+                    m.label,
+                    fd.config.get(field).cloned().unwrap_or(a),
+                    d.config.get(field).cloned().unwrap_or(b)
+                )),
                 (Some(a), Some(b)) if a != b => problems.request(format!(
                     "models `{}` and `{}` are different architectures: config.json `{field}` is {} vs {}; {hint}",
                     first.label,
@@ -801,11 +809,17 @@ fn assign_roles<'r>(
         inputs.models[d].settings.get_or_insert(&m.params);
     }
     let base = match (base_use, inputs.base) {
+        // as mergekit does: a method without a base role merges the base as
+        // one more model (first), unless it is listed already
         (BaseUse::Ignored, Some(b)) => {
-            warnings.push(format!(
-                "method `{}` does not use a base model; `{}` is merged only if it is listed among the models",
-                req.method, inputs.models[b].label
-            ));
+            if !members.contains(&b) {
+                warnings.push(format!(
+                    "method `{}` has no base role: the base `{}` is merged as one of its models, as mergekit does (leave `base` out to merge only the models)",
+                    req.method, inputs.models[b].label
+                ));
+                members.insert(0, b);
+                inputs.models[b].settings.get_or_insert(&NO_SETTINGS);
+            }
             None
         }
         (BaseUse::Ignored, None) => None,
@@ -973,8 +987,18 @@ fn check_contract(
             Some(m) => format!("{} to {m}", c.min_models),
             None => format!("at least {}", c.min_models),
         };
+        let besides = if c.base == BaseUse::Ignored {
+            ""
+        } else {
+            " besides the base"
+        };
+        let hint = if c.max_models == Some(1) && n > 1 && c.base == BaseUse::Ignored {
+            " (to stack layer ranges of several models, give `slices` with a `layer_range` per source in a mergekit YAML)"
+        } else {
+            ""
+        };
         problems.request(format!(
-            "method `{}` merges {want} model(s) besides the base; this request has {n}",
+            "method `{}` merges {want} model(s){besides}; this request has {n}{hint}",
             req.method
         ));
     }
@@ -1025,6 +1049,8 @@ struct TensorPlanner<'a> {
     round_ops: Option<DType>,
     /// `tokenizer_source`: the output vocabulary.
     vocab: Option<&'a crate::merge::vocab::VocabPlan>,
+    /// The method, for its checks of parameter combinations.
+    merger: &'a dyn crate::merge::Merger,
 }
 
 /// One output tensor to plan: its name, layer, layer position and sources,
@@ -1287,7 +1313,18 @@ impl TensorPlanner<'_> {
         let ps = match ResolvedParams::resolve(self.specs, self.global, &settings, tensor, t) {
             Ok(mut p) => {
                 p.round_ops = self.round_ops;
-                return Some(p);
+                let bad = self.merger.check_params(&p);
+                if bad.is_empty() {
+                    return Some(p);
+                }
+                for (param, model, msg) in bad {
+                    problems.repeated(
+                        Kind::BadParam,
+                        Key::Param(param, model),
+                        format!("tensor `{tensor}`: {msg}"),
+                    );
+                }
+                return None;
             }
             Err(ps) => ps,
         };

@@ -2,8 +2,8 @@
 //! just a few fine-tuned models", ECCV 2024), as mergekit computes it.
 //!
 //! For N ≥ 2 fine-tuned models θ¹..θᴺ of one pretrained θ⁰, with δⱼ = θʲ − θ⁰,
-//! let cos φ be the mean pairwise cosine similarity of the δⱼ (each norm
-//! clamped to at least 1e-6, each cosine to [−1, 1]). Then
+//! let cos φ be the mean pairwise cosine similarity of the δⱼ (the product of
+//! the two norms clamped to at least 1e-6, each cosine to [−1, 1]). Then
 //!
 //! `t = N·cos φ / (1 + (N − 1)·cos φ)` and `θ = t·mean(θʲ) + (1 − t)·θ⁰`.
 //!
@@ -23,13 +23,7 @@ pub struct ModelStock;
 /// The interpolation factor for one row: `N·c / (1 + (N−1)·c)`.
 pub fn model_stock_t(deltas: &[&[f32]]) -> f64 {
     let n = deltas.len();
-    let norm = |d: &[f32]| {
-        d.iter()
-            .map(|x| (*x as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-6)
-    };
+    let norm = |d: &[f32]| d.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let mut sum = 0.0;
     let mut pairs = 0usize;
     for i in 0..n {
@@ -39,7 +33,9 @@ pub fn model_stock_t(deltas: &[&[f32]]) -> f64 {
                 .zip(deltas[j])
                 .map(|(a, b)| *a as f64 * *b as f64)
                 .sum();
-            sum += (dot / (norm(deltas[i]) * norm(deltas[j]))).clamp(-1.0, 1.0);
+            // mergekit clamps the product of the norms, not each norm
+            let product = (norm(deltas[i]) * norm(deltas[j])).max(1e-6);
+            sum += (dot / product).clamp(-1.0, 1.0);
             pairs += 1;
         }
     }
@@ -119,5 +115,9 @@ mod tests {
         assert_eq!(model_stock_t(&[&[1.0, 2.0], &[-1.0, -2.0]]), 0.0);
         // two equal deltas: cos = 1, t = 2/2 = 1
         assert!((model_stock_t(&[&[1.0, 2.0], &[1.0, 2.0]]) - 1.0).abs() < 1e-12);
+        // tiny deltas: the product of the norms (1e-8) is clamped at 1e-6, as
+        // in mergekit: cos = 1e-8/1e-6 = 0.01, t = 2·0.01/1.01
+        let t = model_stock_t(&[&[1e-4, 0.0], &[1e-4, 0.0]]);
+        assert!((t - 0.02 / 1.01).abs() < 1e-6, "{t}");
     }
 }

@@ -92,6 +92,19 @@ impl Merger for MultiSlerp {
             ],
         }
     }
+    fn check_params(
+        &self,
+        p: &fusechat_core::merge::params::ResolvedParams,
+    ) -> Vec<(String, Option<usize>, String)> {
+        match (p.model_f64("weight"), p.bool("normalize_weights")) {
+            (Ok(w), Ok(true)) if w.len() > 1 && w.iter().sum::<f64>() == 0.0 => vec![(
+                "weight".into(),
+                None,
+                "the weights sum to 0, so they cannot be normalised; set normalize_weights = false or change them".into(),
+            )],
+            _ => Vec::new(),
+        }
+    }
     fn contract(&self) -> InputContract {
         InputContract {
             base: BaseUse::Optional,
@@ -119,8 +132,7 @@ impl Merger for MultiSlerp {
             super::deltas_in_place(&mut g)?;
         }
         let xs: Vec<&[f32]> = g.models.iter().map(|m| &m[..]).collect();
-        let mut out = multislerp(&xs, &w, eps)
-            .map_err(|e| fusechat_core::Error::msg(format!("tensor `{}`: {e}", g.name)))?;
+        let mut out = multislerp(&xs, &w, eps).map_err(fusechat_core::Error::msg)?;
         if let Some(base) = g.base.as_deref() {
             out.iter_mut().zip(base).for_each(|(x, b)| *x += b);
         }
