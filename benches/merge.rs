@@ -1,5 +1,8 @@
-//! Merge throughput (GB/s of input) for linear, TIES and SLERP over a generated
-//! set of three Mistral-shaped bf16 models of about 0.5 GB each.
+//! Merge throughput (GB/s of input) for linear, task arithmetic, TIES, DARE
+//! and SLERP over a generated set of three Mistral-shaped bf16 models of about
+//! 0.5 GB each, next to the I/O floor: reading the three models' files (from
+//! the page cache, as the merges do after the first) and writing one model's
+//! bytes with an fsync, as a merge writes its output.
 //!
 //! The set is generated once into `target/bench-data` (reused while its spec is
 //! unchanged). Set FUSECHAT_BENCH_LAYERS to change the size (default 16 layers,
@@ -74,7 +77,15 @@ fn bench(c: &mut Criterion) {
     let registry = fusechat::registry();
     let mut g = c.benchmark_group("merge");
     g.sample_size(10);
-    for method in ["linear", "ties", "slerp"] {
+    let inputs: Vec<PathBuf> = std::iter::once(&base)
+        .chain(&models)
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    let in_bytes: u64 = inputs.iter().map(|f| f.metadata().unwrap().len()).sum();
+    g.throughput(Throughput::Bytes(in_bytes));
+    g.bench_function("io_floor", |b| b.iter(|| io_floor(&inputs, &out)));
+    for method in ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"] {
         let req = request(method, &base, &models, &out);
         let p = plan(&req, &registry).unwrap();
         g.throughput(Throughput::Bytes(p.input_bytes()));
@@ -84,6 +95,33 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Read every input file and write one model's bytes (a third of them), then fsync.
+fn io_floor(inputs: &[PathBuf], out: &Path) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 8 << 20];
+    for f in inputs {
+        let mut r = std::fs::File::open(f).unwrap();
+        while r.read(&mut buf).unwrap() > 0 {}
+    }
+    std::fs::create_dir_all(out).unwrap();
+    let target = out.join("floor.bin");
+    let mut w = std::fs::File::create(&target).unwrap();
+    // one model's worth: the inputs are three models of one size
+    let mut left = inputs
+        .iter()
+        .map(|f| f.metadata().unwrap().len())
+        .sum::<u64>()
+        / 3;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        w.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    w.sync_all().unwrap();
+    drop(w);
+    std::fs::remove_file(target).unwrap();
 }
 
 criterion_group! {

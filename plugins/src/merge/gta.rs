@@ -495,21 +495,16 @@ impl Merger for Gta {
         if let Some(d) = g.params.round_ops {
             return self.merge_rounded(g, d);
         }
-        let p = g.params;
-        let weights = p.model_f64("weight")?;
-        let density = p.model_f64("density")?;
-        let normalize = p.bool("normalize")?;
-        let lambda = p.f64("lambda")? as f32;
-        let rescale = Rescale::parse(p.str("rescale")?);
-        let n = weights.len();
-        let gamma = match self.sparsify {
-            Sparsify::Outliers => p.model_f64("gamma")?,
-            _ => vec![0.0; n],
-        };
-        let epsilon = match self.sparsify {
-            Sparsify::MagPrune => p.model_f64("epsilon")?,
-            _ => vec![0.0; n],
-        };
+        let GtaParams {
+            weights,
+            density,
+            normalize,
+            lambda,
+            rescale,
+            gamma,
+            epsilon,
+        } = self.params(g.params)?;
+        let lambda = lambda as f32;
         super::deltas_in_place(&mut g)?;
         for (j, d) in g.models.iter_mut().enumerate() {
             match self.sparsify {
@@ -550,7 +545,41 @@ impl Merger for Gta {
     }
 }
 
+/// The family's parameters for one tensor.
+struct GtaParams {
+    weights: Vec<f64>,
+    density: Vec<f64>,
+    normalize: bool,
+    lambda: f64,
+    rescale: Rescale,
+    /// Breadcrumbs' outlier fraction (0 for the other methods).
+    gamma: Vec<f64>,
+    /// DELLA's half-width (0 for the other methods).
+    epsilon: Vec<f64>,
+}
+
 impl Gta {
+    fn params(&self, p: &fusechat_core::merge::params::ResolvedParams) -> Result<GtaParams> {
+        let weights = p.model_f64("weight")?;
+        let n = weights.len();
+        let per_model = |name: &str, used: bool| -> Result<Vec<f64>> {
+            if used {
+                p.model_f64(name)
+            } else {
+                Ok(vec![0.0; n])
+            }
+        };
+        Ok(GtaParams {
+            density: p.model_f64("density")?,
+            normalize: p.bool("normalize")?,
+            lambda: p.f64("lambda")?,
+            rescale: Rescale::parse(p.str("rescale")?),
+            gamma: per_model("gamma", self.sparsify == Sparsify::Outliers)?,
+            epsilon: per_model("epsilon", self.sparsify == Sparsify::MagPrune)?,
+            weights,
+        })
+    }
+
     /// `numerics = "mergekit"`: mergekit 0.1.5's GTA task in dtype `d`, every
     /// operation rounded as PyTorch rounds it (elementwise ops in f32, then
     /// rounded; sums accumulated in f32 and rounded once):
@@ -561,29 +590,16 @@ impl Gta {
     /// θ⁰ + mixed.
     fn merge_rounded<'a>(&self, mut g: TensorGroup<'a>, d: DType) -> Result<Merged<'a>> {
         let r = |x: f32| d.round(x);
-        let p = g.params;
-        let weights = p.model_f64("weight")?;
-        let density = p.model_f64("density")?;
-        let normalize = p.bool("normalize")?;
-        let lambda = p.f64("lambda")?;
-        let rescale = match Rescale::parse(p.str("rescale")?) {
-            Rescale::InverseP => {
-                return Err(fusechat_core::Error::msg(format!(
-                    "tensor `{}`: rescale = inverse_p is not mergekit's; with numerics = \"mergekit\" use l1 (true) or none (false)",
-                    g.name
-                )))
-            }
-            other => other,
-        };
-        let n = weights.len();
-        let gamma = match self.sparsify {
-            Sparsify::Outliers => p.model_f64("gamma")?,
-            _ => vec![0.0; n],
-        };
-        let epsilon = match self.sparsify {
-            Sparsify::MagPrune => p.model_f64("epsilon")?,
-            _ => vec![0.0; n],
-        };
+        let GtaParams {
+            weights,
+            density,
+            normalize,
+            lambda,
+            rescale,
+            gamma,
+            epsilon,
+        } = self.params(g.params)?;
+        // (`inverse_p` is refused by `check_params` before anything runs)
         let base = g.base.take().ok_or_else(|| {
             fusechat_core::Error::msg(format!(
                 "tensor `{}`: this method needs a base model",

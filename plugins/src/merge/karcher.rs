@@ -15,11 +15,9 @@ use std::sync::Arc;
 
 pub struct Karcher;
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
-}
+use super::dot_f64 as dot;
 
-/// The Karcher mean of `xs`, into a new buffer (the only tensor-sized one).
+/// The Karcher mean of `xs`, into a new buffer (and one more for the step).
 pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     let n = xs.len();
     let alpha = 1.0 / n as f64;
@@ -45,6 +43,7 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     } else {
         m.iter_mut().for_each(|o| *o = (*o as f64 / mn) as f32);
     }
+    let mut v = vec![0f32; m.len()];
     for _ in 0..max_iter {
         // v = Σ βᵢ·xᵢ/nᵢ − (Σ βᵢ cos θᵢ)·m, βᵢ = a·θᵢ/sin θᵢ
         let mut terms = Vec::with_capacity(valid.len());
@@ -59,22 +58,24 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
             terms.push((i, beta / norms[i]));
             shift += beta * cos;
         }
-        let v = |k: usize, mk: f32| -> f64 {
-            terms.iter().map(|(i, c)| c * xs[*i][k] as f64).sum::<f64>() - shift * mk as f64
-        };
-        let vn = m
-            .iter()
-            .enumerate()
-            .map(|(k, mk)| v(k, *mk).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        // the step, in a buffer of its own: v = Σ cᵢxᵢ − shift·m
+        v.iter_mut()
+            .zip(&m)
+            .for_each(|(vk, mk)| *vk = (-shift * *mk as f64) as f32);
+        for (i, c) in &terms {
+            let c = *c as f32;
+            v.iter_mut()
+                .zip(xs[*i].iter())
+                .for_each(|(vk, x)| *vk += c * x);
+        }
+        let vn = dot(&v, &v).sqrt();
         if vn < tol {
             break;
         }
-        let (c, s) = (vn.cos(), vn.sin() / vn);
-        for k in 0..m.len() {
-            m[k] = (c * m[k] as f64 + s * v(k, m[k])) as f32;
-        }
+        let (c, s) = (vn.cos() as f32, (vn.sin() / vn) as f32);
+        m.iter_mut()
+            .zip(&v)
+            .for_each(|(mk, vk)| *mk = c * *mk + s * vk);
         let un = dot(&m, &m).sqrt();
         if un > tol {
             m.iter_mut().for_each(|o| *o = (*o as f64 / un) as f32);

@@ -38,6 +38,25 @@ pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Res
     Ok(())
 }
 
+/// `Σ aᵢbᵢ` in f64 over eight interleaved partial sums, so that the
+/// additions pipeline instead of waiting on one another.
+pub(crate) fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| *x as f64 * *y as f64)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] as f64 * y[k] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// `Σ wⱼ·θʲ` accumulated in f32 in model order, into the first model's buffer.
 pub(crate) fn weighted_sum<'a>(models: &mut [TensorBuf<'a>], weights: &[f64]) -> TensorBuf<'a> {
     let mut out = std::mem::take(&mut models[0]);

@@ -23,16 +23,12 @@ pub struct ModelStock;
 /// The interpolation factor for one row: `N·c / (1 + (N−1)·c)`.
 pub fn model_stock_t(deltas: &[&[f32]]) -> f64 {
     let n = deltas.len();
-    let norm = |d: &[f32]| d.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let norm = |d: &[f32]| super::dot_f64(d, d).sqrt();
     let mut sum = 0.0;
     let mut pairs = 0usize;
     for i in 0..n {
         for j in i + 1..n {
-            let dot: f64 = deltas[i]
-                .iter()
-                .zip(deltas[j])
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum();
+            let dot = super::dot_f64(deltas[i], deltas[j]);
             // mergekit clamps the product of the norms, not each norm
             let product = (norm(deltas[i]) * norm(deltas[j])).max(1e-6);
             sum += (dot / product).clamp(-1.0, 1.0);
@@ -83,17 +79,22 @@ impl Merger for ModelStock {
         for m in g.models.iter_mut() {
             m.iter_mut().zip(base.iter()).for_each(|(x, b)| *x -= b);
         }
-        let mut ts = Vec::new();
-        for (r, row) in base.chunks_mut(cols).enumerate() {
-            let span = r * cols..r * cols + row.len();
-            let deltas: Vec<&[f32]> = g.models.iter().map(|m| &m[span.clone()]).collect();
-            let t = model_stock_t(&deltas);
-            // θ = t·(θ⁰ + mean δ) + (1 − t)·θ⁰ = θ⁰ + t·mean δ
-            for (i, b) in row.iter_mut().enumerate() {
-                let mean: f64 = deltas.iter().map(|d| d[i] as f64).sum::<f64>() / n as f64;
-                *b = (*b as f64 + t * mean) as f32;
-            }
-            ts.push(t);
+        let ts: Vec<f64> = (0..numel.div_ceil(cols))
+            .map(|r| {
+                let span = r * cols..((r + 1) * cols).min(numel);
+                let deltas: Vec<&[f32]> = g.models.iter().map(|m| &m[span.clone()]).collect();
+                model_stock_t(&deltas)
+            })
+            .collect();
+        // Σ δⱼ into the first delta's buffer, then θ = θ⁰ + t·(Σ δⱼ)/N
+        // (= t·mean θʲ + (1 − t)·θ⁰)
+        let (first, rest) = g.models.split_at_mut(1);
+        for m in rest.iter() {
+            first[0].iter_mut().zip(m.iter()).for_each(|(a, x)| *a += x);
+        }
+        for ((row, sum), t) in base.chunks_mut(cols).zip(first[0].chunks(cols)).zip(&ts) {
+            let s = (t / n as f64) as f32;
+            row.iter_mut().zip(sum).for_each(|(b, d)| *b += s * d);
         }
         let t_mean = ts.iter().sum::<f64>() / ts.len().max(1) as f64;
         Ok(Merged {
