@@ -520,7 +520,16 @@ impl Resolver<'_> {
             Err(e) => self.problem(format!("{field} method: {e}")),
             Ok(entry) => {
                 let c = entry.plugin.contract();
-                if auto && c.max_models == Some(1) && req.models.len() == 2 {
+                // the run's pivot is filled in as the base; a method without a
+                // base role would merge it as a model: it merges the targets only
+                if auto && c.base == crate::merge::BaseUse::Ignored {
+                    req.base = None;
+                }
+                if auto
+                    && c.base != crate::merge::BaseUse::Ignored
+                    && c.max_models == Some(1)
+                    && req.models.len() == 2
+                {
                     req.base = Some(req.models.remove(0));
                 }
                 let info = entry.info.clone();
