@@ -203,12 +203,17 @@ pub fn magnitude(delta: &mut [f32], density: f64) {
     if density >= 1.0 {
         return;
     }
-    let k = if density <= 0.0 {
+    keep_top_k(delta, magnitude_k(density, delta.len()));
+}
+
+/// How many of `n` elements TIES keeps at `density` < 1: `max(1, int(density·n))`,
+/// or 0 when `density` ≤ 0.
+fn magnitude_k(density: f64, n: usize) -> usize {
+    if density <= 0.0 {
         0
     } else {
-        ((density * delta.len() as f64) as usize).max(1)
-    };
-    keep_top_k(delta, k);
+        ((density * n as f64) as usize).max(1)
+    }
 }
 
 /// Which elements are among the `k` largest |x| (ties at the threshold in
@@ -706,11 +711,7 @@ impl Gta {
 /// of them are kept (0 when the choice is not ambiguous).
 fn ambiguous_at_threshold(delta: &[f32], density: f64) -> usize {
     let n = delta.len();
-    let k = if density <= 0.0 {
-        0
-    } else {
-        ((density * n as f64) as usize).max(1)
-    };
+    let k = magnitude_k(density, n);
     if k == 0 || k >= n {
         return 0;
     }
