@@ -12,47 +12,86 @@
 //! a tensor is larger; fusechat computes them exactly (by selection), which is
 //! what the sample estimates, and is reproducible.
 
+use super::vmath;
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
 use fusechat_core::plugin::registry::{BuiltinMerger, PluginInfo, PluginKind};
 use std::sync::Arc;
 
 pub struct ArceeFusion;
 
-/// ln Σ exp(x) of a row, in f64.
-fn log_sum_exp(row: &[f32]) -> f64 {
-    let mx = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(*x as f64));
-    mx + row.iter().map(|x| (*x as f64 - mx).exp()).sum::<f64>().ln()
-}
-
-/// The importance of every element of `model` against `base` (rows of `cols`).
-pub fn importance(base: &[f32], model: &[f32], cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; base.len()];
-    for ((b, m), o) in base
-        .chunks(cols)
+/// Each row's divergence KL = Σ p·ln(p/q) (rows of `cols`), so that an
+/// element's importance is `|θ¹ − θ⁰|·KL` of its row ([`importance`]).
+///
+/// The exponentials and logarithms run in f64 over whole rows
+/// ([`vmath`](super::vmath), vectorised): p = e^(θ¹ − max θ¹)/Σ + 1e-8, the
+/// same for q.
+pub fn row_divergence(base: &[f32], model: &[f32], cols: usize) -> Vec<f64> {
+    let (mut p, mut q) = (vec![0f64; cols], vec![0f64; cols]);
+    base.chunks(cols)
         .zip(model.chunks(cols))
-        .zip(out.chunks_mut(cols))
-    {
-        let (lb, lm) = (log_sum_exp(b), log_sum_exp(m));
-        let kl: f64 = b
-            .iter()
-            .zip(m)
-            .map(|(bx, mx)| {
-                let p = (*mx as f64 - lm).exp() + 1e-8;
-                let q = (*bx as f64 - lb).exp() + 1e-8;
-                p * (p / q).ln()
-            })
-            .sum();
-        for ((o, bx), mx) in o.iter_mut().zip(b).zip(m) {
-            *o = ((*mx - *bx).abs() as f64 * kl) as f32;
-        }
-    }
-    out
+        .map(|(b, m)| {
+            let (p, q) = (&mut p[..b.len()], &mut q[..b.len()]);
+            shifted_exp(m, p);
+            shifted_exp(b, q);
+            let (sp, sq) = (1.0 / vmath::sum(p), 1.0 / vmath::sum(q));
+            for (pi, qi) in p.iter_mut().zip(q.iter_mut()) {
+                *pi = *pi * sp + 1e-8;
+                *qi = *pi / (*qi * sq + 1e-8);
+            }
+            vmath::ln_in_place(q);
+            vmath::dot(p, q)
+        })
+        .collect()
 }
 
-/// The sorted value at index ⌊q·(n − 1)⌋, by selection (reorders `v`).
-fn quantile(v: &mut [f32], q: f64) -> f32 {
-    let i = (q * (v.len() - 1) as f64) as usize;
-    *v.select_nth_unstable_by(i, |a, b| a.total_cmp(b)).1
+/// One element's importance.
+#[inline]
+pub fn importance(base: f32, model: f32, kl: f64) -> f32 {
+    ((model - base).abs() as f64 * kl) as f32
+}
+
+/// A key whose unsigned order is `f32::total_cmp`'s order.
+#[inline]
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
+}
+
+fn from_order_key(k: u32) -> f32 {
+    let b = if k & 0x8000_0000 != 0 {
+        k ^ 0x8000_0000
+    } else {
+        !k
+    };
+    f32::from_bits(b)
+}
+
+/// `out ← e^(x − max x)`, the subtraction in f64 (exact).
+fn shifted_exp(x: &[f32], out: &mut [f64]) {
+    let mx = x.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
+    out.iter_mut().zip(x).for_each(|(o, x)| *o = *x as f64 - mx);
+    vmath::exp_in_place(out);
+}
+
+/// The sorted values at indices ⌊q·(n − 1)⌋ for q = ¼, ½, ¾, by selection
+/// over order keys (reorders `v`): the median first, then the lower quartile
+/// among the keys below it and the upper among those above.
+fn quartiles(v: &mut [u32]) -> [f32; 3] {
+    let at = |q: f64| (q * (v.len() - 1) as f64) as usize;
+    let (i1, i2, i3) = (at(0.25), at(0.5), at(0.75));
+    let (lo, q2, hi) = v.select_nth_unstable(i2);
+    let q2 = *q2;
+    let q1 = if i1 < i2 {
+        *lo.select_nth_unstable(i1).1
+    } else {
+        q2
+    };
+    let q3 = if i3 > i2 {
+        *hi.select_nth_unstable(i3 - i2 - 1).1
+    } else {
+        q2
+    };
+    [q1, q2, q3].map(from_order_key)
 }
 
 impl Merger for ArceeFusion {
@@ -86,15 +125,23 @@ impl Merger for ArceeFusion {
         if base.is_empty() {
             return Ok(Merged::new(base));
         }
-        let imp = importance(&base, model, cols);
-        let mut sorted = imp.clone();
-        let q1 = quantile(&mut sorted, 0.25);
-        let q2 = quantile(&mut sorted, 0.5);
-        let q3 = quantile(&mut sorted, 0.75);
+        let kl = row_divergence(&base, model, cols);
+        let mut keys: Vec<u32> = Vec::with_capacity(base.len());
+        for ((b, m), kl) in base.chunks(cols).zip(model.chunks(cols)).zip(&kl) {
+            keys.extend(
+                b.iter()
+                    .zip(m)
+                    .map(|(b, m)| order_key(importance(*b, *m, *kl))),
+            );
+        }
+        let [q1, q2, q3] = quartiles(&mut keys);
+        drop(keys);
         let threshold = q2 + 1.5 * (q3 - q1);
-        for ((b, m), i) in base.iter_mut().zip(model.iter()).zip(&imp) {
-            if *i >= threshold {
-                *b += *m - *b;
+        for ((b, m), kl) in base.chunks_mut(cols).zip(model.chunks(cols)).zip(&kl) {
+            for (b, m) in b.iter_mut().zip(m) {
+                if importance(*b, *m, *kl) >= threshold {
+                    *b += *m - *b;
+                }
             }
         }
         Ok(Merged::new(base))
