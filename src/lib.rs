@@ -20,7 +20,10 @@ pub fn tune_allocator_for_compute() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation thresholds.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        // glibc refuses an mmap threshold above 32 MiB (the call returns 0 and
+        // changes nothing), so the large blocks (logits, attention scores,
+        // their gradients) would still be fresh mappings: allow none at all
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }
