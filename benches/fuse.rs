@@ -18,6 +18,7 @@ use fusechat::core::model::LoadOptions;
 use fusechat::core::rng::SplitMix64;
 use fusechat::core::train::adamw::{clip_grad_norm, AdamW, AdamWConfig};
 use fusechat::core::train::{LossBatch, TeacherView};
+use fusechat::plugins::loss::teacher_targets;
 use fusechat::plugins::models::decoder::Decoder;
 use half::f16;
 
@@ -72,17 +73,57 @@ fn bench(c: &mut Criterion) {
     let vars: Vec<candle_core::Var> = m.vars().iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default());
 
-    // what the loss holds for teachers: the candidates' top-k (u32 ids, f16
-    // logits, a metric per record) and the sparse targets it builds for the
-    // chosen teacher (u32 id, f32 weight per entry)
-    let views_bytes = cands.len() * n * K * (4 + 2) + cands.len() * B * 4;
-    let targets_bytes = n * K * (4 + 4);
-    let ours = views_bytes + targets_bytes;
-    let dense = B * L * V * 2;
-    eprintln!(
-        "teacher memory (B={B}, L={L}, V={V}, k={K}, {n} loss positions, 2 candidates): {ours} bytes here vs {dense} for a dense bf16 [B, L, V] teacher: {:.0}x less",
-        dense as f64 / ours as f64
-    );
+    // Each candidate's rows, record by record, as the trainer lends them to
+    // the loss (borrowed from the loaded data, not copied per micro-batch).
+    let rows: Vec<(Vec<&[u32]>, Vec<&[f16]>)> = cands
+        .iter()
+        .map(|(ids, vals, _)| {
+            (
+                ids.chunks((L - 1) * K).collect(),
+                vals.chunks((L - 1) * K).collect(),
+            )
+        })
+        .collect();
+    let views = || -> Vec<TeacherView<'_>> {
+        cands
+            .iter()
+            .zip(&rows)
+            .zip(["pivot", "source"])
+            .map(|(((_, _, metric), (ids, vals)), name)| TeacherView {
+                name,
+                k: K,
+                ids,
+                logits: vals,
+                metric_ce: metric,
+            })
+            .collect()
+    };
+
+    // What the loss holds for teachers: the views (a pointer pair per record
+    // and candidate, and the metrics) and the sparse targets it builds for the
+    // chosen teacher (u16 ids and f32 weights, and its entropy per record),
+    // measured on the targets themselves.
+    {
+        let logits = Tensor::zeros((n, V), DType::F32, &Device::Cpu).unwrap();
+        let v = views();
+        let batch = LossBatch {
+            logits: &logits,
+            labels: &labels,
+            record: &record,
+            records: B,
+            teachers: &v,
+            progress: 0.0,
+        };
+        let shares = vec![vec![1.0, 0.0]; B];
+        let (targets, entropy) = teacher_targets(&batch, &shares, 1.0, false).unwrap();
+        let views_bytes = cands.len() * B * (2 * std::mem::size_of::<&[u32]>() + 4);
+        let ours = views_bytes + targets.bytes() + entropy.len() * 8;
+        let dense = B * L * V * 2;
+        eprintln!(
+            "teacher memory (B={B}, L={L}, V={V}, k={K}, {n} loss positions, 2 candidates): {ours} bytes here vs {dense} for a dense bf16 [B, L, V] teacher: {:.0}x less",
+            dense as f64 / ours as f64
+        );
+    }
 
     // One training step; returns the time of each phase.
     let mut step = || -> [f64; 5] {
@@ -100,17 +141,7 @@ fn bench(c: &mut Criterion) {
             .index_select(&pos_t, 0)
             .unwrap();
         let logits = m.logits(&h).unwrap();
-        let views: Vec<TeacherView<'_>> = cands
-            .iter()
-            .zip(["pivot", "source"])
-            .map(|((ids, vals, metric), name)| TeacherView {
-                name,
-                k: K,
-                ids,
-                logits: vals,
-                metric_ce: metric,
-            })
-            .collect();
+        let views = views();
         let batch = LossBatch {
             logits: &logits,
             labels: &labels,

@@ -152,6 +152,19 @@ fn example() -> Example {
     }
 }
 
+/// A flat `[N · k]` array cut into each record's rows (records numbered 0..R
+/// in order, their positions contiguous).
+fn per_record<'a, T>(flat: &'a [T], record: &[usize], k: usize) -> Vec<&'a [T]> {
+    let records = record.iter().max().map_or(0, |r| r + 1);
+    (0..records)
+        .map(|r| {
+            let first = record.iter().position(|&x| x == r).unwrap();
+            let count = record.iter().filter(|&&x| x == r).count();
+            &flat[first * k..(first + count) * k]
+        })
+        .collect()
+}
+
 fn run_loss(
     name: &str,
     ex: &Example,
@@ -165,12 +178,18 @@ fn run_loss(
         .collect();
     let p = entry.info.resolve_scalars(&given).unwrap();
     let names = ["pivot", "aligned0"];
+    let ids: Vec<Vec<&[u32]>> = (0..2)
+        .map(|c| per_record(&ex.ids[c], &ex.record, 3))
+        .collect();
+    let vals: Vec<Vec<&[f16]>> = (0..2)
+        .map(|c| per_record(&ex.vals[c], &ex.record, 3))
+        .collect();
     let views: Vec<TeacherView<'_>> = (0..2)
         .map(|c| TeacherView {
             name: names[c],
             k: 3,
-            ids: &ex.ids[c],
-            logits: &ex.vals[c],
+            ids: &ids[c],
+            logits: &vals[c],
             metric_ce: &ex.metrics[c],
         })
         .collect();
@@ -532,12 +551,14 @@ fn every_trainable_weight_gets_a_gradient_through_the_fusion_loss() {
         .map(|&t| rec.input_ids[t as usize + 1])
         .collect();
     let names = ["pivot", "rs"];
+    let ids: Vec<&[u32]> = (0..2).map(|c| &rec.teachers[c].ids[..]).collect();
+    let vals: Vec<&[f16]> = (0..2).map(|c| &rec.teachers[c].logits[..]).collect();
     let views: Vec<TeacherView<'_>> = (0..2)
         .map(|c| TeacherView {
             name: names[c],
             k: data.k[c],
-            ids: &rec.teachers[c].ids,
-            logits: &rec.teachers[c].logits,
+            ids: std::slice::from_ref(&ids[c]),
+            logits: std::slice::from_ref(&vals[c]),
             metric_ce: std::slice::from_ref(&rec.teachers[c].metric_ce),
         })
         .collect();

@@ -335,11 +335,11 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let t = SparseTargets {
-            m: 3,
-            ids: vec![2, 0, 4, 4, 1, 1, 3, 0, 0],
-            weights: vec![0.6, 0.3, 0.0, 0.9, 0.05, 0.05, 1.0, 0.0, 0.0],
-        };
+        let t = SparseTargets::new(
+            3,
+            vec![2, 0, 4, 4, 1, 1, 3, 0, 0],
+            vec![0.6, 0.3, 0.0, 0.9, 0.05, 0.05, 1.0, 0.0, 0.0],
+        );
         (z, t)
     }
 
@@ -347,14 +347,17 @@ mod tests {
     #[test]
     fn sparse_cross_entropy_equals_the_dense_formula() {
         let (z, t) = sparse_case();
-        let got: Vec<f32> = sparse_cross_entropy(&z, &t).unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = sparse_cross_entropy(&z, t.clone())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let rows = v2(&z);
         for (r, row) in rows.iter().enumerate() {
             let m = row.iter().cloned().fold(f64::MIN, |a, b| a.max(b as f64));
             let lse = m + row.iter().map(|x| (*x as f64 - m).exp()).sum::<f64>().ln();
             let mut dense = vec![0f64; row.len()];
             for j in 0..t.m {
-                dense[t.ids[r * t.m + j] as usize] += t.weights[r * t.m + j] as f64;
+                dense[t.ids.get(r * t.m + j)] += t.weights[r * t.m + j] as f64;
             }
             let want: f64 = dense
                 .iter()
@@ -369,6 +372,77 @@ mod tests {
         }
     }
 
+    /// Several target sets in one call: each column equals its own call, and
+    /// the one gradient equals the sum of the separate ones.
+    #[test]
+    fn sparse_cross_entropies_equal_separate_calls() {
+        let (z, t) = sparse_case();
+        let lm = SparseTargets::one_hot(&[4, 0, 2]);
+        let var = candle_core::Var::from_tensor(&z).unwrap();
+        let both = sparse_cross_entropies(var.as_tensor(), vec![lm.clone(), t.clone()]).unwrap();
+        assert_eq!(both.dims(), &[3, 2]);
+        let cols = v2(&both);
+        let one = |t: &SparseTargets| -> Vec<f32> {
+            sparse_cross_entropy(&z, t.clone())
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        for (r, row) in cols.iter().enumerate() {
+            assert_eq!(row[0], one(&lm)[r]);
+            assert_eq!(row[1], one(&t)[r]);
+        }
+        // loss = Σ 0.9·lm + 0.1·t, in one op and as two
+        let w = Tensor::new(&[[0.9f32, 0.1]], &Device::Cpu).unwrap();
+        let fused = both.broadcast_mul(&w).unwrap().sum_all().unwrap();
+        let g1 = fused.backward().unwrap();
+        let apart = ((sparse_cross_entropy(var.as_tensor(), lm).unwrap() * 0.9).unwrap()
+            + (sparse_cross_entropy(var.as_tensor(), t).unwrap() * 0.1).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+        let g2 = apart.backward().unwrap();
+        let (a, b) = (
+            v2(g1.get(var.as_tensor()).unwrap()),
+            v2(g2.get(var.as_tensor()).unwrap()),
+        );
+        for (ra, rb) in a.iter().zip(&b) {
+            for (x, y) in ra.iter().zip(rb) {
+                assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    /// Ids are kept in u16 while they fit, in u32 beyond, with the same value.
+    #[test]
+    fn target_ids_narrow_only_when_they_fit() {
+        assert!(matches!(
+            TargetIds::from_u32(vec![0, 65535]),
+            TargetIds::U16(_)
+        ));
+        assert!(matches!(
+            TargetIds::from_u32(vec![0, 65536]),
+            TargetIds::U32(_)
+        ));
+        assert!(matches!(TargetIds::zeros(3, 65536), TargetIds::U16(_)));
+        assert!(matches!(TargetIds::zeros(3, 65537), TargetIds::U32(_)));
+        assert_eq!(
+            SparseTargets::new(2, vec![1, 2], vec![0.5, 0.5]).bytes(),
+            2 * 2 + 2 * 4
+        );
+        let v = 70_000;
+        let mut row = vec![0f32; v];
+        row[69_999] = 3.0;
+        row[7] = 1.0;
+        let z = Tensor::from_vec(row.clone(), (1, v), &Device::Cpu).unwrap();
+        let t = SparseTargets::new(2, vec![69_999, 7], vec![0.25, 0.75]);
+        assert!(matches!(t.ids, TargetIds::U32(_)));
+        let got: Vec<f32> = sparse_cross_entropy(&z, t).unwrap().to_vec1().unwrap();
+        let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+        let want = 0.25 * (lse - 3.0) + 0.75 * (lse - 1.0);
+        assert!((got[0] as f64 - want).abs() < 1e-5, "{} vs {want}", got[0]);
+    }
+
     /// The gradient agrees with central finite differences of the value.
     #[test]
     fn sparse_cross_entropy_gradient_matches_finite_differences() {
@@ -376,7 +450,7 @@ mod tests {
         let var = candle_core::Var::from_tensor(&z).unwrap();
         // a non-uniform upstream gradient: loss = Σ_n c_n · ce_n
         let c = Tensor::new(&[1.0f32, -0.5, 2.0], &Device::Cpu).unwrap();
-        let loss = (sparse_cross_entropy(var.as_tensor(), &t).unwrap() * &c)
+        let loss = (sparse_cross_entropy(var.as_tensor(), t.clone()).unwrap() * &c)
             .unwrap()
             .sum_all()
             .unwrap();
@@ -384,7 +458,10 @@ mod tests {
         let grad = v2(g.get(var.as_tensor()).unwrap());
         let value = |zz: &Vec<Vec<f32>>| -> f64 {
             let zt = Tensor::new(zz.clone(), &Device::Cpu).unwrap();
-            let l: Vec<f32> = sparse_cross_entropy(&zt, &t).unwrap().to_vec1().unwrap();
+            let l: Vec<f32> = sparse_cross_entropy(&zt, t.clone())
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             l.iter()
                 .zip([1.0, -0.5, 2.0])
                 .map(|(a, b)| *a as f64 * b)
@@ -406,7 +483,7 @@ mod tests {
             }
         }
         // and the generic (non-CPU-kernel) formula gives the same gradient
-        let ids = Tensor::from_vec(t.ids.clone(), (3, t.m), &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(t.ids.to_u32(), (3, t.m), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(t.weights.clone(), (3, t.m), &Device::Cpu).unwrap();
         let generic = (log_softmax(var.as_tensor())
             .unwrap()
@@ -505,28 +582,105 @@ mod tests {
     }
 }
 
+/// The token ids of sparse targets: u16 when every id fits (vocabularies of
+/// at most 65 536 tokens, as Llama 2's, Mistral's and OpenChat's), else u32.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetIds {
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+impl TargetIds {
+    /// `len` zero ids, narrow enough for ids below `vocab`.
+    pub fn zeros(len: usize, vocab: usize) -> TargetIds {
+        if vocab <= 1 << 16 {
+            TargetIds::U16(vec![0; len])
+        } else {
+            TargetIds::U32(vec![0; len])
+        }
+    }
+
+    /// The ids, in u16 when they all fit.
+    pub fn from_u32(ids: Vec<u32>) -> TargetIds {
+        if ids.iter().all(|&i| i <= u16::MAX as u32) {
+            TargetIds::U16(ids.iter().map(|&i| i as u16).collect())
+        } else {
+            TargetIds::U32(ids)
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, i: usize) -> usize {
+        match self {
+            TargetIds::U16(v) => v[i] as usize,
+            TargetIds::U32(v) => v[i] as usize,
+        }
+    }
+
+    /// Sets entry `i`; the id must fit (see [`TargetIds::zeros`]).
+    #[inline]
+    pub fn set(&mut self, i: usize, id: u32) {
+        match self {
+            TargetIds::U16(v) => v[i] = id as u16,
+            TargetIds::U32(v) => v[i] = id,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            TargetIds::U16(v) => v.len(),
+            TargetIds::U32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn to_u32(&self) -> Vec<u32> {
+        (0..self.len()).map(|i| self.get(i) as u32).collect()
+    }
+
+    /// The bytes the ids take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            TargetIds::U16(v) => v.len() * 2,
+            TargetIds::U32(v) => v.len() * 4,
+        }
+    }
+}
+
 /// Sparse target distributions, `m` entries per row: row `n` puts weight
 /// `weights[n·m + j]` on token `ids[n·m + j]` (weights need not sum to 1;
 /// a zero weight is an unused entry).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparseTargets {
     pub m: usize,
-    pub ids: Vec<u32>,
+    pub ids: TargetIds,
     pub weights: Vec<f32>,
 }
 
 impl SparseTargets {
+    pub fn new(m: usize, ids: Vec<u32>, weights: Vec<f32>) -> SparseTargets {
+        SparseTargets {
+            m,
+            ids: TargetIds::from_u32(ids),
+            weights,
+        }
+    }
+
     /// One-hot on `labels`: the causal-LM targets.
     pub fn one_hot(labels: &[u32]) -> SparseTargets {
-        SparseTargets {
-            m: 1,
-            ids: labels.to_vec(),
-            weights: vec![1.0; labels.len()],
-        }
+        SparseTargets::new(1, labels.to_vec(), vec![1.0; labels.len()])
     }
 
     pub fn rows(&self) -> usize {
         self.ids.len() / self.m.max(1)
+    }
+
+    /// The bytes the targets take (ids and weights).
+    pub fn bytes(&self) -> usize {
+        self.ids.bytes() + self.weights.len() * 4
     }
 }
 
@@ -536,46 +690,68 @@ impl SparseTargets {
 /// `∂loss_n/∂z_nv = W_n · softmax(z_n)_v − Σ_{j: id_nj = v} w_nj`, is computed
 /// directly on the CPU (one pass over the logits; no dense target is ever
 /// built); elsewhere the same value comes from differentiable candle ops.
+/// The targets move into the graph (kept for the backward pass), uncopied.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use fusechat_core::model::ops::{sparse_cross_entropy, SparseTargets};
 /// let z = Tensor::new(&[[0f32, 0.0, 0.0, 0.0]], &Device::Cpu).unwrap();
 /// // half the weight on token 1, half on token 2: −log(1/4) = 1.386…
-/// let t = SparseTargets { m: 2, ids: vec![1, 2], weights: vec![0.5, 0.5] };
-/// let l: Vec<f32> = sparse_cross_entropy(&z, &t).unwrap().to_vec1().unwrap();
+/// let t = SparseTargets::new(2, vec![1, 2], vec![0.5, 0.5]);
+/// let l: Vec<f32> = sparse_cross_entropy(&z, t).unwrap().to_vec1().unwrap();
 /// assert!((l[0] - 4f32.ln()).abs() < 1e-6);
 /// ```
-pub fn sparse_cross_entropy(logits: &Tensor, targets: &SparseTargets) -> Result<Tensor> {
+pub fn sparse_cross_entropy(logits: &Tensor, targets: SparseTargets) -> Result<Tensor> {
+    sparse_cross_entropies(logits, vec![targets])?.squeeze(1)
+}
+
+/// [`sparse_cross_entropy`] against several target sets at once, `[N, G]`:
+/// column g is the loss against `groups[g]`. The log-sum-exp of the logits is
+/// computed once for all of them, and the backward pass writes one gradient,
+/// `Σ_g ĝ_ng · (W_ng · softmax(z_n) − w_ng)`, in one pass over the logits,
+/// where separate calls would each make a `[N, V]` gradient to be added. A
+/// loss that mixes the causal-LM term and a teacher term uses this.
+pub fn sparse_cross_entropies(logits: &Tensor, groups: Vec<SparseTargets>) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
-    if targets.rows() != n || targets.ids.len() != targets.weights.len() {
-        candle_core::bail!(
-            "sparse_cross_entropy: {} target rows of {} for {n} logit rows",
-            targets.rows(),
-            targets.m
-        )
-    }
-    if let Some(id) = targets.ids.iter().find(|&&i| i as usize >= v) {
-        candle_core::bail!("sparse_cross_entropy: target id {id} is outside the vocabulary of {v}")
+    for t in &groups {
+        if t.rows() != n || t.ids.len() != t.weights.len() {
+            candle_core::bail!(
+                "sparse_cross_entropy: {} target rows of {} for {n} logit rows",
+                t.rows(),
+                t.m
+            )
+        }
+        if let Some(id) = (0..t.ids.len()).map(|i| t.ids.get(i)).find(|&i| i >= v) {
+            candle_core::bail!(
+                "sparse_cross_entropy: target id {id} is outside the vocabulary of {v}"
+            )
+        }
     }
     let logits = logits.to_dtype(DType::F32)?;
     if logits.device().is_cpu() {
         logits.contiguous()?.apply_op1(SparseCe {
-            targets: std::sync::Arc::new(targets.clone()),
+            groups: std::sync::Arc::new(groups),
             lse: std::sync::Mutex::new(Vec::new()),
         })
     } else {
         let dev = logits.device();
-        let ids = Tensor::from_vec(targets.ids.clone(), (n, targets.m), dev)?;
-        let w = Tensor::from_vec(targets.weights.clone(), (n, targets.m), dev)?;
-        (log_softmax(&logits)?.gather(&ids, 1)? * w)?.sum(1)?.neg()
+        let logp = log_softmax(&logits)?;
+        let cols = groups
+            .iter()
+            .map(|t| {
+                let ids = Tensor::from_vec(t.ids.to_u32(), (n, t.m), dev)?;
+                let w = Tensor::from_vec(t.weights.clone(), (n, t.m), dev)?;
+                (logp.gather(&ids, 1)? * w)?.sum_keepdim(1)?.neg()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&cols, 1)
     }
 }
 
-/// The CPU kernel of [`sparse_cross_entropy`]; the forward pass keeps each
+/// The CPU kernel of [`sparse_cross_entropies`]; the forward pass keeps each
 /// row's log-sum-exp for the backward pass.
 struct SparseCe {
-    targets: std::sync::Arc<SparseTargets>,
+    groups: std::sync::Arc<Vec<SparseTargets>>,
     lse: std::sync::Mutex<Vec<f64>>,
 }
 
@@ -607,30 +783,30 @@ impl candle_core::CustomOp1 for SparseCe {
             candle_core::Error::Msg("sparse-cross-entropy: non-contiguous logits".into())
         })?;
         let z = &storage.as_slice::<f32>()?[start..end];
-        let n = self.targets.rows();
-        let v = z.len() / n.max(1);
-        let m = self.targets.m;
+        let (n, v) = layout.shape().dims2()?;
         let lse: Vec<f64> = (0..n)
             .into_par_iter()
             .map(|r| row_lse(&z[r * v..(r + 1) * v]))
             .collect();
-        let out: Vec<f32> = (0..n)
-            .map(|r| {
-                let row = &z[r * v..(r + 1) * v];
+        let g = self.groups.len();
+        let mut out = vec![0f32; n * g];
+        for (r, o) in out.chunks_mut(g.max(1)).enumerate() {
+            let row = &z[r * v..(r + 1) * v];
+            for (o, t) in o.iter_mut().zip(self.groups.iter()) {
                 let mut loss = 0f64;
-                for j in 0..m {
-                    let w = self.targets.weights[r * m + j] as f64;
+                for j in r * t.m..(r + 1) * t.m {
+                    let w = t.weights[j] as f64;
                     if w != 0.0 {
-                        loss += w * (lse[r] - row[self.targets.ids[r * m + j] as usize] as f64);
+                        loss += w * (lse[r] - row[t.ids.get(j)] as f64);
                     }
                 }
-                loss as f32
-            })
-            .collect();
+                *o = loss as f32;
+            }
+        }
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok((
             candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from(n),
+            candle_core::Shape::from((n, g)),
         ))
     }
 
@@ -640,7 +816,7 @@ impl candle_core::CustomOp1 for SparseCe {
         Ok(Some(arg.apply_op2_no_bwd(
             &g,
             &SparseCeBwd {
-                targets: self.targets.clone(),
+                groups: self.groups.clone(),
                 lse,
             },
         )?))
@@ -648,9 +824,9 @@ impl candle_core::CustomOp1 for SparseCe {
 }
 
 /// The gradient of [`SparseCe`] with respect to the logits, from the logits
-/// and the upstream gradient: `g_n · (W_n · softmax(z_n) − w_n)`.
+/// and the upstream gradient `ĝ` `[N, G]`: `Σ_g ĝ_ng · (W_ng · softmax(z_n) − w_ng)`.
 struct SparseCeBwd {
-    targets: std::sync::Arc<SparseTargets>,
+    groups: std::sync::Arc<Vec<SparseTargets>>,
     /// The forward pass's per-row log-sum-exp (recomputed when absent).
     lse: Vec<f64>,
 }
@@ -669,28 +845,36 @@ impl candle_core::CustomOp2 for SparseCeBwd {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
         let (z, g) = (cpu_slice(zs, zl)?, cpu_slice(gs, gl)?);
-        let n = self.targets.rows();
-        let v = z.len() / n.max(1);
-        let m = self.targets.m;
+        let (n, v) = zl.shape().dims2()?;
+        let groups = self.groups.len();
         let mut grad = vec![0f32; n * v];
-        grad.par_chunks_mut(v).enumerate().for_each(|(r, out)| {
-            let row = &z[r * v..(r + 1) * v];
-            let ws = &self.targets.weights[r * m..(r + 1) * m];
-            let total: f64 = ws.iter().map(|w| *w as f64).sum();
-            let gr = g[r] as f64;
-            if gr == 0.0 || ws.iter().all(|w| *w == 0.0) {
-                return;
-            }
-            let lse = self.lse.get(r).copied().unwrap_or_else(|| row_lse(row)) as f32;
-            let scale = (gr * total) as f32;
-            for (o, x) in out.iter_mut().zip(row) {
-                *o = scale * (x - lse).exp();
-            }
-            for (j, w) in ws.iter().enumerate() {
-                let id = self.targets.ids[r * m + j] as usize;
-                out[id] -= (gr * *w as f64) as f32;
-            }
-        });
+        grad.par_chunks_mut(v.max(1))
+            .enumerate()
+            .for_each(|(r, out)| {
+                let row = &z[r * v..(r + 1) * v];
+                let gr = &g[r * groups..(r + 1) * groups];
+                let (mut scale, mut any) = (0f64, false);
+                for (t, gr) in self.groups.iter().zip(gr) {
+                    let ws = &t.weights[r * t.m..(r + 1) * t.m];
+                    if *gr != 0.0 && ws.iter().any(|w| *w != 0.0) {
+                        any = true;
+                        scale += *gr as f64 * ws.iter().map(|w| *w as f64).sum::<f64>();
+                    }
+                }
+                if !any {
+                    return;
+                }
+                let lse = self.lse.get(r).copied().unwrap_or_else(|| row_lse(row)) as f32;
+                let scale = scale as f32;
+                for (o, x) in out.iter_mut().zip(row) {
+                    *o = scale * (x - lse).exp();
+                }
+                for (t, gr) in self.groups.iter().zip(gr) {
+                    for j in r * t.m..(r + 1) * t.m {
+                        out[t.ids.get(j)] -= (*gr as f64 * t.weights[j] as f64) as f32;
+                    }
+                }
+            });
         Ok((candle_core::CpuStorage::F32(grad), zl.shape().clone()))
     }
 }

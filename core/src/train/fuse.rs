@@ -750,21 +750,22 @@ fn train_step(
     })
 }
 
-/// One micro-batch as tensors and flat teacher arrays.
-struct MicroBatch {
+/// One micro-batch as tensors, with each candidate's top-k rows borrowed
+/// from the data record by record.
+struct MicroBatch<'a> {
     ids: Tensor,
     mask: Tensor,
     /// Row-major indices of the loss positions in the `[B·L]` flattening.
     flat_positions: Tensor,
     labels: Vec<u32>,
     record: Vec<usize>,
-    teacher_ids: Vec<Vec<u32>>,
-    teacher_logits: Vec<Vec<half::f16>>,
+    teacher_ids: Vec<Vec<&'a [u32]>>,
+    teacher_logits: Vec<Vec<&'a [half::f16]>>,
     metrics: Vec<Vec<f32>>,
 }
 
-impl MicroBatch {
-    fn new(data: &FuseData, micro: &[usize], device: &Device) -> Result<MicroBatch> {
+impl<'a> MicroBatch<'a> {
+    fn new(data: &'a FuseData, micro: &[usize], device: &Device) -> Result<MicroBatch<'a>> {
         let b = micro.len();
         let l = micro
             .iter()
@@ -777,8 +778,8 @@ impl MicroBatch {
         let mut flat = Vec::new();
         let mut labels = Vec::new();
         let mut record = Vec::new();
-        let mut teacher_ids = vec![Vec::new(); candidates];
-        let mut teacher_logits = vec![Vec::new(); candidates];
+        let mut teacher_ids = vec![Vec::with_capacity(b); candidates];
+        let mut teacher_logits = vec![Vec::with_capacity(b); candidates];
         let mut metrics = vec![Vec::with_capacity(b); candidates];
         for (i, &r) in micro.iter().enumerate() {
             let rec = &data.records[r];
@@ -792,8 +793,8 @@ impl MicroBatch {
             }
             for c in 0..candidates {
                 let t = &rec.teachers[c];
-                teacher_ids[c].extend_from_slice(&t.ids);
-                teacher_logits[c].extend_from_slice(&t.logits);
+                teacher_ids[c].push(&t.ids[..]);
+                teacher_logits[c].push(&t.logits[..]);
                 metrics[c].push(t.metric_ce);
             }
         }

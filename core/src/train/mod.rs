@@ -32,25 +32,28 @@ use candle_core::Tensor;
 use half::{bf16, f16};
 use std::sync::Arc;
 
-/// One teacher candidate's view of a micro-batch.
+/// One teacher candidate's view of a micro-batch. The top-k rows are
+/// borrowed from the loaded data record by record: nothing is copied per
+/// micro-batch, for any candidate.
 #[derive(Debug, Clone, Copy)]
 pub struct TeacherView<'a> {
     /// "pivot", or the source's name.
     pub name: &'a str,
     pub k: usize,
-    /// `[N · k]` top-k ids at the micro-batch's loss positions, in the pivot's vocabulary.
-    pub ids: &'a [u32],
-    /// `[N · k]` their logits, descending per position; −∞ marks an unfilled entry.
-    pub logits: &'a [f16],
+    /// Per record of the micro-batch, `[P_r · k]` top-k ids at its loss
+    /// positions, in the pivot's vocabulary.
+    pub ids: &'a [&'a [u32]],
+    /// Per record, their logits, descending per position; −∞ marks an unfilled entry.
+    pub logits: &'a [&'a [f16]],
     /// `[R]` each record's mean CE under this teacher.
     pub metric_ce: &'a [f32],
 }
 
 impl TeacherView<'_> {
-    /// The k entries at position `n`.
-    pub fn at(&self, n: usize) -> (&[u32], &[f16]) {
-        let r = n * self.k..(n + 1) * self.k;
-        (&self.ids[r.clone()], &self.logits[r])
+    /// The k entries at the `i`-th loss position of record `r`.
+    pub fn at(&self, r: usize, i: usize) -> (&[u32], &[f16]) {
+        let span = i * self.k..(i + 1) * self.k;
+        (&self.ids[r][span.clone()], &self.logits[r][span])
     }
 }
 
@@ -60,7 +63,8 @@ pub struct LossBatch<'a> {
     pub logits: &'a Tensor,
     /// `[N]` the label (next token) at each loss position.
     pub labels: &'a [u32],
-    /// `[N]` the record (0..R) each position belongs to.
+    /// `[N]` the record (0..R) each position belongs to; a record's positions
+    /// are contiguous and in order.
     pub record: &'a [usize],
     /// R, the number of records in the micro-batch.
     pub records: usize,
@@ -68,6 +72,18 @@ pub struct LossBatch<'a> {
     pub teachers: &'a [TeacherView<'a>],
     /// The fraction of training done before this step, in [0, 1).
     pub progress: f64,
+}
+
+impl LossBatch<'_> {
+    /// `(record, i)` for each position: its record and its index among that
+    /// record's loss positions (for [`TeacherView::at`]).
+    pub fn record_positions(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut at = (usize::MAX, 0);
+        self.record.iter().map(move |&r| {
+            at = if r == at.0 { (r, at.1 + 1) } else { (r, 0) };
+            at
+        })
+    }
 }
 
 /// A loss's value on a micro-batch.

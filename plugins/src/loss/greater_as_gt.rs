@@ -12,12 +12,11 @@
 //! gradient.
 
 use super::{
-    blend, compat_param, lm_ce, lm_weight_param, loss_type_param, mean, scalar, teacher_targets,
-    temperature_param,
+    blend, compat_param, lm_and_teacher_ce, lm_ce, lm_weight_param, loss_type_param, mean, scalar,
+    teacher_targets, temperature_param,
 };
 use fusechat_core::merge::params::ResolvedParams;
 use fusechat_core::model::candle_error as ce;
-use fusechat_core::model::ops::sparse_cross_entropy;
 use fusechat_core::plugin::registry::{ParamSpec, PluginInfo, PluginKind, Scope};
 use fusechat_core::train::{best_teacher, reward, BuiltinLoss, DistillLoss, LossBatch, LossOutput};
 use fusechat_core::Result;
@@ -52,13 +51,12 @@ impl DistillLoss for GreaterAsGt {
         if mode == "hard_and_decay" {
             lambda += (1.0 - lambda) * b.progress;
         }
-        let lm = lm_ce(b)?;
-        let lm_loss = scalar(&mean(&lm)?)?;
         if mode != "soft" && lambda >= 1.0 {
             // plain SFT: no teacher term at all (not even a zero one)
+            let lm = mean(&lm_ce(b)?)?;
             return Ok(LossOutput {
-                loss: mean(&lm)?,
-                lm_loss,
+                lm_loss: scalar(&lm)?,
+                loss: lm,
                 fuse_loss: 0.0,
                 teacher_of_record: vec![None; b.records],
             });
@@ -77,8 +75,9 @@ impl DistillLoss for GreaterAsGt {
                     .collect()
             })
             .collect();
-        let (targets, entropy) = teacher_targets(b, &shares, t, compat);
-        let fuse = sparse_cross_entropy(b.logits, &targets).map_err(ce)?;
+        let (targets, entropy) = teacher_targets(b, &shares, t, compat)?;
+        let (lm, fuse) = lm_and_teacher_ce(b, targets)?;
+        let lm_loss = scalar(&mean(&lm)?)?;
         let n = b.labels.len().max(1) as f64;
         // KL = CE − H(q): the entropy is a constant of the teacher
         let h = if kl {
@@ -98,7 +97,8 @@ impl DistillLoss for GreaterAsGt {
                 .collect();
             let w: Vec<f32> = b.record.iter().map(|&r| r_max[r]).collect();
             let wh = if kl {
-                w.iter()
+                r_max
+                    .iter()
                     .zip(&entropy)
                     .map(|(w, h)| *w as f64 * h)
                     .sum::<f64>()

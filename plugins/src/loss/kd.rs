@@ -71,8 +71,8 @@ impl DistillLoss for Kd {
         let d = if kind == "jsd" {
             jsd(&student, b, t, p.f64("beta")?)?
         } else {
-            let (targets, entropy) = teacher_targets(b, &shares, t, false);
-            let ce_ = mean(&sparse_cross_entropy(&student, &targets).map_err(ce)?)?;
+            let (targets, entropy) = teacher_targets(b, &shares, t, false)?;
+            let ce_ = mean(&sparse_cross_entropy(&student, targets).map_err(ce)?)?;
             let h = if kind == "kl" {
                 entropy.iter().sum::<f64>() / n
             } else {
@@ -98,8 +98,10 @@ fn jsd(student_logits: &Tensor, b: &LossBatch<'_>, t: f64, beta: f64) -> Result<
     let dev = b.logits.device();
     let mut q = vec![0f32; n * k];
     let mut q_log_q = vec![0f32; n * k];
-    for pos in 0..n {
-        let (_, logits) = teacher.at(pos);
+    let mut ids = Vec::with_capacity(n * k);
+    for (pos, (r, i)) in b.record_positions().enumerate() {
+        let (tid, logits) = teacher.at(r, i);
+        ids.extend_from_slice(tid);
         for (j, qj) in teacher_probs(logits, t, false).into_iter().enumerate() {
             q[pos * k + j] = qj;
             if qj > 0.0 {
@@ -107,7 +109,7 @@ fn jsd(student_logits: &Tensor, b: &LossBatch<'_>, t: f64, beta: f64) -> Result<
             }
         }
     }
-    let ids = Tensor::from_vec(teacher.ids.to_vec(), (n, k), dev).map_err(ce)?;
+    let ids = Tensor::from_vec(ids, (n, k), dev).map_err(ce)?;
     let q = Tensor::from_vec(q, (n, k), dev).map_err(ce)?;
     let q_log_q = Tensor::from_vec(q_log_q, (n, k), dev).map_err(ce)?;
     let f = || -> candle_core::Result<Tensor> {

@@ -15,7 +15,9 @@ pub mod weighted;
 
 use candle_core::{DType, Tensor};
 use fusechat_core::model::candle_error as ce;
-use fusechat_core::model::ops::{sparse_cross_entropy, SparseTargets};
+use fusechat_core::model::ops::{
+    sparse_cross_entropies, sparse_cross_entropy, SparseTargets, TargetIds,
+};
 use fusechat_core::plugin::registry::{ParamSpec, Scope};
 use fusechat_core::train::{teacher_probs, LossBatch};
 use fusechat_core::Result;
@@ -66,20 +68,34 @@ pub(crate) fn scalar(x: &Tensor) -> Result<f64> {
 
 /// The per-position LM cross-entropy `[N]` against the labels.
 pub(crate) fn lm_ce(b: &LossBatch<'_>) -> Result<Tensor> {
-    sparse_cross_entropy(b.logits, &SparseTargets::one_hot(b.labels)).map_err(ce)
+    sparse_cross_entropy(b.logits, SparseTargets::one_hot(b.labels)).map_err(ce)
+}
+
+/// The per-position LM cross-entropy and cross-entropy against `teacher`,
+/// `[N]` each, from one pass over the logits (and one in the backward pass).
+pub(crate) fn lm_and_teacher_ce(
+    b: &LossBatch<'_>,
+    teacher: SparseTargets,
+) -> Result<(Tensor, Tensor)> {
+    let both = sparse_cross_entropies(b.logits, vec![SparseTargets::one_hot(b.labels), teacher])
+        .map_err(ce)?;
+    let col = |i: usize| both.narrow(1, i, 1).and_then(|x| x.squeeze(1)).map_err(ce);
+    Ok((col(0)?, col(1)?))
 }
 
 /// Sparse targets that put, at each position, weight `share(record) · q` on
 /// the k entries of each candidate `c` with a nonzero share, where `q` is that
-/// candidate's teacher distribution there; and the entropy of the targets per
-/// position (for KL values).
-pub(crate) fn teacher_targets(
+/// candidate's teacher distribution there; and the entropy of the targets
+/// summed over each record's positions (for KL values). The ids take u16 when
+/// the vocabulary allows: with one teacher of top-10, 60 bytes per position.
+pub fn teacher_targets(
     b: &LossBatch<'_>,
     shares: &[Vec<f64>],
     temperature: f64,
     compat: bool,
-) -> (SparseTargets, Vec<f64>) {
+) -> Result<(SparseTargets, Vec<f64>)> {
     let n = b.labels.len();
+    let vocab = b.logits.dims2().map_err(ce)?.1;
     // Entries per position: those of the candidates a record learns from
     // (one for greater_as_gt), so no room is kept for the others.
     let m: usize = shares
@@ -94,28 +110,33 @@ pub(crate) fn teacher_targets(
         .max()
         .unwrap_or(0)
         .max(1);
-    let mut ids = vec![0u32; n * m];
+    let mut ids = TargetIds::zeros(n * m, vocab);
     let mut weights = vec![0f32; n * m];
-    let mut entropy = vec![0f64; n];
-    for (p, h) in entropy.iter_mut().enumerate() {
-        let r = b.record[p];
+    let mut entropy = vec![0f64; b.records];
+    for (p, (r, i)) in b.record_positions().enumerate() {
         let mut at = p * m;
         for (c, t) in b.teachers.iter().enumerate() {
             let share = shares[r][c];
             if share <= 0.0 {
                 continue;
             }
-            let (tid, tlog) = t.at(p);
+            let (tid, tlog) = t.at(r, i);
             let q = teacher_probs(tlog, temperature, compat);
             for (j, (&id, &qj)) in tid.iter().zip(&q).enumerate() {
+                if id as usize >= vocab {
+                    return Err(fusechat_core::Error::Plugin(format!(
+                        "teacher `{}` has top-k id {id}, beyond the student's vocabulary of {vocab}",
+                        t.name
+                    )));
+                }
                 if qj > 0.0 {
-                    ids[at + j] = id;
+                    ids.set(at + j, id);
                     weights[at + j] = (share * qj as f64) as f32;
-                    *h -= share * qj as f64 * (qj as f64).ln();
+                    entropy[r] -= share * qj as f64 * (qj as f64).ln();
                 }
             }
             at += t.k;
         }
     }
-    (SparseTargets { m, ids, weights }, entropy)
+    Ok((SparseTargets { m, ids, weights }, entropy))
 }

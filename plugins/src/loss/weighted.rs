@@ -4,11 +4,10 @@
 //! `λ·L_lm + (1−λ)·L_fuse` against the blend.
 
 use super::{
-    blend, compat_param, lm_ce, lm_weight_param, mean, scalar, teacher_targets, temperature_param,
+    blend, compat_param, lm_and_teacher_ce, lm_weight_param, mean, scalar, teacher_targets,
+    temperature_param,
 };
 use fusechat_core::merge::params::ResolvedParams;
-use fusechat_core::model::candle_error as ce;
-use fusechat_core::model::ops::sparse_cross_entropy;
 use fusechat_core::plugin::registry::{PluginInfo, PluginKind};
 use fusechat_core::train::{reward, BuiltinLoss, DistillLoss, LossBatch, LossOutput};
 use fusechat_core::Result;
@@ -39,7 +38,6 @@ impl DistillLoss for Weighted {
     fn loss(&self, p: &ResolvedParams, b: &LossBatch<'_>) -> Result<LossOutput> {
         let compat = p.bool("compat")?;
         let lambda = p.f64("lm_loss_weight")?;
-        let lm = lm_ce(b)?;
         let shares: Vec<Vec<f64>> = (0..b.records)
             .map(|r| {
                 let rewards: Vec<f32> = b
@@ -50,8 +48,8 @@ impl DistillLoss for Weighted {
                 reward_weights(&rewards)
             })
             .collect();
-        let (targets, _) = teacher_targets(b, &shares, p.f64("temperature")?, compat);
-        let fuse = sparse_cross_entropy(b.logits, &targets).map_err(ce)?;
+        let (targets, _) = teacher_targets(b, &shares, p.f64("temperature")?, compat)?;
+        let (lm, fuse) = lm_and_teacher_ce(b, targets)?;
         let loss = blend(&mean(&lm)?, &mean(&fuse)?, lambda, 0.0)?;
         let heaviest = shares
             .iter()
