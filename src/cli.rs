@@ -362,7 +362,8 @@ pub struct ExecArgs {
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Working memory the merge may use at once, e.g. 4GiB; a tensor larger than this runs alone.
-    /// Default (auto): the largest tensor's inputs in f32, so memory stays bounded by one tensor.
+    /// Default (auto): the two largest tensors' inputs in f32 (the largest alone with --threads 1),
+    /// so memory stays bounded by two tensors.
     #[arg(long, default_value = "auto", value_parser = budget_arg)]
     pub memory_budget: u64,
     /// No progress bar.

@@ -30,6 +30,7 @@ pub mod model;
 pub mod pipeline;
 pub mod plugin;
 pub mod rng;
+pub mod simd;
 #[cfg(all(feature = "candle", feature = "data"))]
 pub mod train;
 

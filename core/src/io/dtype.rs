@@ -74,27 +74,7 @@ impl DType {
 
     /// Decode little-endian bytes of this dtype into f32 (appending to `out`).
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
-        let old = out.len();
-        let n = bytes.len() / self.size();
-        out.resize(old + n, 0.0);
-        let dst = &mut out[old..];
-        match self {
-            DType::F32 => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(4))
-                .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            DType::F16 => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(2))
-                .for_each(|(o, c)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            // bf16 is the top half of an f32: widening is a shift.
-            DType::BF16 => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(2))
-                .for_each(|(o, c)| {
-                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
-                }),
-        }
+        decode_into(self, bytes, out)
     }
 
     pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
@@ -130,7 +110,38 @@ impl DType {
     /// Encode f32 values as little-endian bytes of this dtype.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         let mut out = vec![0u8; values.len() * self.size()];
-        match self {
+        encode_into(self, values, &mut out);
+        out
+    }
+}
+
+crate::multiversion! {
+    // `extend` over exact-size chunks writes each value once: no zero fill first
+    fn decode_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
+        match dtype {
+            DType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            DType::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            // bf16 is the top half of an f32: widening is a shift.
+            DType::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)),
+            ),
+        }
+    }
+}
+
+crate::multiversion! {
+    fn encode_into(dtype: DType, values: &[f32], out: &mut [u8]) {
+        match dtype {
             DType::F32 => out
                 .chunks_exact_mut(4)
                 .zip(values)
@@ -144,7 +155,6 @@ impl DType {
                 .zip(values)
                 .for_each(|(o, v)| o.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes())),
         }
-        out
     }
 }
 
@@ -169,9 +179,33 @@ impl fmt::Display for DType {
     }
 }
 
+/// The index of the first NaN or infinity in `values`, if any. The common
+/// case (none) is one vectorised pass with no branch per element.
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
+    let any = values
+        .chunks(1 << 16)
+        .any(|c| c.iter().fold(false, |bad, v| bad | !v.is_finite()));
+    if any {
+        values.iter().position(|v| !v.is_finite())
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_non_finite_finds_the_first() {
+        let mut v = vec![1.0f32; 200_000];
+        assert_eq!(first_non_finite(&v), None);
+        v[150_001] = f32::INFINITY;
+        v[199_999] = f32::NAN;
+        assert_eq!(first_non_finite(&v), Some(150_001));
+        v[3] = f32::NEG_INFINITY;
+        assert_eq!(first_non_finite(&v), Some(3));
+    }
 
     #[test]
     fn bf16_rounds_to_nearest_even() {

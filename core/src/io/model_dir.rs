@@ -250,6 +250,11 @@ impl ModelDir {
 
     /// Decode a tensor to f32, check every value is finite, then release its pages.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.read_f32_into(name, Vec::new())
+    }
+
+    /// [`ModelDir::read_f32`] into `values` (cleared first; reusing its memory).
+    pub fn read_f32_into(&self, name: &str, mut values: Vec<f32>) -> Result<Vec<f32>> {
         let t = self
             .tensors
             .get(name)
@@ -263,7 +268,8 @@ impl ModelDir {
         let shard = &self.shards[t.file];
         // Decode in chunks, releasing each chunk's pages as soon as it is decoded, so
         // the mapped bytes of a tensor never sit in memory next to its f32 copy.
-        let mut values = Vec::with_capacity(t.numel());
+        values.clear();
+        values.reserve(t.numel());
         let step = DECODE_CHUNK - DECODE_CHUNK % dtype.size();
         let mut at = t.start;
         while at < t.end {
@@ -272,12 +278,12 @@ impl ModelDir {
             self.release(at, stop - at, t.file);
             at = stop;
         }
-        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        if let Some((i, v)) = crate::io::dtype::first_non_finite(&values).map(|i| (i, values[i])) {
             return Err(Error::NonFinite {
                 tensor: name.to_string(),
                 model: shard.path.display().to_string(),
                 index: i,
-                value: *v,
+                value: v,
             });
         }
         Ok(values)

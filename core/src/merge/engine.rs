@@ -28,8 +28,8 @@ pub struct ExecOptions {
     /// Worker threads (0: one per core).
     pub threads: usize,
     /// Bytes of working memory the concurrent jobs may use together; 0 (the
-    /// default) means the largest tensor's job, so that peak memory is bounded
-    /// by one job of the largest tensor whatever the model size.
+    /// default) means the two largest tensors' jobs ([`Plan::default_budget`]),
+    /// so that peak memory is bounded by two tensors whatever the model size.
     pub memory_budget: u64,
     /// Show a progress bar on stderr.
     pub progress: bool,
@@ -135,7 +135,8 @@ fn load_group<'a>(
     scope_stats: Option<Vec<f64>>,
 ) -> Result<TensorGroup<'a>> {
     let read = |model: usize, name: &str| -> Result<TensorBuf> {
-        let mut v = plan.models[model].read_f32(name)?;
+        let numel = plan.models[model].tensor(name).map_or(0, |e| e.numel());
+        let mut v = plan.models[model].read_f32_into(name, super::pool::take(numel))?;
         let stored = plan.models[model].tensor(name).and_then(|e| e.dtype);
         match (plan.load_dtype, stored) {
             // values stored in the load dtype, or loaded as f32, are already exact
@@ -363,10 +364,12 @@ fn write_output(
         .build()
         .map_err(|e| Error::msg(format!("cannot start {threads} worker threads: {e}")))?;
     let cap = if opts.memory_budget == 0 {
-        plan.largest_job()
+        plan.default_budget(threads)
     } else {
         opts.memory_budget
     };
+    // freed input and output buffers are reused by the next tensors
+    let _pool = super::pool::Scope::new(cap);
     let budget = Budget {
         cap: cap.max(1),
         used: Mutex::new(0),
@@ -402,7 +405,7 @@ fn write_output(
                             t.numel()
                         )));
                     }
-                    if let Some(k) = data.iter().position(|v| !v.is_finite()) {
+                    if let Some(k) = crate::io::dtype::first_non_finite(&data) {
                         return Err(Error::msg(format!(
                             "produced a non-finite value ({}) at element {k}",
                             data[k]

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod mergekit;
 pub mod params;
 pub mod plan;
+pub mod pool;
 pub mod vocab;
 
 use crate::merge::params::ResolvedParams;
@@ -181,6 +182,11 @@ impl<'b> IntoIterator for &'b TensorBuf<'_> {
 
 impl Drop for TensorBuf<'_> {
     fn drop(&mut self) {
+        if let BufInner::Owned(v) = &mut self.0 {
+            // back to the merge engine's pool while a merge runs (else freed)
+            pool::give(std::mem::take(v));
+            return;
+        }
         if let BufInner::Foreign {
             ptr,
             len,

@@ -1397,24 +1397,25 @@ impl Plan {
         self.tensors.iter().map(|t| t.input_bytes).sum()
     }
 
-    /// The working memory of the largest tensor's job: the default memory budget,
-    /// under which no other job runs next to the largest one.
-    pub fn largest_job(&self) -> u64 {
-        self.tensors
-            .iter()
-            .map(|t| t.job_bytes())
-            .max()
-            .unwrap_or(0)
+    /// The default memory budget with `threads` workers: the working memory
+    /// of the two largest tensors' jobs (of the largest alone on one thread).
+    /// The two largest are often the embeddings and the LM head, which would
+    /// otherwise each run alone, leaving the other cores idle for a quarter
+    /// of a 7B merge; memory stays bounded by two tensors whatever the model size.
+    pub fn default_budget(&self, threads: usize) -> u64 {
+        let mut jobs: Vec<u64> = self.tensors.iter().map(|t| t.job_bytes()).collect();
+        jobs.sort_unstable_by(|a, b| b.cmp(a));
+        jobs.iter().take(threads.clamp(1, 2)).sum()
     }
 
     /// Estimated peak working memory with `threads` workers under `budget` bytes
-    /// (0: the default, [`Plan::largest_job`]).
+    /// (0: the default, [`Plan::default_budget`]).
     pub fn peak_memory_estimate(&self, threads: usize, budget: u64) -> u64 {
         let mut jobs: Vec<u64> = self.tensors.iter().map(|t| t.job_bytes()).collect();
         jobs.sort_unstable_by(|a, b| b.cmp(a));
         let largest = jobs.first().copied().unwrap_or(0);
         let budget = if budget == 0 {
-            largest
+            self.default_budget(threads)
         } else {
             budget.max(largest)
         };
@@ -1485,7 +1486,7 @@ impl Plan {
             self.input_bytes() as f64 / 1e9,
             self.peak_memory_estimate(threads, budget) as f64 / 1e9,
             threads,
-            if budget == 0 { self.largest_job() } else { budget } as f64 / 1e9
+            if budget == 0 { self.default_budget(threads) } else { budget } as f64 / 1e9
         );
         s
     }

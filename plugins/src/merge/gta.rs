@@ -385,32 +385,16 @@ pub fn bernoulli(delta: &mut [f32], density: f64, rescale: Rescale, key: u64) {
     rescale_delta(delta, before, density, rescale);
 }
 
-/// Zero every element whose draw is not below `threshold`. The hash is the
-/// whole cost; with AVX-512 (checked at run time) its 64-bit multiplies run
-/// eight at a time. Either path computes the same bits.
-fn drop_masked(delta: &mut [f32], key: u64, threshold: u64) {
-    #[inline(always)]
-    fn body(delta: &mut [f32], key: u64, threshold: u64) {
+// Zero every element whose draw is not below `threshold`. The hash is the
+// whole cost; with AVX-512 (checked at run time) its 64-bit multiplies run
+// eight at a time. Every path computes the same bits.
+fusechat_core::multiversion! {
+    fn drop_masked(delta: &mut [f32], key: u64, threshold: u64) {
         for (i, x) in delta.iter_mut().enumerate() {
             let keep = dare_bits(key, i as u64) < threshold;
             *x = if keep { *x } else { 0.0 };
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-        unsafe fn wide(delta: &mut [f32], key: u64, threshold: u64) {
-            body(delta, key, threshold)
-        }
-        if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512dq")
-            && is_x86_feature_detected!("avx512vl")
-        {
-            // SAFETY: the CPU has the features `wide` is compiled for.
-            return unsafe { wide(delta, key, threshold) };
-        }
-    }
-    body(delta, key, threshold)
 }
 
 /// `sign(Σ uⱼ)` per element, + on ties: the elected sign of TIES.
@@ -729,75 +713,78 @@ fn ambiguous_at_threshold(delta: &[f32], density: f64) -> usize {
 /// for the contiguous inner loops to vectorise.
 const BLOCK: usize = 2048;
 
-/// `out += λ·mixed / divisor` (see the module docs), block by block so that
-/// every inner loop runs over contiguous slices without branches.
-pub fn combine(
-    out: &mut [f32],
-    deltas: &[TensorBuf],
-    w: &[f32],
-    consensus: bool,
-    normalize: bool,
-    lambda: f32,
-) {
-    let wsum: f32 = w.iter().sum();
-    let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
-    let mut total = [0f32; BLOCK];
-    let mut mixed = [0f32; BLOCK];
-    let mut div = [0f32; BLOCK];
-    for start in (0..out.len()).step_by(BLOCK) {
-        let end = (start + BLOCK).min(out.len());
-        let n = end - start;
-        let (total, mixed, div) = (&mut total[..n], &mut mixed[..n], &mut div[..n]);
-        mixed.fill(0.0);
-        if consensus {
-            total.fill(0.0);
-            for (d, wj) in deltas.iter().zip(w) {
+fusechat_core::multiversion! {
+    /// `out += λ·mixed / divisor` (see the module docs), block by block so that
+    /// every inner loop runs over contiguous slices without branches (and
+    /// vectorises: AVX2 or AVX-512 when the CPU has them).
+    pub fn combine(
+        out: &mut [f32],
+        deltas: &[TensorBuf],
+        w: &[f32],
+        consensus: bool,
+        normalize: bool,
+        lambda: f32,
+    ) {
+        let wsum: f32 = w.iter().sum();
+        let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+        let mut total = [0f32; BLOCK];
+        let mut mixed = [0f32; BLOCK];
+        let mut div = [0f32; BLOCK];
+        for start in (0..out.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(out.len());
+            let n = end - start;
+            let (total, mixed, div) = (&mut total[..n], &mut mixed[..n], &mut div[..n]);
+            mixed.fill(0.0);
+            if consensus {
+                total.fill(0.0);
+                for (d, wj) in deltas.iter().zip(w) {
+                    total
+                        .iter_mut()
+                        .zip(&d[start..end])
+                        .for_each(|(t, x)| *t += x * wj);
+                }
+                // elected sign: + when the sum is >= 0
                 total
                     .iter_mut()
-                    .zip(&d[start..end])
-                    .for_each(|(t, x)| *t += x * wj);
-            }
-            // elected sign: + when the sum is >= 0
-            total
-                .iter_mut()
-                .for_each(|t| *t = if *t >= 0.0 { 1.0 } else { -1.0 });
-            div.fill(0.0);
-            for (d, wj) in deltas.iter().zip(w) {
-                for ((m, dv), (x, s)) in mixed
-                    .iter_mut()
-                    .zip(div.iter_mut())
-                    .zip(d[start..end].iter().zip(total.iter()))
-                {
-                    let u = x * wj;
-                    // u·s > 0 exactly when u is non-zero and has the elected sign (s = ±1)
-                    let agree = u * s > 0.0;
-                    *m += if agree { u } else { 0.0 };
-                    *dv += if agree { *wj } else { 0.0 };
+                    .for_each(|t| *t = if *t >= 0.0 { 1.0 } else { -1.0 });
+                div.fill(0.0);
+                for (d, wj) in deltas.iter().zip(w) {
+                    for ((m, dv), (x, s)) in mixed
+                        .iter_mut()
+                        .zip(div.iter_mut())
+                        .zip(d[start..end].iter().zip(total.iter()))
+                    {
+                        let u = x * wj;
+                        // u·s > 0 exactly when u is non-zero and has the elected sign (s = ±1)
+                        let agree = u * s > 0.0;
+                        *m += if agree { u } else { 0.0 };
+                        *dv += if agree { *wj } else { 0.0 };
+                    }
                 }
-            }
-            div.iter_mut().for_each(|v| {
-                if *v == 0.0 {
-                    *v = 1.0
+                div.iter_mut().for_each(|v| {
+                    if *v == 0.0 {
+                        *v = 1.0
+                    }
+                });
+            } else {
+                for (d, wj) in deltas.iter().zip(w) {
+                    mixed
+                        .iter_mut()
+                        .zip(&d[start..end])
+                        .for_each(|(m, x)| *m += x * wj);
                 }
-            });
-        } else {
-            for (d, wj) in deltas.iter().zip(w) {
-                mixed
-                    .iter_mut()
-                    .zip(&d[start..end])
-                    .for_each(|(m, x)| *m += x * wj);
+                div.fill(plain_div);
             }
-            div.fill(plain_div);
-        }
-        let o = &mut out[start..end];
-        if normalize {
-            o.iter_mut()
-                .zip(mixed.iter().zip(div.iter()))
-                .for_each(|(o, (m, d))| *o += lambda * (m / d));
-        } else {
-            o.iter_mut()
-                .zip(mixed.iter())
-                .for_each(|(o, m)| *o += lambda * m);
+            let o = &mut out[start..end];
+            if normalize {
+                o.iter_mut()
+                    .zip(mixed.iter().zip(div.iter()))
+                    .for_each(|(o, (m, d))| *o += lambda * (m / d));
+            } else {
+                o.iter_mut()
+                    .zip(mixed.iter())
+                    .for_each(|(o, m)| *o += lambda * m);
+            }
         }
     }
 }

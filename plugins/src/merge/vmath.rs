@@ -1,15 +1,15 @@
 //! `exp` and `ln` in f64 over whole slices, written without branches or
 //! library calls so that the compiler vectorises them: eight lanes with
-//! AVX-512, four with AVX2 (both chosen at run time), two otherwise. Every
-//! path runs the same operations in the same order (no fused multiply-add is
-//! contracted), so the bits do not depend on the CPU.
+//! AVX-512, four with AVX2 (both chosen at run time, see
+//! [`fusechat_core::simd`]), two otherwise. Every path runs the same
+//! operations in the same order, so the bits do not depend on the CPU.
 //!
 //! Accuracy: within 2 ulp of the correctly rounded value (tested against the
 //! standard library over the ranges below), which is what libm gives too.
 
-/// ln 2 split so that `k · LN2_HI` is exact for |k| < 2²⁰ (fdlibm's split).
-const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1;
-const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+/// ln 2 split so that `k · LN2_HI` is exact for |k| < 2²¹ (fdlibm's split).
+const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
 /// 1.5 · 2⁵²: adding it rounds to an integer, held in the low mantissa bits.
 const SHIFT: f64 = 6_755_399_441_055_744.0;
 
@@ -73,53 +73,19 @@ fn ln1(x: f64) -> f64 {
     e * LN2_HI + (2.0 * s * p + e * LN2_LO)
 }
 
-macro_rules! over_slice {
-    ($(#[$doc:meta])* $name:ident, $f:ident) => {
-        $(#[$doc])*
-        pub fn $name(xs: &mut [f64]) {
-            #[inline(always)]
-            fn body(xs: &mut [f64]) {
-                for x in xs.iter_mut() {
-                    *x = $f(*x);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-                unsafe fn w512(xs: &mut [f64]) {
-                    body(xs)
-                }
-                #[target_feature(enable = "avx2")]
-                unsafe fn w256(xs: &mut [f64]) {
-                    body(xs)
-                }
-                if is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512dq")
-                    && is_x86_feature_detected!("avx512vl")
-                {
-                    // SAFETY: the CPU has the features `w512` is compiled for.
-                    return unsafe { w512(xs) };
-                }
-                if is_x86_feature_detected!("avx2") {
-                    // SAFETY: as above, for `w256`.
-                    return unsafe { w256(xs) };
-                }
-            }
-            body(xs)
-        }
-    };
+fusechat_core::multiversion! {
+    /// `x ← eˣ` for every element.
+    pub fn exp_in_place(xs: &mut [f64]) {
+        xs.iter_mut().for_each(|x| *x = exp1(*x));
+    }
 }
 
-over_slice!(
-    /// `x ← eˣ` for every element.
-    exp_in_place,
-    exp1
-);
-over_slice!(
+fusechat_core::multiversion! {
     /// `x ← ln x` for every element (positive normal values).
-    ln_in_place,
-    ln1
-);
+    pub fn ln_in_place(xs: &mut [f64]) {
+        xs.iter_mut().for_each(|x| *x = ln1(*x));
+    }
+}
 
 /// `Σ x` over eight interleaved partial sums.
 pub fn sum(xs: &[f64]) -> f64 {
@@ -159,6 +125,13 @@ mod tests {
 
     fn ulps(a: f64, b: f64) -> u64 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()
+    }
+
+    #[test]
+    fn ln2_split_sums_to_ln2() {
+        assert_eq!(LN2_HI + LN2_LO, std::f64::consts::LN_2);
+        // k·LN2_HI is exact for every exponent k (|k| < 2¹¹)
+        assert!(LN2_HI.to_bits().trailing_zeros() >= 11);
     }
 
     #[test]
