@@ -39,7 +39,7 @@ pub fn row_divergence(base: &[f32], model: &[f32], cols: usize) -> Vec<f64> {
                 *qi = *pi / (*qi * sq + 1e-8);
             }
             vmath::ln_in_place(q);
-            vmath::dot(p, q)
+            super::dot_f64(p, q)
         })
         .collect()
 }

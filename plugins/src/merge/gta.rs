@@ -282,6 +282,19 @@ pub fn magprune(
     magprune_with(delta, shape, density, epsilon, rescale, key, None)
 }
 
+fusechat_core::multiversion! {
+    /// DELLA's draws over one contiguous row: element j (global index
+    /// `first + j`) is kept when its draw is below `thr[j]` (its keep
+    /// probability `p[j]` in units of 2⁻⁵³), and divided by `p[j]` when `inverse`.
+    fn drop_by_threshold(row: &mut [f32], first: u64, thr: &[u64], p: &[f32], key: u64, inverse: bool) {
+        for (j, x) in row.iter_mut().enumerate() {
+            let keep = dare_bits(key, first + j as u64) < thr[j];
+            let v = if inverse { *x / p[j] } else { *x };
+            *x = if keep { v } else { 0.0 };
+        }
+    }
+}
+
 /// [`magprune`], with the keep probabilities computed as mergekit does in a
 /// request's dtype when `round` is given (ranks, their normalisation and the
 /// probabilities rounded to it), and no rescaling then (the caller rescales
@@ -312,33 +325,44 @@ fn magprune_with(
         0 | 1 => (1, delta.len(), 1),
         _ => (shape[0], shape[1], shape[2..].iter().product::<usize>()),
     };
-    let mut order: Vec<u32> = Vec::with_capacity(len);
-    let mut probs = vec![0f32; delta.len()];
+    // Per row: rank by |δ| ascending, ties by index (a stable argsort), as
+    // keys (|δ|'s bits, which order non-negative floats, then the index)
+    // sorted as integers; each element's keep probability from its rank;
+    // then the draws, in index order (u < p as an integer test, as DARE's).
+    let inverse = rescale == Rescale::InverseP;
+    let mut keyed: Vec<u64> = Vec::with_capacity(len);
+    let (mut p, mut thr) = (vec![0f32; len], vec![0u64; len]);
     for o in 0..outer {
         for i in 0..inner {
             let at = |j: usize| o * len * inner + j * inner + i;
-            order.clear();
-            order.extend(0..len as u32);
-            order.sort_by(|&a, &b| {
-                delta[at(a as usize)]
-                    .abs()
-                    .total_cmp(&delta[at(b as usize)].abs())
-            });
-            for (r, &j) in order.iter().enumerate() {
+            keyed.clear();
+            keyed
+                .extend((0..len).map(|j| ((delta[at(j)].abs().to_bits() as u64) << 32) | j as u64));
+            keyed.sort_unstable();
+            for (r, &kj) in keyed.iter().enumerate() {
                 let norm = if len > 1 {
                     r as f64 / (len - 1) as f64
                 } else {
                     0.5
                 };
-                probs[at(j as usize)] = (density - epsilon + 2.0 * epsilon * norm) as f32;
+                let j = (kj & 0xffff_ffff) as usize;
+                p[j] = (density - epsilon + 2.0 * epsilon * norm) as f32;
+                thr[j] = (p[j] as f64 * (1u64 << 53) as f64).ceil() as u64;
             }
-        }
-    }
-    for (i, (x, p)) in delta.iter_mut().zip(&probs).enumerate() {
-        if dare_uniform(key, i as u64) >= *p as f64 {
-            *x = 0.0;
-        } else if rescale == Rescale::InverseP {
-            *x /= p;
+            if inner == 1 {
+                let row = &mut delta[at(0)..at(0) + len];
+                drop_by_threshold(row, at(0) as u64, &thr, &p, key, inverse);
+            } else {
+                for j in 0..len {
+                    let e = at(j);
+                    let x = &mut delta[e];
+                    if dare_bits(key, e as u64) >= thr[j] {
+                        *x = 0.0;
+                    } else if inverse {
+                        *x /= p[j];
+                    }
+                }
+            }
         }
     }
     if rescale == Rescale::L1 && round.is_none() {

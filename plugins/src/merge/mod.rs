@@ -40,19 +40,19 @@ pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Res
 }
 
 /// `Σ aᵢbᵢ` in f64 over eight interleaved partial sums, so that the
-/// additions pipeline instead of waiting on one another.
-pub(crate) fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+/// additions pipeline instead of waiting on one another (f32 or f64 inputs).
+pub(crate) fn dot_f64<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     let mut acc = [0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| *x as f64 * *y as f64)
+        .map(|(x, y)| (*x).into() * (*y).into())
         .sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
-            acc[k] += x[k] as f64 * y[k] as f64;
+            acc[k] += x[k].into() * y[k].into();
         }
     }
     acc.iter().sum::<f64>() + tail

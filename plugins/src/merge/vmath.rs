@@ -100,24 +100,6 @@ pub fn sum(xs: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// `Σ aᵢbᵢ` over eight interleaved partial sums.
-pub fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
