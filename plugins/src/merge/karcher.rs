@@ -16,6 +16,7 @@ use std::sync::Arc;
 pub struct Karcher;
 
 use super::dot_f64 as dot;
+use fusechat_core::merge::pool;
 
 /// The Karcher mean of `xs`, into a new buffer (and one more for the step).
 pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
@@ -27,7 +28,13 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
         return vec![0.0; xs[0].len()];
     }
     let a = 1.0 / valid.len() as f64; // αᵢ renormalised over the valid inputs
-    let mut m = vec![0f32; xs[0].len()];
+                                      // both buffers from the merge engine's pool (recycled memory, no fresh pages)
+    let zeros = |len: usize| {
+        let mut b = pool::take(len);
+        b.resize(len, 0.0);
+        b
+    };
+    let mut m = zeros(xs[0].len());
     for &i in &valid {
         let c = a / norms[i];
         m.iter_mut()
@@ -43,7 +50,7 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     } else {
         m.iter_mut().for_each(|o| *o = (*o as f64 / mn) as f32);
     }
-    let mut v = vec![0f32; m.len()];
+    let mut v = zeros(m.len());
     for _ in 0..max_iter {
         // v = Σ βᵢ·xᵢ/nᵢ − (Σ βᵢ cos θᵢ)·m, βᵢ = a·θᵢ/sin θᵢ
         let mut terms = Vec::with_capacity(valid.len());
@@ -81,6 +88,7 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
             m.iter_mut().for_each(|o| *o = (*o as f64 / un) as f32);
         }
     }
+    pool::give(v);
     let scale: f64 = norms.iter().map(|nm| alpha * nm).sum();
     m.iter_mut().for_each(|o| *o = (*o as f64 * scale) as f32);
     m

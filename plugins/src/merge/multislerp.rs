@@ -9,6 +9,7 @@
 //! If ‖Σ wᵢuᵢ‖ < ε, two models fall back to w₁x₁ + w₂x₂; more is an error.
 //! One model is returned as it is.
 
+use super::dot_f64;
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
 use fusechat_core::plugin::registry::{BuiltinMerger, ParamSpec, PluginInfo, PluginKind, Scope};
 use std::sync::Arc;
@@ -23,25 +24,35 @@ pub struct MultiSlerp;
 /// mergekit writes it all the same.
 pub fn multislerp(xs: &[&[f32]], w: &[f64], eps: f64) -> Result<Vec<f32>, String> {
     let n = xs[0].len();
-    let norms: Vec<f64> = xs
-        .iter()
-        .map(|x| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
-        .collect();
-    // a = Σ wᵢuᵢ, with uᵢ = cᵢxᵢ
+    let norms: Vec<f64> = xs.iter().map(|x| dot_f64(x, x).sqrt()).collect();
+    // a = Σ wᵢuᵢ, with uᵢ = cᵢxᵢ, summed in f64 model by model over blocks
+    // (so that the loops vectorise) and rounded once
     let c: Vec<f64> = norms
         .iter()
         .zip(w)
         .map(|(nm, wi)| wi / (nm + eps))
         .collect();
-    let mut a = vec![0f32; n];
-    for (k, ak) in a.iter_mut().enumerate() {
-        *ak = xs
-            .iter()
-            .zip(&c)
-            .map(|(x, ci)| ci * x[k] as f64)
-            .sum::<f64>() as f32;
+    // from the merge engine's pool (recycled memory, no fresh pages)
+    let mut a = fusechat_core::merge::pool::take(n);
+    a.resize(n, 0.0);
+    let mut acc = [0f64; 1024];
+    for (start, block) in (0..n).step_by(acc.len()).zip(a.chunks_mut(acc.len())) {
+        let acc = &mut acc[..block.len()];
+        let end = start + block.len();
+        acc.iter_mut()
+            .zip(&xs[0][start..end])
+            .for_each(|(s, x)| *s = c[0] * *x as f64);
+        for (x, ci) in xs.iter().zip(&c).skip(1) {
+            acc.iter_mut()
+                .zip(&x[start..end])
+                .for_each(|(s, x)| *s += ci * *x as f64);
+        }
+        block
+            .iter_mut()
+            .zip(acc.iter())
+            .for_each(|(b, s)| *b = *s as f32);
     }
-    let a_norm = a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let a_norm = dot_f64(&a, &a).sqrt();
     if a_norm < eps {
         if xs.len() == 2 {
             return Ok((0..n)
@@ -54,18 +65,12 @@ pub fn multislerp(xs: &[&[f32]], w: &[f64], eps: f64) -> Result<Vec<f32>, String
     let shift: f64 = xs
         .iter()
         .zip(&c)
-        .map(|(x, ci)| {
-            ci * x
-                .iter()
-                .zip(&a)
-                .map(|(v, m)| *v as f64 * *m as f64)
-                .sum::<f64>()
-                / a_norm
-        })
+        .map(|(x, ci)| ci * dot_f64(x, &a) / a_norm)
         .sum();
     // r = a − shift·m
     let r = |ak: f32| ak as f64 * (1.0 - shift / a_norm);
-    let rho = a.iter().map(|ak| r(*ak).powi(2)).sum::<f64>().sqrt() + eps;
+    let f = 1.0 - shift / a_norm;
+    let rho = f.abs() * a_norm + eps;
     let scale: f64 = norms.iter().zip(w).map(|(nm, wi)| nm * wi).sum();
     let (cos, sinc) = (rho.cos(), rho.sin() / rho);
     a.iter_mut()
