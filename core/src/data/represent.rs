@@ -152,7 +152,7 @@ pub fn top_k_into(v: &[f32], ids: &mut [u32], vals: &mut [f32]) {
 /// Cross-entropy of `label` under softmax(logits), computed stably in f64.
 pub fn cross_entropy(logits: &[f32], label: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let sum = crate::simd::sum_exp_shifted_f64(logits, max);
     (max + sum.ln() - logits[label] as f64) as f32
 }
 

@@ -89,11 +89,7 @@ impl candle_core::CustomOp1 for SoftmaxOp {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
             let max = x.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
-            let mut sum = 0f32;
-            for (o, v) in y.iter_mut().zip(x) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
+            let sum = crate::simd::exp_shifted_f32(x, max, y);
             let inv = 1.0 / sum;
             y.iter_mut().for_each(|o| *o *= inv);
         });
@@ -755,17 +751,13 @@ struct SparseCe {
     lse: std::sync::Mutex<Vec<f64>>,
 }
 
-/// A row's `log Σ exp(z)`: the exponentials in f32 (shifted by the max), summed in f64.
+/// A row's `log Σ exp(z)`: the exponentials (shifted by the max) and their sum in f64.
 fn row_lse(z: &[f32]) -> f64 {
     let max = z.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
     if max == f32::NEG_INFINITY {
         return f64::NEG_INFINITY;
     }
-    let sum: f64 = z
-        .chunks(64)
-        .map(|c| c.iter().map(|x| (x - max).exp()).sum::<f32>() as f64)
-        .sum();
-    max as f64 + sum.ln()
+    max as f64 + crate::simd::sum_exp_shifted_f64(z, max as f64).ln()
 }
 
 impl candle_core::CustomOp1 for SparseCe {
@@ -866,9 +858,8 @@ impl candle_core::CustomOp2 for SparseCeBwd {
                 }
                 let lse = self.lse.get(r).copied().unwrap_or_else(|| row_lse(row)) as f32;
                 let scale = scale as f32;
-                for (o, x) in out.iter_mut().zip(row) {
-                    *o = scale * (x - lse).exp();
-                }
+                crate::simd::exp_shifted_f32(row, lse, out);
+                out.iter_mut().for_each(|o| *o *= scale);
                 for (t, gr) in self.groups.iter().zip(gr) {
                     for j in r * t.m..(r + 1) * t.m {
                         out[t.ids.get(j)] -= (*gr as f64 * t.weights[j] as f64) as f32;

@@ -12,9 +12,9 @@
 //! a tensor is larger; fusechat computes them exactly (by selection), which is
 //! what the sample estimates, and is reproducible.
 
-use super::vmath;
 use fusechat_core::merge::{BaseUse, InputContract, Merged, Merger, TensorGroup};
 use fusechat_core::plugin::registry::{BuiltinMerger, PluginInfo, PluginKind};
+use fusechat_core::simd;
 use std::sync::Arc;
 
 pub struct ArceeFusion;
@@ -23,7 +23,7 @@ pub struct ArceeFusion;
 /// element's importance is `|θ¹ − θ⁰|·KL` of its row ([`importance`]).
 ///
 /// The exponentials and logarithms run in f64 over whole rows
-/// ([`vmath`](super::vmath), vectorised): p = e^(θ¹ − max θ¹)/Σ + 1e-8, the
+/// ([`fusechat_core::simd`], vectorised): p = e^(θ¹ − max θ¹)/Σ + 1e-8, the
 /// same for q.
 pub fn row_divergence(base: &[f32], model: &[f32], cols: usize) -> Vec<f64> {
     let (mut p, mut q) = (vec![0f64; cols], vec![0f64; cols]);
@@ -33,12 +33,12 @@ pub fn row_divergence(base: &[f32], model: &[f32], cols: usize) -> Vec<f64> {
             let (p, q) = (&mut p[..b.len()], &mut q[..b.len()]);
             shifted_exp(m, p);
             shifted_exp(b, q);
-            let (sp, sq) = (1.0 / vmath::sum(p), 1.0 / vmath::sum(q));
+            let (sp, sq) = (1.0 / simd::sum(p), 1.0 / simd::sum(q));
             for (pi, qi) in p.iter_mut().zip(q.iter_mut()) {
                 *pi = *pi * sp + 1e-8;
                 *qi = *pi / (*qi * sq + 1e-8);
             }
-            vmath::ln_in_place(q);
+            simd::ln_in_place(q);
             super::dot_f64(p, q)
         })
         .collect()
@@ -70,7 +70,7 @@ fn from_order_key(k: u32) -> f32 {
 fn shifted_exp(x: &[f32], out: &mut [f64]) {
     let mx = x.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
     out.iter_mut().zip(x).for_each(|(o, x)| *o = *x as f64 - mx);
-    vmath::exp_in_place(out);
+    simd::exp_in_place(out);
 }
 
 /// The sorted values at indices ⌊q·(n − 1)⌋ for q = ¼, ½, ¾, by selection

@@ -22,7 +22,6 @@ pub mod slerp;
 pub mod task_arithmetic;
 pub mod ties;
 pub mod varm;
-pub mod vmath;
 
 use fusechat_core::merge::{TensorBuf, TensorGroup};
 use fusechat_core::plugin::registry::{ParamSpec, Scope};
