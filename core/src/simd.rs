@@ -121,8 +121,9 @@ pub fn exp1(x: f64) -> f64 {
     p * scale
 }
 
-/// ln x for a positive normal x (zero, subnormals and negatives are not
-/// handled: callers pass ratios of probabilities that are at least 10⁻⁸).
+/// ln x for a positive normal x. Zero, subnormals, negatives, ∞ and NaN are
+/// not handled (NaN and ∞ give finite garbage): callers pass ratios of
+/// probabilities that are at least 10⁻⁸.
 #[inline(always)]
 pub fn ln1(x: f64) -> f64 {
     let bits = x.to_bits();
@@ -207,6 +208,7 @@ pub fn exp_f32(x: f32) -> f32 {
 crate::multiversion! {
     /// `y ← e^(x − shift)` elementwise; returns Σ y (f32, eight partial sums).
     pub fn exp_shifted_f32(x: &[f32], shift: f32, y: &mut [f32]) -> f32 {
+        assert_eq!(x.len(), y.len(), "exp_shifted_f32: input and output lengths differ");
         let mut acc = [0f32; 8];
         let (cx, cy) = (x.chunks_exact(8), y.chunks_exact_mut(8));
         let (rx, ry) = (cx.remainder(), cy.into_remainder());

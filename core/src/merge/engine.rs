@@ -369,7 +369,7 @@ fn write_output(
         opts.memory_budget
     };
     // freed input and output buffers are reused by the next tensors
-    let _pool = super::pool::Scope::new(cap);
+    let _pool = super::pool::Scope::new(plan.pool_cap());
     let budget = Budget {
         cap: cap.max(1),
         used: Mutex::new(0),

@@ -1409,7 +1409,7 @@ impl Plan {
     }
 
     /// Estimated peak working memory with `threads` workers under `budget` bytes
-    /// (0: the default, [`Plan::default_budget`]).
+    /// (0: the default, [`Plan::default_budget`]), pooled buffers included.
     pub fn peak_memory_estimate(&self, threads: usize, budget: u64) -> u64 {
         let mut jobs: Vec<u64> = self.tensors.iter().map(|t| t.job_bytes()).collect();
         jobs.sort_unstable_by(|a, b| b.cmp(a));
@@ -1420,7 +1420,18 @@ impl Plan {
             budget.max(largest)
         };
         let concurrent: u64 = jobs.iter().take(threads.max(1)).sum();
-        concurrent.min(budget)
+        // plus the recycled buffers the merge pool may hold (one largest job)
+        concurrent.min(budget) + self.pool_cap()
+    }
+
+    /// The most the merge pool ([`crate::merge::pool`]) holds: one largest
+    /// job's buffers.
+    pub fn pool_cap(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.job_bytes())
+            .max()
+            .unwrap_or(0)
     }
 
     /// A human-readable listing of the plan: per tensor, the method and resolved parameters.

@@ -6,8 +6,9 @@
 //! merge runs ([`Scope`]), an owned [`TensorBuf`](super::TensorBuf) that is
 //! dropped (a model's input once combined, the output once written) comes
 //! back here, and the next tensor's read takes the smallest one that fits.
-//! The pool holds at most the merge's memory budget; it is emptied when the
-//! last merge running in the process ends.
+//! The pool holds at most one largest job's buffers
+//! ([`Plan::pool_cap`](super::plan::Plan::pool_cap), counted in the peak
+//! memory estimate); it is emptied when the last merge running in the process ends.
 
 use std::sync::Mutex;
 
@@ -28,8 +29,8 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
     users: 0,
 });
 
-fn pool() -> std::sync::MutexGuard<'static, Pool> {
-    POOL.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(p: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn bytes(v: &Vec<f32>) -> u64 {
@@ -39,7 +40,11 @@ fn bytes(v: &Vec<f32>) -> u64 {
 /// An empty vector with room for `len` values: a recycled one when the pool
 /// has one large enough (the smallest such), else a new one.
 pub fn take(len: usize) -> Vec<f32> {
-    let mut p = pool();
+    take_from(&POOL, len)
+}
+
+fn take_from(pool: &Mutex<Pool>, len: usize) -> Vec<f32> {
+    let mut p = lock(pool);
     let best = p
         .bufs
         .iter()
@@ -63,10 +68,14 @@ pub fn take(len: usize) -> Vec<f32> {
 
 /// Give a vector back: kept while a merge runs and the pool has room, else freed.
 pub fn give(v: Vec<f32>) {
+    give_to(&POOL, v)
+}
+
+fn give_to(pool: &Mutex<Pool>, v: Vec<f32>) {
     if v.capacity() == 0 {
         return;
     }
-    let mut p = pool();
+    let mut p = lock(pool);
     if p.users > 0 && p.bytes + bytes(&v) <= p.cap {
         p.bytes += bytes(&v);
         p.bufs.push(v);
@@ -79,50 +88,64 @@ pub struct Scope(());
 
 impl Scope {
     pub fn new(cap: u64) -> Scope {
-        let mut p = pool();
-        p.users += 1;
-        p.cap = p.cap.max(cap);
+        enter(&POOL, cap);
         Scope(())
     }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        let freed = {
-            let mut p = pool();
-            p.users -= 1;
-            if p.users > 0 {
-                return;
-            }
-            p.cap = 0;
-            p.bytes = 0;
-            std::mem::take(&mut p.bufs)
-        };
-        drop(freed);
+        leave(&POOL);
     }
+}
+
+fn enter(pool: &Mutex<Pool>, cap: u64) {
+    let mut p = lock(pool);
+    p.users += 1;
+    p.cap = p.cap.max(cap);
+}
+
+fn leave(pool: &Mutex<Pool>) {
+    let freed = {
+        let mut p = lock(pool);
+        p.users -= 1;
+        if p.users > 0 {
+            return;
+        }
+        p.cap = 0;
+        p.bytes = 0;
+        std::mem::take(&mut p.bufs)
+    };
+    drop(freed);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    // One test: the pool is process-wide.
+    // On a pool of its own: the process-wide one is shared with other tests.
     #[test]
     fn buffers_are_reused_within_a_scope_and_freed_after() {
-        let scope = Scope::new(1 << 20);
-        let a = take(1000);
+        let pool = Mutex::new(Pool {
+            bufs: Vec::new(),
+            bytes: 0,
+            cap: 0,
+            users: 0,
+        });
+        enter(&pool, 1 << 20);
+        let a = take_from(&pool, 1000);
         let ptr = a.as_ptr();
-        give(a);
-        let b = take(500);
+        give_to(&pool, a);
+        let b = take_from(&pool, 500);
         assert_eq!(b.as_ptr(), ptr, "the pooled buffer is reused");
         assert!(b.is_empty() && b.capacity() >= 1000);
-        let c = take(2000);
+        let c = take_from(&pool, 2000);
         assert_ne!(c.as_ptr(), ptr, "too small: a new one");
         // over the cap: freed, not kept
-        give(Vec::with_capacity(1 << 20));
-        assert!(pool().bytes <= 1 << 20);
-        drop(scope);
-        give(b);
-        assert_eq!(pool().bufs.len(), 0, "nothing is kept outside a merge");
+        give_to(&pool, Vec::with_capacity(1 << 20));
+        assert!(lock(&pool).bytes <= 1 << 20);
+        leave(&pool);
+        give_to(&pool, b);
+        assert_eq!(lock(&pool).bufs.len(), 0, "nothing is kept outside a merge");
     }
 }

@@ -28,7 +28,8 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
         return vec![0.0; xs[0].len()];
     }
     let a = 1.0 / valid.len() as f64; // αᵢ renormalised over the valid inputs
-                                      // both buffers from the merge engine's pool (recycled memory, no fresh pages)
+
+    // both buffers from the merge engine's pool (recycled memory, no fresh pages)
     let zeros = |len: usize| {
         let mut b = pool::take(len);
         b.resize(len, 0.0);
