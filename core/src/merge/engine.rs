@@ -135,9 +135,10 @@ fn load_group<'a>(
     scope_stats: Option<Vec<f64>>,
 ) -> Result<TensorGroup<'a>> {
     let read = |model: usize, name: &str| -> Result<TensorBuf> {
-        let numel = plan.models[model].tensor(name).map_or(0, |e| e.numel());
+        let entry = plan.models[model].tensor(name);
+        let numel = entry.map_or(0, |e| e.numel());
         let mut v = plan.models[model].read_f32_into(name, super::pool::take(numel))?;
-        let stored = plan.models[model].tensor(name).and_then(|e| e.dtype);
+        let stored = entry.and_then(|e| e.dtype);
         match (plan.load_dtype, stored) {
             // values stored in the load dtype, or loaded as f32, are already exact
             (Some(d), Some(s)) if d == s || d == crate::io::dtype::DType::F32 => {}

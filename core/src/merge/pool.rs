@@ -66,6 +66,13 @@ fn take_from(pool: &Mutex<Pool>, len: usize) -> Vec<f32> {
     }
 }
 
+/// `len` zeros in a vector from [`take`].
+pub fn zeroed(len: usize) -> Vec<f32> {
+    let mut v = take(len);
+    v.resize(len, 0.0);
+    v
+}
+
 /// Give a vector back: kept while a merge runs and the pool has room, else freed.
 pub fn give(v: Vec<f32>) {
     give_to(&POOL, v)

@@ -30,12 +30,7 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     let a = 1.0 / valid.len() as f64; // αᵢ renormalised over the valid inputs
 
     // both buffers from the merge engine's pool (recycled memory, no fresh pages)
-    let zeros = |len: usize| {
-        let mut b = pool::take(len);
-        b.resize(len, 0.0);
-        b
-    };
-    let mut m = zeros(xs[0].len());
+    let mut m = pool::zeroed(xs[0].len());
     for &i in &valid {
         let c = a / norms[i];
         m.iter_mut()
@@ -51,7 +46,7 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     } else {
         m.iter_mut().for_each(|o| *o = (*o as f64 / mn) as f32);
     }
-    let mut v = zeros(m.len());
+    let mut v = pool::zeroed(m.len());
     for _ in 0..max_iter {
         // v = Σ βᵢ·xᵢ/nᵢ − (Σ βᵢ cos θᵢ)·m, βᵢ = a·θᵢ/sin θᵢ
         let mut terms = Vec::with_capacity(valid.len());

@@ -33,8 +33,7 @@ pub fn multislerp(xs: &[&[f32]], w: &[f64], eps: f64) -> Result<Vec<f32>, String
         .map(|(nm, wi)| wi / (nm + eps))
         .collect();
     // from the merge engine's pool (recycled memory, no fresh pages)
-    let mut a = fusechat_core::merge::pool::take(n);
-    a.resize(n, 0.0);
+    let mut a = fusechat_core::merge::pool::zeroed(n);
     let mut acc = [0f64; 1024];
     for (start, block) in (0..n).step_by(acc.len()).zip(a.chunks_mut(acc.len())) {
         let acc = &mut acc[..block.len()];
