@@ -242,6 +242,66 @@ crate::multiversion! {
     }
 }
 
+crate::multiversion! {
+    /// `y ← a·σ(a)·b`, with `σ(a) = 1/(1 + e^−a)`.
+    pub fn silu_mul_f32(a: &[f32], b: &[f32], y: &mut [f32]) {
+        for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+            let s = 1.0 / (1.0 + exp_f32(-a));
+            *y = a * s * b;
+        }
+    }
+}
+
+crate::multiversion! {
+    /// The gradients of `silu(a) ⊙ b` under `g`:
+    /// `da ← g·b·σ(a)·(1 + a·(1 − σ(a)))`, `db ← g·a·σ(a)`.
+    pub fn silu_mul_bwd_f32(a: &[f32], b: &[f32], g: &[f32], da: &mut [f32], db: &mut [f32]) {
+        for ((((da, db), a), b), g) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g) {
+            let s = 1.0 / (1.0 + exp_f32(-a));
+            *db = g * a * s;
+            *da = g * b * s * (1.0 + a * (1.0 - s));
+        }
+    }
+}
+
+crate::multiversion! {
+    /// `y ← softmax(x + bias)`: the masked attention row (a −∞-like bias
+    /// gives exactly 0).
+    pub fn softmax_with_bias_f32(x: &[f32], bias: &[f32], y: &mut [f32]) {
+        assert!(x.len() == y.len() && bias.len() == y.len(), "softmax_with_bias_f32: lengths differ");
+        let mut m = [f32::NEG_INFINITY; 8];
+        let mut tail = f32::NEG_INFINITY;
+        let (cx, cb) = (x.chunks_exact(8), bias.chunks_exact(8));
+        for ((o, v), b) in y.chunks_exact_mut(8).into_remainder().iter_mut().zip(cx.remainder()).zip(cb.remainder()) {
+            *o = v + b;
+            tail = tail.max(*o);
+        }
+        for ((ys, xs), bs) in y.chunks_exact_mut(8).zip(cx).zip(cb) {
+            for k in 0..8 {
+                ys[k] = xs[k] + bs[k];
+                m[k] = if ys[k] > m[k] { ys[k] } else { m[k] };
+            }
+        }
+        let max = m.iter().fold(tail, |a, b| a.max(*b));
+        let mut acc = [0f32; 8];
+        let mut tail = 0f32;
+        let c = y.chunks_exact_mut(8);
+        let r = c.into_remainder();
+        for o in r.iter_mut() {
+            *o = exp_f32(*o - max);
+            tail += *o;
+        }
+        for ys in y.chunks_exact_mut(8) {
+            for k in 0..8 {
+                ys[k] = exp_f32(ys[k] - max);
+                acc[k] += ys[k];
+            }
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
+        y.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -207,6 +207,221 @@ impl candle_core::CustomOp2 for RmsNormOp {
     }
 }
 
+/// `silu(a) ⊙ b`, with `silu(a) = a·σ(a)`: the gate of a SiLU-gated MLP. On
+/// the CPU in f32 one fused kernel (vectorised exponential) with its own
+/// backward: `∂/∂a = g ⊙ b ⊙ σ(a)·(1 + a·(1 − σ(a)))`, `∂/∂b = g ⊙ silu(a)`;
+/// elsewhere candle's ops.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        if a.shape() != b.shape() {
+            candle_core::bail!(
+                "silu_mul: shapes {:?} and {:?} differ",
+                a.shape(),
+                b.shape()
+            )
+        }
+        return a.contiguous()?.apply_op2(&b.contiguous()?, SiluMulOp);
+    }
+    a.silu()? * b
+}
+
+/// `silu(a) ⊙ b` for `y = [a | b]` split in halves along the last dimension:
+/// the gate and up projections computed as one product. On the CPU in f32 one
+/// kernel that reads the halves in place, with the backward of [`silu_mul`].
+pub fn silu_mul_halves(y: &Tensor) -> Result<Tensor> {
+    let two = y.dim(D::Minus1)?;
+    if two % 2 != 0 {
+        candle_core::bail!("silu_mul_halves: last dimension {two} is odd")
+    }
+    if y.device().is_cpu() && y.dtype() == DType::F32 {
+        return y.contiguous()?.apply_op1(SiluMulHalvesOp);
+    }
+    let half = two / 2;
+    silu_mul(
+        &y.narrow(D::Minus1, 0, half)?,
+        &y.narrow(D::Minus1, half, half)?,
+    )
+}
+
+struct SiluMulHalvesOp;
+
+impl candle_core::CustomOp1 for SiluMulHalvesOp {
+    fn name(&self) -> &'static str {
+        "silu-mul-halves"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let y = cpu_slice(s, l)?;
+        let two = l.dims().last().copied().unwrap_or(0).max(2);
+        let half = two / 2;
+        let mut out = vec![0f32; y.len() / 2];
+        out.par_chunks_mut(half)
+            .zip(y.par_chunks(two))
+            .for_each(|(o, row)| {
+                let (a, b) = row.split_at(half);
+                crate::simd::silu_mul_f32(a, b, o)
+            });
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = half;
+        }
+        Ok((candle_core::CpuStorage::F32(out), dims.into()))
+    }
+    fn bwd(&self, y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let half = y.dim(D::Minus1)? / 2;
+        let a = y.narrow(D::Minus1, 0, half)?.contiguous()?;
+        let b = y.narrow(D::Minus1, half, half)?.contiguous()?;
+        let both = a.apply_op3_no_bwd(&b, &grad.contiguous()?, &SiluMulBwd)?;
+        let n = a.elem_count();
+        let da = both.narrow(0, 0, n)?.reshape(a.shape())?;
+        let db = both.narrow(0, n, n)?.reshape(b.shape())?;
+        Ok(Some(Tensor::cat(&[da, db], D::Minus1)?))
+    }
+}
+
+/// Elements per parallel task of the elementwise kernels.
+const CHUNK: usize = 1 << 14;
+
+struct SiluMulOp;
+
+impl candle_core::CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        as_: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (a, b) = (cpu_slice(as_, al)?, cpu_slice(bs, bl)?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(y, (a, b))| crate::simd::silu_mul_f32(a, b, y));
+        Ok((candle_core::CpuStorage::F32(y), al.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // both gradients from one pass, stacked as [2, n]
+        let both = a.apply_op3_no_bwd(b, &grad.contiguous()?, &SiluMulBwd)?;
+        let n = a.elem_count();
+        let da = both.narrow(0, 0, n)?.reshape(a.shape())?;
+        let db = both.narrow(0, n, n)?.reshape(b.shape())?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `[∂/∂a, ∂/∂b]` of `silu(a) ⊙ b` under the upstream gradient `g`, flat.
+struct SiluMulBwd;
+
+impl candle_core::CustomOp3 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "silu-mul-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        as_: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (a, b, g) = (cpu_slice(as_, al)?, cpu_slice(bs, bl)?, cpu_slice(gs, gl)?);
+        let n = a.len();
+        let mut out = vec![0f32; 2 * n];
+        let (da, db) = out.split_at_mut(n);
+        da.par_chunks_mut(CHUNK)
+            .zip(db.par_chunks_mut(CHUNK))
+            .zip(
+                a.par_chunks(CHUNK)
+                    .zip(b.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK)),
+            )
+            .for_each(|((da, db), ((a, b), g))| crate::simd::silu_mul_bwd_f32(a, b, g, da, db));
+        Ok((candle_core::CpuStorage::F32(out), (2 * n,).into()))
+    }
+}
+
+/// `softmax(x + bias)` over the last dimension, for attention scores `x`
+/// `[B, H, T, S]` and an additive mask `bias` `[B, 1, T, S]` shared by the
+/// heads (no gradient flows to it). On the CPU in f32 one fused kernel with
+/// the backward of softmax; elsewhere candle's ops.
+pub fn softmax_with_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, t, s) = x.dims4()?;
+    if bias.dims() != [b, 1, t, s] {
+        candle_core::bail!(
+            "softmax_with_bias: bias {:?} for scores {:?}",
+            bias.dims(),
+            x.dims()
+        )
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2(
+            &bias.detach().contiguous()?,
+            SoftmaxBiasOp { heads: h, t, s },
+        );
+    }
+    softmax(&x.broadcast_add(&bias.detach())?)
+}
+
+struct SoftmaxBiasOp {
+    heads: usize,
+    t: usize,
+    s: usize,
+}
+
+impl candle_core::CustomOp2 for SoftmaxBiasOp {
+    fn name(&self) -> &'static str {
+        "softmax-with-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, bias) = (cpu_slice(xs, xl)?, cpu_slice(bs, bl)?);
+        let (h, t, s) = (self.heads, self.t, self.s.max(1));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(r, (y, x))| {
+                // row r = ((batch·H + head)·T + query)
+                let (batch, query) = (r / (h * t), r % t);
+                let off = (batch * t + query) * s;
+                crate::simd::softmax_with_bias_f32(x, &bias[off..off + s], y);
+            });
+        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?;
+        Ok((Some(dx), None))
+    }
+}
+
 /// Log-softmax over the last dimension.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -255,16 +470,102 @@ pub fn rope_tables(
 
 /// Rotary embedding of `x` `[B, H, T, d]` with tables `[T, d]` from [`rope_tables`].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
+    rope_scaled(x, cos, sin, 1.0)
+}
+
+/// `scale · rope(x)`: attention folds its `1/√d` into the queries' rotation.
+/// On the CPU in f32 one kernel that reads `x` through its strides (a
+/// transposed projection needs no copy) and writes it contiguous; its
+/// backward is the rotation by the opposite angle, times `scale`.
+pub fn rope_scaled(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, _, t, d) = x.dims4()?;
+    if cos.dims() != [t, d] || sin.dims() != [t, d] || d % 2 != 0 {
+        candle_core::bail!("rope: tables {:?} for x {:?}", cos.dims(), x.dims())
+    }
+    let cpu_f32 = [x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
+    if x.device().is_cpu() && cpu_f32 && x.stride()[3] == 1 {
+        let op = RopeOp {
+            scale: scale as f32,
+            inverse: false,
+        };
+        return x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op);
+    }
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    let y = (x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+    if scale == 1.0 {
+        Ok(y)
+    } else {
+        y * scale
+    }
+}
+
+/// `scale · R(±θ) x` per pair `(k, k + d/2)`; `inverse` rotates by −θ (the
+/// backward of the forward rotation).
+struct RopeOp {
+    scale: f32,
+    inverse: bool,
+}
+
+impl candle_core::CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        cs: &candle_core::CpuStorage,
+        cl: &candle_core::Layout,
+        ss: &candle_core::CpuStorage,
+        sl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = xs.as_slice::<f32>()?;
+        let (cos, sin) = (cpu_slice(cs, cl)?, cpu_slice(ss, sl)?);
+        let (dims, st, base) = (xl.dims(), xl.stride(), xl.start_offset());
+        let (h, t, d) = (dims[1], dims[2], dims[3]);
+        let half = d / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let scale = self.scale;
+        let mut y = vec![0f32; xl.shape().elem_count()];
+        y.par_chunks_mut(d).enumerate().for_each(|(r, y)| {
+            let (bi, hi, ti) = (r / (h * t), (r / t) % h, r % t);
+            let start = base + bi * st[0] + hi * st[1] + ti * st[2];
+            let x = &x[start..start + d];
+            let (c, s) = (&cos[ti * d..ti * d + half], &sin[ti * d..ti * d + half]);
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for k in 0..half {
+                let sn = sign * s[k];
+                y1[k] = scale * (x1[k] * c[k] - x2[k] * sn);
+                y2[k] = scale * (x2[k] * c[k] + x1[k] * sn);
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let back = RopeOp {
+            scale: self.scale,
+            inverse: !self.inverse,
+        };
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &back)?;
+        Ok((Some(dx), None, None))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     fn v2(t: &Tensor) -> Vec<Vec<f32>> {
         t.to_vec2().unwrap()
@@ -575,6 +876,166 @@ mod tests {
             g2.get(w.as_tensor()).unwrap(),
         );
         check(&a.unsqueeze(0).unwrap(), &b.unsqueeze(0).unwrap());
+    }
+
+    /// Deterministic values in [−3, 3).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
+            })
+            .collect()
+    }
+
+    fn var(dims: &[usize], seed: u64) -> candle_core::Var {
+        let n = dims.iter().product();
+        candle_core::Var::from_tensor(
+            &Tensor::from_vec(values(n, seed), dims, &Device::Cpu).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
+        assert_eq!(a.dims(), b.dims());
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "element {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Values and gradients (under a random upstream gradient `c`) of a fused
+    /// kernel against the same function written from candle's basic ops.
+    fn check_against_composite(
+        vars: &[&candle_core::Var],
+        fused: impl Fn() -> Tensor,
+        composite: impl Fn() -> Tensor,
+    ) {
+        let (f, c) = (fused(), composite());
+        assert_close(&f, &c, 1e-5);
+        let up = Tensor::from_vec(values(f.elem_count(), 99), f.dims(), &Device::Cpu).unwrap();
+        let gf = (f * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in vars {
+            assert_close(
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn fused_silu_mul_matches_the_formula_and_its_gradient() {
+        // magnitudes up to 75, where e^−a is 10^±32 (the composite's own
+        // gradient turns NaN once e^−a overflows, ours stays finite: below)
+        let (a, b) = (var(&[3, 37], 1), var(&[3, 37], 2));
+        a.set(&(a.as_tensor() * 25.0).unwrap()).unwrap();
+        check_against_composite(
+            &[&a, &b],
+            || silu_mul(a.as_tensor(), b.as_tensor()).unwrap(),
+            || {
+                let a = a.as_tensor();
+                let sig = (a.neg().unwrap().exp().unwrap() + 1.0)
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                ((a * sig).unwrap() * b.as_tensor()).unwrap()
+            },
+        );
+        let a = candle_core::Var::new(&[-200f32, -90.0, 90.0, 200.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[2f32; 4], &Device::Cpu).unwrap();
+        let y = silu_mul(a.as_tensor(), &b).unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), [0.0, 0.0, 180.0, 400.0]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let da: Vec<f32> = g.get(a.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(da, [0.0, 0.0, 2.0, 2.0], "σ'(a) vanishes in the tails");
+    }
+
+    #[test]
+    fn silu_mul_on_halves_equals_silu_mul_of_the_halves() {
+        let y = var(&[2, 3, 10], 5);
+        check_against_composite(
+            &[&y],
+            || silu_mul_halves(y.as_tensor()).unwrap(),
+            || {
+                let (a, b) = (
+                    y.as_tensor().narrow(2, 0, 5).unwrap(),
+                    y.as_tensor().narrow(2, 5, 5).unwrap(),
+                );
+                let sig = (a.neg().unwrap().exp().unwrap() + 1.0)
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                ((a * sig).unwrap() * b).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn fused_softmax_with_bias_matches_the_formula_and_its_gradient() {
+        let x = var(&[2, 3, 5, 11], 3);
+        // a causal-style mask, different per batch row, shared by the heads
+        let bias: Vec<f32> = (0..2 * 5 * 11)
+            .map(|i| {
+                let (b, q, k) = (i / 55, (i / 11) % 5, i % 11);
+                if k > q + 6 || (b == 1 && k == 0) {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (2, 1, 5, 11), &Device::Cpu).unwrap();
+        check_against_composite(
+            &[&x],
+            || softmax_with_bias(x.as_tensor(), &bias).unwrap(),
+            || {
+                let z = x.as_tensor().broadcast_add(&bias).unwrap();
+                let e = z
+                    .broadcast_sub(&z.max_keepdim(D::Minus1).unwrap().detach())
+                    .unwrap()
+                    .exp()
+                    .unwrap();
+                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+            },
+        );
+        // masked keys get exactly nothing
+        let y = softmax_with_bias(x.as_tensor(), &bias)
+            .unwrap()
+            .i((1, 2, 0, 0))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(y, 0.0);
+    }
+
+    #[test]
+    fn fused_rope_on_a_transposed_input_matches_the_rotate_half_form() {
+        // [B, T, H, d] transposed to [B, H, T, d], as attention's projections are
+        let x = var(&[2, 4, 3, 8], 4);
+        let xt = || x.as_tensor().transpose(1, 2).unwrap();
+        let (cos, sin) = rope_tables(10_000.0, 8, 5, 4, DType::F32, &Device::Cpu).unwrap();
+        check_against_composite(
+            &[&x],
+            || rope_scaled(&xt(), &cos, &sin, 0.5).unwrap(),
+            || {
+                let x = xt();
+                let x1 = x.narrow(D::Minus1, 0, 4).unwrap();
+                let x2 = x.narrow(D::Minus1, 4, 4).unwrap();
+                let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+                let y =
+                    (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap();
+                (y * 0.5).unwrap()
+            },
+        );
     }
 }
 

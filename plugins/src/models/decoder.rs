@@ -269,6 +269,34 @@ impl Checkpoint {
             .cloned()
             .ok_or_else(|| Error::msg(format!("weight `{name}` not loaded")))
     }
+
+    /// A tensor that may be absent (the stacked projections of inference).
+    pub fn get_opt(&self, name: &str) -> Option<Tensor> {
+        self.tensors.get(name).cloned()
+    }
+}
+
+/// Stack the named weights along their rows into one tensor, and replace each
+/// entry of `named` by its view of the stack (so no weight is held twice).
+fn stack_rows(named: &mut [(String, Tensor)], names: &[String]) -> Result<Tensor> {
+    let idx: Vec<usize> = names
+        .iter()
+        .map(|n| {
+            named
+                .iter()
+                .position(|(m, _)| m == n)
+                .ok_or_else(|| Error::msg(format!("weight `{n}` not loaded")))
+        })
+        .collect::<Result<_>>()?;
+    let parts: Vec<&Tensor> = idx.iter().map(|&i| &named[i].1).collect();
+    let stacked = Tensor::cat(&parts, 0).map_err(ce)?;
+    let mut row = 0;
+    for &i in &idx {
+        let rows = named[i].1.dim(0).map_err(ce)?;
+        named[i].1 = stacked.narrow(0, row, rows).map_err(ce)?;
+        row += rows;
+    }
+    Ok(stacked)
 }
 
 /// A feed-forward block: dense SiLU MLP (llama, mistral) or sparse experts (mixtral).
@@ -314,11 +342,16 @@ struct Positions {
     right_padded: bool,
 }
 
+/// Query positions per block of attention (see `Attention::forward`).
+const QUERY_BLOCK: usize = 128;
+
 /// Grouped-query self-attention with RoPE.
 struct Attention {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// `[q; k; v]` stacked, when loaded for inference.
+    qkv: Option<Tensor>,
     o: Tensor,
     heads: usize,
     kv_heads: usize,
@@ -333,6 +366,7 @@ impl Attention {
             q: ck.get(&format!("{p}.self_attn.q_proj.weight"))?,
             k: ck.get(&format!("{p}.self_attn.k_proj.weight"))?,
             v: ck.get(&format!("{p}.self_attn.v_proj.weight"))?,
+            qkv: ck.get_opt(&format!("{p}.self_attn.qkv_proj.weight")),
             o: ck.get(&format!("{p}.self_attn.o_proj.weight"))?,
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
@@ -341,15 +375,25 @@ impl Attention {
         })
     }
 
-    fn rope(&self, x: &Tensor, pos: &Positions, fused: bool) -> candle_core::Result<Tensor> {
-        if fused {
+    /// `scale · rope(x)`: our kernel on the CPU in f32 (it reads the
+    /// transposed projection without a copy), candle's fused one elsewhere at
+    /// inference.
+    fn rope(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        fused: bool,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        if fused && !cpu_f32 {
             let half = self.head_dim / 2;
             let c = pos.cos.narrow(1, 0, half)?.contiguous()?;
             let s = pos.sin.narrow(1, 0, half)?.contiguous()?;
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)
-        } else {
-            ops::rope(x, &pos.cos, &pos.sin)
+            let y = candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s)?;
+            return if scale == 1.0 { Ok(y) } else { y * scale };
         }
+        ops::rope_scaled(x, &pos.cos, &pos.sin, scale)
     }
 
     fn forward(
@@ -361,14 +405,31 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |w: &Tensor, n: usize| linear(h, w)?.reshape((b, t, n, d))?.transpose(1, 2);
-        let q = self.rope(&split(&self.q, nh)?, pos, fused)?;
-        let mut k = self.rope(&split(&self.k, nkv)?, pos, fused)?;
-        let mut v = split(&self.v, nkv)?.contiguous()?;
+        // [B, n, T, d] views of the projections
+        let (q, k, v) = match &self.qkv {
+            Some(w) => {
+                let y = linear(h, w)?.reshape((b, t, nh + 2 * nkv, d))?;
+                let heads = |from: usize, n: usize| y.narrow(2, from, n)?.transpose(1, 2);
+                (heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?)
+            }
+            None => {
+                let split =
+                    |w: &Tensor, n: usize| linear(h, w)?.reshape((b, t, n, d))?.transpose(1, 2);
+                (
+                    split(&self.q, nh)?,
+                    split(&self.k, nkv)?,
+                    split(&self.v, nkv)?,
+                )
+            }
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        // the queries carry the 1/√d (T·d values rather than T·S scores)
+        let q = self.rope(&q, pos, fused, scale)?;
+        let mut k = self.rope(&k, pos, fused, 1.0)?;
+        let mut v = v.contiguous()?;
         if let Some(slot) = cache {
             (k, v) = LayerCache::append(slot, &k, &v)?;
         }
-        let scale = 1.0 / (d as f64).sqrt();
         #[cfg(feature = "flash-attn")]
         if fused
             && pos.right_padded
@@ -383,7 +444,7 @@ impl Attention {
                 &bthd(&q)?,
                 &bthd(&k)?,
                 &bthd(&v)?,
-                scale as f32,
+                1.0, // q carries the scale
                 left,
                 Some(0),
             )?;
@@ -392,29 +453,46 @@ impl Attention {
         // Grouped-query attention without copying K and V for every query
         // head: the g query heads that share a KV head are g·T rows of one
         // product with it (head h = kv·g + j, so [B, H, T, d] reshapes to
-        // [B, kv, g·T, d]). Scale q (T·d values) rather than the scores (T·S
-        // values); scores and softmax in f32 whatever the compute dtype (the
-        // bias is f32).
+        // [B, kv, g·T, d]). Scores and softmax in f32 whatever the compute
+        // dtype (the bias is f32). Queries go in blocks of QUERY_BLOCK
+        // positions, each against the keys up to its last position only:
+        // the causal mask gives the later keys no weight, so a long sequence
+        // skips about half of the scores and of their products with V.
         let g = nh / nkv;
         let s = k.dim(2)?;
-        let att = (q * scale)?
-            .reshape((b, nkv, g * t, d))?
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .reshape((b, nkv, g, t, s))?
-            .broadcast_add(&pos.bias.unsqueeze(1)?)?
-            .reshape((b, nkv, g * t, s))?;
-        let att = if fused {
-            candle_nn::ops::softmax_last_dim(&att)?
+        let past = s - t;
+        let q5 = q.reshape((b, nkv, g, t, d))?;
+        let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+        for t0 in (0..t).step_by(QUERY_BLOCK) {
+            let tb = QUERY_BLOCK.min(t - t0);
+            let keys = past + t0 + tb;
+            let qb = if tb == t {
+                q5.reshape((b, nkv, g * t, d))?
+            } else {
+                q5.narrow(3, t0, tb)?
+                    .contiguous()?
+                    .reshape((b, nkv, g * tb, d))?
+            };
+            let (kb, vb) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
+            let bias = pos.bias.narrow(2, t0, tb)?.narrow(3, 0, keys)?;
+            let att = qb
+                .matmul(&kb.t()?)?
+                .to_dtype(DType::F32)?
+                .reshape((b, nh, tb, keys))?;
+            let att = if fused && !att.device().is_cpu() {
+                candle_nn::ops::softmax_last_dim(&att.broadcast_add(&bias)?)?
+            } else {
+                ops::softmax_with_bias(&att, &bias)?
+            };
+            let att = att.to_dtype(v.dtype())?.reshape((b, nkv, g * tb, keys))?;
+            blocks.push(att.matmul(&vb)?.reshape((b, nh, tb, d))?);
+        }
+        let o = if blocks.len() == 1 {
+            blocks.pop().expect("one block")
         } else {
-            ops::softmax(&att)?
+            Tensor::cat(&blocks, 2)?
         };
-        let att = att.to_dtype(v.dtype())?;
-        let o = att
-            .matmul(&v)?
-            .reshape((b, nh, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
+        let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
         linear(&o, &self.o)
     }
 }
@@ -515,8 +593,24 @@ impl Decoder {
             };
             named.push((name, t));
         }
+        // Inference on the CPU in f32 multiplies by the query, key and value
+        // projections at once, and by the gate and up projections at once.
+        let mut stacked = Vec::new();
+        if vars.is_empty() && opts.device.is_cpu() && opts.compute_dtype() == DType::F32 {
+            for l in 0..cfg.num_layers {
+                let p = format!("model.layers.{l}");
+                let qkv = ["q", "k", "v"].map(|x| format!("{p}.self_attn.{x}_proj.weight"));
+                let qkv = stack_rows(&mut named, &qkv)?;
+                stacked.push((format!("{p}.self_attn.qkv_proj.weight"), qkv));
+                let gate_up = ["gate", "up"].map(|x| format!("{p}.mlp.{x}_proj.weight"));
+                if gate_up.iter().all(|n| named.iter().any(|(m, _)| m == n)) {
+                    let gate_up = stack_rows(&mut named, &gate_up)?;
+                    stacked.push((format!("{p}.mlp.gate_up_proj.weight"), gate_up));
+                }
+            }
+        }
         let ck = Checkpoint {
-            tensors: named.iter().cloned().collect(),
+            tensors: named.iter().cloned().chain(stacked).collect(),
         };
         let layers = (0..cfg.num_layers)
             .map(|l| Layer::new(&ck, &cfg, l))

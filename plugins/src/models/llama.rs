@@ -4,7 +4,7 @@
 
 use super::decoder::{Checkpoint, DecoderConfig, FeedForward, Flavour, FlavourSpec};
 use candle_core::Tensor;
-use fusechat_core::model::ops::linear;
+use fusechat_core::model::ops::{linear, silu_mul, silu_mul_halves};
 use fusechat_core::model::BuiltinModel;
 use fusechat_core::Result;
 use std::sync::Arc;
@@ -23,6 +23,9 @@ pub struct Mlp {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    /// `[gate; up]` stacked, when the decoder loaded it for inference: one
+    /// product instead of two.
+    pub gate_up: Option<Tensor>,
 }
 
 impl Mlp {
@@ -32,17 +35,18 @@ impl Mlp {
             gate: ck.get(&format!("{p}.mlp.gate_proj.weight"))?,
             up: ck.get(&format!("{p}.mlp.up_proj.weight"))?,
             down: ck.get(&format!("{p}.mlp.down_proj.weight"))?,
+            gate_up: ck.get_opt(&format!("{p}.mlp.gate_up_proj.weight")),
         })
     }
 }
 
 impl FeedForward for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // candle's silu has a backward
-        linear(
-            &(linear(x, &self.gate)?.silu()? * linear(x, &self.up)?)?,
-            &self.down,
-        )
+        let h = match &self.gate_up {
+            Some(w) => silu_mul_halves(&linear(x, w)?)?,
+            None => silu_mul(&linear(x, &self.gate)?, &linear(x, &self.up)?)?,
+        };
+        linear(&h, &self.down)
     }
 }
 

@@ -78,6 +78,7 @@ impl SparseMoe {
                     gate: ck.get(&format!("{x}.w1.weight"))?,
                     up: ck.get(&format!("{x}.w3.weight"))?,
                     down: ck.get(&format!("{x}.w2.weight"))?,
+                    gate_up: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
