@@ -583,3 +583,60 @@ fn left_padded_rows_match_their_own_run() {
         }
     }
 }
+
+/// Attention runs in blocks of 128 queries, each against the keys it can see:
+/// with 140 positions, the loss on the second block's positions reaches the
+/// layer-0 keys of the first block only through the blocks' key ranges. The
+/// gradient there must agree with a central finite difference along it.
+#[test]
+fn gradients_through_attention_blocks_match_finite_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    make(&d, &config(Flavour::Mistral), 12);
+    let opts = LoadOptions {
+        trainable: true,
+        ..Default::default()
+    };
+    let m = Decoder::load(&d, &opts, None).unwrap();
+    let seq: Vec<u32> = (0..141).map(|i| (i * 11 + i / 5) % 40).collect();
+    let x = ids(&seq[..140]);
+    let targets = Tensor::from_vec(seq[129..141].to_vec(), 12, &Device::Cpu).unwrap();
+    let loss = || {
+        let logits = m.forward(&x, &ones(140)).unwrap();
+        cross_entropy(
+            &logits.narrow(1, 128, 12).unwrap().squeeze(0).unwrap(),
+            &targets,
+        )
+        .unwrap()
+    };
+    let name = "model.layers.0.self_attn.k_proj.weight";
+    let var = m.vars().iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let grads = loss().backward().unwrap();
+    let g = grads.get(var.as_tensor()).unwrap();
+    let norm = g
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        norm > 1e-3,
+        "the second block's loss reaches the first block's keys: |g| = {norm}"
+    );
+    let dir = (g / norm as f64).unwrap();
+    let w0 = var.as_tensor().copy().unwrap();
+    let eps = 1e-2;
+    let at = |e: f64| {
+        var.set(&(&w0 + (&dir * e).unwrap()).unwrap()).unwrap();
+        loss().to_scalar::<f32>().unwrap()
+    };
+    let fd = (at(eps) - at(-eps)) / (2.0 * eps as f32);
+    var.set(&w0).unwrap();
+    assert!(
+        (fd - norm).abs() <= 0.005 * norm,
+        "finite difference {fd} vs |g| {norm}"
+    );
+}

@@ -2,14 +2,17 @@
 //!
 //! candle 0.11's fused `rms_norm`, `rope` and `softmax_last_dim` have no
 //! backward: used on a path that trains, they silently cut the autograd graph.
-//! Everything here is written from ops that do have one, so a loss plugin or
-//! the trainer can use it freely:
+//! Everything here has a backward (our own CPU kernels for RMSNorm, softmax,
+//! softmax with an attention bias, RoPE, SiLU·mul and the sparse
+//! cross-entropies; candle's ops elsewhere), so a loss plugin or the trainer
+//! can use it freely:
 //! - `linear(x, W) = x · Wᵀ` for `W` `[out, in]`;
 //! - `rms_norm(x, w) = x / sqrt(mean(x²) + ε) · w`;
 //! - `softmax(x)ᵢ = exp(xᵢ − m) / Σⱼ exp(xⱼ − m)` and
 //!   `log_softmax(x)ᵢ = xᵢ − m − log Σⱼ exp(xⱼ − m)`, with `m = max x` a constant
 //!   (it cancels, so it needs no gradient);
 //! - `cross_entropy(z, y) = −mean_n log_softmax(z_n)[y_n]`;
+//! - `silu_mul(a, b) = a·σ(a) ⊙ b`, the gate of a SiLU-gated MLP;
 //! - RoPE in the `rotate_half` form: `x·cos + rotate_half(x)·sin`, with the
 //!   angle of position `p` and pair `i` equal to `p · θ^(−2i/d)`.
 //!
@@ -478,18 +481,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// transposed projection needs no copy) and writes it contiguous; its
 /// backward is the rotation by the opposite angle, times `scale`.
 pub fn rope_scaled(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
-    let (_, _, t, d) = x.dims4()?;
-    if cos.dims() != [t, d] || sin.dims() != [t, d] || d % 2 != 0 {
-        candle_core::bail!("rope: tables {:?} for x {:?}", cos.dims(), x.dims())
-    }
-    let cpu_f32 = [x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
-    if x.device().is_cpu() && cpu_f32 && x.stride()[3] == 1 {
+    let kernel = match *x.dims() {
+        [_, _, t, d] => cos.dims() == [t, d] && sin.dims() == [t, d] && d % 2 == 0,
+        _ => false,
+    };
+    let f32s = [x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
+    if kernel && x.device().is_cpu() && f32s && x.stride()[3] == 1 {
         let op = RopeOp {
             scale: scale as f32,
             inverse: false,
         };
         return x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op);
     }
+    // any rank, the tables broadcast over the leading dimensions
+    let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
@@ -994,6 +999,9 @@ mod tests {
             })
             .collect();
         let bias = Tensor::from_vec(bias, (2, 1, 5, 11), &Device::Cpu).unwrap();
+        // narrowed as attention's query blocks narrow it (an offset, strided)
+        let wide = Tensor::cat(&[&bias, &bias], 3).unwrap();
+        let bias = wide.narrow(3, 11, 11).unwrap();
         check_against_composite(
             &[&x],
             || softmax_with_bias(x.as_tensor(), &bias).unwrap(),
@@ -1015,13 +1023,30 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(y, 0.0);
+        // a row with every key masked is uniform, as the composite gives
+        let all = Tensor::full(-1e9f32, (1, 1, 1, 4), &Device::Cpu).unwrap();
+        let x = Tensor::new(&[[[[0.5f32, -2.0, 1.0, 3.0]]]], &Device::Cpu).unwrap();
+        let y: Vec<f32> = softmax_with_bias(&x, &all)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y, [0.25; 4]);
     }
 
     #[test]
     fn fused_rope_on_a_transposed_input_matches_the_rotate_half_form() {
-        // [B, T, H, d] transposed to [B, H, T, d], as attention's projections are
-        let x = var(&[2, 4, 3, 8], 4);
-        let xt = || x.as_tensor().transpose(1, 2).unwrap();
+        // [B, T, W, d], heads 2..5 of W = 6 (an offset and a row stride of
+        // W·d), transposed to [B, H, T, d]: the stacked q/k/v projections' layout
+        let x = var(&[2, 4, 6, 8], 4);
+        let xt = || {
+            x.as_tensor()
+                .narrow(2, 2, 3)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
         let (cos, sin) = rope_tables(10_000.0, 8, 5, 4, DType::F32, &Device::Cpu).unwrap();
         check_against_composite(
             &[&x],

@@ -14,9 +14,12 @@
 //!
 //! Every part is a plain struct whose tensors are resolved by their checkpoint
 //! names once, at load. When any weight is trainable, every op used has a
-//! backward in candle (see [`fusechat_core::model::ops`]); a model loaded for
-//! inference only uses candle's fused kernels, which are faster; a test checks
-//! both paths give the same logits.
+//! backward (see [`fusechat_core::model::ops`]: on the CPU in f32 our fused
+//! kernels for RMSNorm, softmax, RoPE and SiLU·mul, each with its backward). A
+//! model loaded for inference only also multiplies by its stacked q/k/v and
+//! gate/up weights at once and, off the CPU, uses candle's fused kernels; a
+//! test checks both paths give the same logits. Attention runs in blocks of
+//! 128 queries, each against the keys it can see.
 //! Compute dtype: f32 on CPU by default (bf16 checkpoints are upcast at load,
 //! which doubles their memory but uses candle's fast f32 GEMM; candle's CPU
 //! bf16 GEMM is several times slower), bf16 on CUDA. Whatever the compute
@@ -423,19 +426,23 @@ impl Attention {
             }
         };
         let scale = 1.0 / (d as f64).sqrt();
-        // the queries carry the 1/√d (T·d values rather than T·S scores)
-        let q = self.rope(&q, pos, fused, scale)?;
+        #[cfg(feature = "flash-attn")]
+        let flash = fused
+            && pos.right_padded
+            && q.device().is_cuda()
+            && matches!(q.dtype(), DType::BF16 | DType::F16);
+        #[cfg(not(feature = "flash-attn"))]
+        let flash = false;
+        // The queries carry the 1/√d (T·d values rather than T·S scores),
+        // except for flash attention, which applies it in f32 itself.
+        let q = self.rope(&q, pos, fused, if flash { 1.0 } else { scale })?;
         let mut k = self.rope(&k, pos, fused, 1.0)?;
         let mut v = v.contiguous()?;
         if let Some(slot) = cache {
             (k, v) = LayerCache::append(slot, &k, &v)?;
         }
         #[cfg(feature = "flash-attn")]
-        if fused
-            && pos.right_padded
-            && q.device().is_cuda()
-            && matches!(q.dtype(), DType::BF16 | DType::F16)
-        {
+        if flash {
             // [B, H, T, d] → [B, T, H, d]; GQA and the causal sliding window
             // (query i sees keys i−w < j ≤ i) are native to the kernel.
             let bthd = |x: &Tensor| x.transpose(1, 2)?.contiguous();
@@ -444,7 +451,7 @@ impl Attention {
                 &bthd(&q)?,
                 &bthd(&k)?,
                 &bthd(&v)?,
-                1.0, // q carries the scale
+                scale as f32,
                 left,
                 Some(0),
             )?;
