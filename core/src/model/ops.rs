@@ -36,10 +36,89 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         candle_core::bail!("linear: x is a scalar")
     };
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, inner))?;
+    let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    let y = if cfg!(not(feature = "mkl")) && x.device().is_cpu() && f32s && w.rank() == 2 {
+        x2.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
     let mut out = dims.to_vec();
     out[lead.len()] = w.dim(0)?;
     y.reshape(out)
+}
+
+/// `y = x · Wᵀ` for contiguous `x` `[rows, in]` and `W` `[out, in]` on the
+/// CPU: gemm straight into an uninitialised output (candle's matmul zero-fills
+/// its output first, one more pass over it). Backward: `∂/∂x = g · W`,
+/// `∂/∂W = gᵀ · x`.
+struct LinearOp;
+
+impl candle_core::CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, w) = (cpu_slice(xs, xl)?, cpu_slice(ws, wl)?);
+        let (rows, inner) = xl.shape().dims2()?;
+        let (out, w_inner) = wl.shape().dims2()?;
+        if inner != w_inner {
+            candle_core::bail!("linear: x [{rows}, {inner}] against W [{out}, {w_inner}]")
+        }
+        let n = rows * out;
+        let mut y: Vec<f32> = Vec::with_capacity(n);
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the pointers cover [rows, inner], [out, inner] and [rows,
+        // out] with the strides given; with read_dst = false gemm writes every
+        // element of y without reading it, so y is initialised after the call.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out,
+                inner,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                false,
+                x.as_ptr(),
+                1,
+                inner as isize,
+                w.as_ptr(),
+                inner as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+            y.set_len(n);
+        }
+        Ok((candle_core::CpuStorage::F32(y), (rows, out).into()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.matmul(w)?;
+        let dw = grad.t()?.matmul(x)?;
+        Ok((Some(dx), Some(dw)))
+    }
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`. On the
@@ -962,6 +1041,28 @@ mod tests {
         let g = y.sum_all().unwrap().backward().unwrap();
         let da: Vec<f32> = g.get(a.as_tensor()).unwrap().to_vec1().unwrap();
         assert_eq!(da, [0.0, 0.0, 2.0, 2.0], "σ'(a) vanishes in the tails");
+    }
+
+    #[test]
+    fn linear_matches_the_matmul_and_its_gradients() {
+        // a 3-D input and a weight that is a view into a larger stack, as the
+        // stacked projections are
+        let (x, stack) = (var(&[2, 5, 7], 6), var(&[9, 7], 7));
+        let w = || stack.as_tensor().narrow(0, 3, 4).unwrap();
+        check_against_composite(
+            &[&x, &stack],
+            || linear(x.as_tensor(), &w()).unwrap(),
+            || x.as_tensor().broadcast_matmul(&w().t().unwrap()).unwrap(),
+        );
+        // one element written out: y[1, 2, 3] = Σ_i x[1, 2, i] · W[3, i]
+        let (xv, wv): (Vec<f32>, Vec<f32>) = (
+            x.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            w().flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let want: f32 = (0..7).map(|i| xv[(5 + 2) * 7 + i] * wv[3 * 7 + i]).sum();
+        let y = linear(x.as_tensor(), &w()).unwrap();
+        let got = y.i((1, 2, 3)).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
 
     #[test]
