@@ -269,6 +269,13 @@ crate::multiversion! {
     /// gives exactly 0).
     pub fn softmax_with_bias_f32(x: &[f32], bias: &[f32], y: &mut [f32]) {
         assert!(x.len() == y.len() && bias.len() == y.len(), "softmax_with_bias_f32: lengths differ");
+        // Keys masked by a bias of −10⁹ or less at the end of the row (the
+        // causal future, right padding) get exactly 0, as e^(−10⁹) would give:
+        // skip them, unless the whole row is masked.
+        let live = bias.iter().rposition(|b| *b > -1e9).map_or(bias.len(), |i| i + 1);
+        let (x, bias) = (&x[..live], &bias[..live]);
+        let (y, dead) = y.split_at_mut(live);
+        dead.fill(0.0);
         let mut m = [f32::NEG_INFINITY; 8];
         let mut tail = f32::NEG_INFINITY;
         let (cx, cb) = (x.chunks_exact(8), bias.chunks_exact(8));

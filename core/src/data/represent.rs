@@ -243,8 +243,8 @@ fn compute_shard(
             spans.push(start..flat.len());
         }
         let positions = flat.len();
-        let logits: Vec<f32> = if positions == 0 {
-            Vec::new()
+        let logits = if positions == 0 {
+            None
         } else {
             let flat = Tensor::from_vec(flat, positions, dev).map_err(err)?;
             let at = hidden
@@ -252,24 +252,42 @@ fn compute_shard(
                 .and_then(|x| x.index_select(&flat, 0))
                 .map_err(err)?;
             let logits = model.logits(&at)?;
-            if logits.dims() != [positions, vocab] {
+            if logits.dims() != [positions, vocab] || logits.dtype() != candle_core::DType::F32 {
                 return Err(Error::Plugin(format!(
-                    "model family `{}` returned logits of shape {:?} for {positions} positions; expected [{positions}, {vocab}]",
+                    "model family `{}` returned logits of shape {:?} ({:?}) for {positions} positions; expected [{positions}, {vocab}] f32",
                     model.family(),
-                    logits.dims()
+                    logits.dims(),
+                    logits.dtype()
                 )));
             }
-            logits
-                .flatten_all()
-                .and_then(|t| t.to_vec1())
-                .map_err(err)?
+            Some(logits.contiguous().map_err(err)?)
         };
         *forward_seconds += t0.elapsed().as_secs_f64();
+        // Read the logits where they lie on the CPU (a copy elsewhere).
+        let copied: Vec<f32>;
+        let guard;
+        let all: &[f32] = match &logits {
+            None => &[],
+            Some(t) if t.device().is_cpu() => {
+                guard = t.storage_and_layout();
+                let (candle_core::Storage::Cpu(cpu), layout) = (&*guard.0, guard.1) else {
+                    return Err(Error::Plugin("CPU logits without CPU storage".into()));
+                };
+                let (a, z) = layout
+                    .contiguous_offsets()
+                    .ok_or_else(|| Error::Plugin("logits are not contiguous".into()))?;
+                &cpu.as_slice::<f32>().map_err(err)?[a..z]
+            }
+            Some(t) => {
+                copied = t.flatten_all().and_then(|t| t.to_vec1()).map_err(err)?;
+                &copied
+            }
+        };
         let outs: Vec<_> = batch
             .par_iter()
             .zip(&spans)
             .map(|(&r, span)| {
-                let row = &logits[span.start * vocab..span.end * vocab];
+                let row = &all[span.start * vocab..span.end * vocab];
                 row_outputs(row, vocab, &rows[r].1, o.top_k)
             })
             .collect();

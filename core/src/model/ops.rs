@@ -146,6 +146,17 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// The output buffer of a kernel that writes each of its `n` elements before
+/// anything reads them: not zero-filled first (a pass over memory saved).
+fn output(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n; f32 has no invalid bit patterns, and every
+    // caller overwrites all n elements before the vector is read (candle's
+    // own CPU kernels allocate their outputs the same way).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// The f32 contents of a contiguous CPU storage.
 fn cpu_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
     let (a, b) = l
@@ -168,7 +179,7 @@ impl candle_core::CustomOp1 for SoftmaxOp {
         use rayon::prelude::*;
         let x = cpu_slice(s, l)?;
         let d = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
+        let mut y = output(x.len());
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
             let max = x.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
             let sum = crate::simd::exp_shifted_f32(x, max, y);
@@ -201,7 +212,7 @@ impl candle_core::CustomOp2 for SoftmaxBwd {
         use rayon::prelude::*;
         let (y, g) = (cpu_slice(ys, yl)?, cpu_slice(gs, gl)?);
         let d = yl.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = output(y.len());
         dx.par_chunks_mut(d)
             .zip(y.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(dx, (y, g))| {
@@ -232,8 +243,15 @@ impl candle_core::CustomOp2 for RmsNormOp {
         use rayon::prelude::*;
         let (x, w) = (cpu_slice(xs, xl)?, cpu_slice(ws, wl)?);
         let d = w.len().max(1);
+        if xl.dims().last() != Some(&w.len()) {
+            candle_core::bail!(
+                "rms_norm: x {:?} against a weight of {}",
+                xl.dims(),
+                w.len()
+            )
+        }
         let eps = self.eps as f32;
-        let mut y = vec![0f32; x.len()];
+        let mut y = output(x.len());
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
             let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
             let r = 1.0 / (ms + eps).sqrt();
@@ -340,7 +358,7 @@ impl candle_core::CustomOp1 for SiluMulHalvesOp {
         let y = cpu_slice(s, l)?;
         let two = l.dims().last().copied().unwrap_or(0).max(2);
         let half = two / 2;
-        let mut out = vec![0f32; y.len() / 2];
+        let mut out = output(y.len() / 2);
         out.par_chunks_mut(half)
             .zip(y.par_chunks(two))
             .for_each(|(o, row)| {
@@ -383,7 +401,7 @@ impl candle_core::CustomOp2 for SiluMulOp {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
         let (a, b) = (cpu_slice(as_, al)?, cpu_slice(bs, bl)?);
-        let mut y = vec![0f32; a.len()];
+        let mut y = output(a.len());
         y.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
             .for_each(|(y, (a, b))| crate::simd::silu_mul_f32(a, b, y));
@@ -424,7 +442,7 @@ impl candle_core::CustomOp3 for SiluMulBwd {
         use rayon::prelude::*;
         let (a, b, g) = (cpu_slice(as_, al)?, cpu_slice(bs, bl)?, cpu_slice(gs, gl)?);
         let n = a.len();
-        let mut out = vec![0f32; 2 * n];
+        let mut out = output(2 * n);
         let (da, db) = out.split_at_mut(n);
         da.par_chunks_mut(CHUNK)
             .zip(db.par_chunks_mut(CHUNK))
@@ -480,7 +498,7 @@ impl candle_core::CustomOp2 for SoftmaxBiasOp {
         use rayon::prelude::*;
         let (x, bias) = (cpu_slice(xs, xl)?, cpu_slice(bs, bl)?);
         let (h, t, s) = (self.heads, self.t, self.s.max(1));
-        let mut y = vec![0f32; x.len()];
+        let mut y = output(x.len());
         y.par_chunks_mut(s)
             .zip(x.par_chunks(s))
             .enumerate()
@@ -613,7 +631,7 @@ impl candle_core::CustomOp3 for RopeOp {
         let half = d / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let scale = self.scale;
-        let mut y = vec![0f32; xl.shape().elem_count()];
+        let mut y = output(xl.shape().elem_count());
         y.par_chunks_mut(d).enumerate().for_each(|(r, y)| {
             let (bi, hi, ti) = (r / (h * t), (r / t) % h, r % t);
             let start = base + bi * st[0] + hi * st[1] + ti * st[2];
