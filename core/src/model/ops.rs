@@ -371,10 +371,7 @@ impl candle_core::CustomOp1 for SiluMulHalvesOp {
         let half = y.dim(D::Minus1)? / 2;
         let a = y.narrow(D::Minus1, 0, half)?.contiguous()?;
         let b = y.narrow(D::Minus1, half, half)?.contiguous()?;
-        let both = a.apply_op3_no_bwd(&b, &grad.contiguous()?, &SiluMulBwd)?;
-        let n = a.elem_count();
-        let da = both.narrow(0, 0, n)?.reshape(a.shape())?;
-        let db = both.narrow(0, n, n)?.reshape(b.shape())?;
+        let (da, db) = silu_mul_grads(&a, &b, grad)?;
         Ok(Some(Tensor::cat(&[da, db], D::Minus1)?))
     }
 }
@@ -410,13 +407,19 @@ impl candle_core::CustomOp2 for SiluMulOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // both gradients from one pass, stacked as [2, n]
-        let both = a.apply_op3_no_bwd(b, &grad.contiguous()?, &SiluMulBwd)?;
-        let n = a.elem_count();
-        let da = both.narrow(0, 0, n)?.reshape(a.shape())?;
-        let db = both.narrow(0, n, n)?.reshape(b.shape())?;
+        let (da, db) = silu_mul_grads(a, b, grad)?;
         Ok((Some(da), Some(db)))
     }
+}
+
+/// The gradients of `silu(a) ⊙ b` with respect to contiguous `a` and `b`
+/// under `grad`, from one pass (stacked as `[2, n]`, then split).
+fn silu_mul_grads(a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = a.apply_op3_no_bwd(b, &grad.contiguous()?, &SiluMulBwd)?;
+    let n = a.elem_count();
+    let da = both.narrow(0, 0, n)?.reshape(a.shape())?;
+    let db = both.narrow(0, n, n)?.reshape(b.shape())?;
+    Ok((da, db))
 }
 
 /// `[∂/∂a, ∂/∂b]` of `silu(a) ⊙ b` under the upstream gradient `g`, flat.
