@@ -280,17 +280,16 @@ impl Checkpoint {
 }
 
 /// Stack the named weights along their rows into one tensor, and replace each
-/// entry of `named` by its view of the stack (so no weight is held twice).
-fn stack_rows(named: &mut [(String, Tensor)], names: &[String]) -> Result<Tensor> {
-    let idx: Vec<usize> = names
+/// entry of `named` by its view of the stack (so no weight is held twice);
+/// `None` when the checkpoint lacks one of them (Mixtral has no dense MLP).
+fn stack_rows(named: &mut [(String, Tensor)], names: &[String]) -> Result<Option<Tensor>> {
+    let Some(idx) = names
         .iter()
-        .map(|n| {
-            named
-                .iter()
-                .position(|(m, _)| m == n)
-                .ok_or_else(|| Error::msg(format!("weight `{n}` not loaded")))
-        })
-        .collect::<Result<_>>()?;
+        .map(|n| named.iter().position(|(m, _)| m == n))
+        .collect::<Option<Vec<usize>>>()
+    else {
+        return Ok(None);
+    };
     let parts: Vec<&Tensor> = idx.iter().map(|&i| &named[i].1).collect();
     let stacked = Tensor::cat(&parts, 0).map_err(ce)?;
     let mut row = 0;
@@ -299,7 +298,7 @@ fn stack_rows(named: &mut [(String, Tensor)], names: &[String]) -> Result<Tensor
         named[i].1 = stacked.narrow(0, row, rows).map_err(ce)?;
         row += rows;
     }
-    Ok(stacked)
+    Ok(Some(stacked))
 }
 
 /// A feed-forward block: dense SiLU MLP (llama, mistral) or sparse experts (mixtral).
@@ -333,12 +332,13 @@ impl RmsNorm {
     }
 }
 
-/// The positions a forward pass covers: RoPE tables and the additive attention bias.
+/// The positions a forward pass covers: RoPE tables and the additive
+/// attention bias of each query block.
 struct Positions {
     cos: Tensor,
     sin: Tensor,
-    /// `[B, 1, T, past+T]`, f32: 0 where query i may attend key j, −1e9 elsewhere.
-    bias: Tensor,
+    /// The queries in blocks of at most QUERY_BLOCK, each with its keys.
+    blocks: Vec<QueryBlock>,
     /// Every row is its tokens then padding: causal attention alone keeps real
     /// queries off padded keys (what the flash-attention path needs).
     #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
@@ -347,6 +347,16 @@ struct Positions {
 
 /// Query positions per block of attention (see `Attention::forward`).
 const QUERY_BLOCK: usize = 128;
+
+/// Queries `start..start+len` of a forward pass, which see the keys
+/// `0..past+start+len` (the later ones are causally masked).
+struct QueryBlock {
+    start: usize,
+    len: usize,
+    /// `[B, 1, len, past+start+len]`, f32: 0 where the query may attend the
+    /// key, −1e9 elsewhere.
+    bias: Tensor,
+}
 
 /// Grouped-query self-attention with RoPE.
 struct Attention {
@@ -469,9 +479,9 @@ impl Attention {
         let s = k.dim(2)?;
         let past = s - t;
         let q5 = q.reshape((b, nkv, g, t, d))?;
-        let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
-        for t0 in (0..t).step_by(QUERY_BLOCK) {
-            let tb = QUERY_BLOCK.min(t - t0);
+        let mut blocks = Vec::with_capacity(pos.blocks.len());
+        for blk in &pos.blocks {
+            let (t0, tb, bias) = (blk.start, blk.len, &blk.bias);
             let keys = past + t0 + tb;
             let qb = if tb == t {
                 q5.reshape((b, nkv, g * t, d))?
@@ -481,15 +491,14 @@ impl Attention {
                     .reshape((b, nkv, g * tb, d))?
             };
             let (kb, vb) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
-            let bias = pos.bias.narrow(2, t0, tb)?.narrow(3, 0, keys)?;
             let att = qb
                 .matmul(&kb.t()?)?
                 .to_dtype(DType::F32)?
                 .reshape((b, nh, tb, keys))?;
             let att = if fused && !att.device().is_cpu() {
-                candle_nn::ops::softmax_last_dim(&att.broadcast_add(&bias)?)?
+                candle_nn::ops::softmax_last_dim(&att.broadcast_add(bias)?)?
             } else {
-                ops::softmax_with_bias(&att, &bias)?
+                ops::softmax_with_bias(&att, bias)?
             };
             let att = att.to_dtype(v.dtype())?.reshape((b, nkv, g * tb, keys))?;
             blocks.push(att.matmul(&vb)?.reshape((b, nh, tb, d))?);
@@ -607,12 +616,12 @@ impl Decoder {
             for l in 0..cfg.num_layers {
                 let p = format!("model.layers.{l}");
                 let qkv = ["q", "k", "v"].map(|x| format!("{p}.self_attn.{x}_proj.weight"));
-                let qkv = stack_rows(&mut named, &qkv)?;
-                stacked.push((format!("{p}.self_attn.qkv_proj.weight"), qkv));
+                if let Some(w) = stack_rows(&mut named, &qkv)? {
+                    stacked.push((format!("{p}.self_attn.qkv_proj.weight"), w));
+                }
                 let gate_up = ["gate", "up"].map(|x| format!("{p}.mlp.{x}_proj.weight"));
-                if gate_up.iter().all(|n| named.iter().any(|(m, _)| m == n)) {
-                    let gate_up = stack_rows(&mut named, &gate_up)?;
-                    stacked.push((format!("{p}.mlp.gate_up_proj.weight"), gate_up));
+                if let Some(w) = stack_rows(&mut named, &gate_up)? {
+                    stacked.push((format!("{p}.mlp.gate_up_proj.weight"), w));
                 }
             }
         }
@@ -728,26 +737,39 @@ impl Decoder {
         self.logits(&h.narrow(1, t - 1, 1).map_err(ce)?)
     }
 
-    /// RoPE tables and attention bias for `b` rows of `t` queries after `past`
-    /// cached positions; `key_mask` `[b, past+t]` is 0 for padding.
+    /// RoPE tables and the query blocks' attention biases for `b` rows of `t`
+    /// queries after `past` cached positions; `key_mask` `[b, past+t]` is 0
+    /// for padding. Built once per forward pass, for every layer.
     fn positions(&self, b: usize, t: usize, past: usize, key_mask: &[u32]) -> Result<Positions> {
         let s = past + t;
         let window = self.cfg.sliding_window;
-        let mut bias = vec![0f32; b * t * s];
-        for bi in 0..b {
-            for i in 0..t {
-                let qpos = past + i;
-                for j in 0..s {
-                    let allowed = j <= qpos
-                        && key_mask[bi * s + j] != 0
-                        && window.is_none_or(|w| qpos - j < w);
-                    if !allowed {
-                        bias[(bi * t + i) * s + j] = -1e9;
+        let block = |t0: usize| {
+            let tb = QUERY_BLOCK.min(t - t0);
+            let keys = past + t0 + tb;
+            let mut bias = vec![0f32; b * tb * keys];
+            for bi in 0..b {
+                for i in 0..tb {
+                    let qpos = past + t0 + i;
+                    for j in 0..keys {
+                        let allowed = j <= qpos
+                            && key_mask[bi * s + j] != 0
+                            && window.is_none_or(|w| qpos - j < w);
+                        if !allowed {
+                            bias[(bi * tb + i) * keys + j] = -1e9;
+                        }
                     }
                 }
             }
-        }
-        let bias = Tensor::from_vec(bias, (b, 1, t, s), &self.device).map_err(ce)?;
+            Ok(QueryBlock {
+                start: t0,
+                len: tb,
+                bias: Tensor::from_vec(bias, (b, 1, tb, keys), &self.device).map_err(ce)?,
+            })
+        };
+        let blocks = (0..t)
+            .step_by(QUERY_BLOCK)
+            .map(block)
+            .collect::<Result<Vec<_>>>()?;
         let right_padded = key_mask
             .chunks(s.max(1))
             .all(|row| !row.windows(2).any(|w| w[0] == 0 && w[1] != 0));
@@ -763,7 +785,7 @@ impl Decoder {
         Ok(Positions {
             cos,
             sin,
-            bias,
+            blocks,
             right_padded,
         })
     }
