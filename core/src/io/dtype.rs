@@ -113,6 +113,12 @@ impl DType {
         encode_into(self, values, &mut out);
         out
     }
+
+    /// [`DType::encode`] into a buffer of exactly `values.len() · size` bytes.
+    pub fn encode_to(self, values: &[f32], out: &mut [u8]) {
+        assert_eq!(out.len(), values.len() * self.size(), "encode_to: output size");
+        encode_into(self, values, out)
+    }
 }
 
 crate::multiversion! {
@@ -182,13 +188,19 @@ impl fmt::Display for DType {
 /// The index of the first NaN or infinity in `values`, if any. The common
 /// case (none) is one vectorised pass with no branch per element.
 pub fn first_non_finite(values: &[f32]) -> Option<usize> {
-    let any = values
-        .chunks(1 << 16)
-        .any(|c| c.iter().fold(false, |bad, v| bad | !v.is_finite()));
-    if any {
-        values.iter().position(|v| !v.is_finite())
-    } else {
-        None
+    let c = values.chunks(1 << 16).position(any_non_finite)?;
+    values[c << 16..]
+        .iter()
+        .position(|v| !v.is_finite())
+        .map(|i| (c << 16) + i)
+}
+
+crate::multiversion! {
+    // all-ones exponent: ±inf or NaN (a test on the bits, so that it vectorises)
+    fn any_non_finite(values: &[f32]) -> bool {
+        values
+            .iter()
+            .fold(false, |bad, v| bad | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000))
     }
 }
 

@@ -25,7 +25,7 @@ pub const TOKENIZER_FILES: &[&str] = &[
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Bytes decoded (and released from the mapping) at a time.
-const DECODE_CHUNK: usize = 8 << 20;
+const DECODE_CHUNK: usize = 1 << 20;
 
 /// Where one tensor lives.
 #[derive(Debug, Clone)]
@@ -270,21 +270,23 @@ impl ModelDir {
         // the mapped bytes of a tensor never sit in memory next to its f32 copy.
         values.clear();
         values.reserve(t.numel());
+        // Each chunk is checked for non-finite values while it is still in cache.
         let step = DECODE_CHUNK - DECODE_CHUNK % dtype.size();
         let mut at = t.start;
         while at < t.end {
             let stop = (at + step).min(t.end);
+            let done = values.len();
             dtype.decode_into(&shard.map[at..stop], &mut values);
             self.release(at, stop - at, t.file);
+            if let Some(i) = crate::io::dtype::first_non_finite(&values[done..]) {
+                return Err(Error::NonFinite {
+                    tensor: name.to_string(),
+                    model: shard.path.display().to_string(),
+                    index: done + i,
+                    value: values[done + i],
+                });
+            }
             at = stop;
-        }
-        if let Some((i, v)) = crate::io::dtype::first_non_finite(&values).map(|i| (i, values[i])) {
-            return Err(Error::NonFinite {
-                tensor: name.to_string(),
-                model: shard.path.display().to_string(),
-                index: i,
-                value: v,
-            });
         }
         Ok(values)
     }

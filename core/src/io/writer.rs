@@ -412,6 +412,7 @@ impl ShardedWriter {
         }
         let (fname, file) = &self.files[slot.file];
         write_at(file, bytes, slot.offset).map_err(|e| Error::io(self.dir.join(fname), e))?;
+        start_writeback(file, slot.offset, slot.len);
         slot.written.store(true, Ordering::Release);
         Ok(())
     }
@@ -432,11 +433,20 @@ impl ShardedWriter {
         }
         let (fname, file) = &self.files[slot.file];
         let mut offset = slot.offset;
-        for chunk in values.chunks(ENCODE_CHUNK) {
-            let bytes = dtype.encode(chunk);
-            write_at(file, &bytes, offset).map_err(|e| Error::io(self.dir.join(fname), e))?;
-            offset += bytes.len() as u64;
-        }
+        // one encoding buffer per thread, kept: a fresh one would be fresh
+        // pages, each faulted and zeroed by the kernel on first touch
+        thread_local!(static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+        BUF.with_borrow_mut(|buf| -> Result<()> {
+            buf.resize(ENCODE_CHUNK * 4, 0);
+            for chunk in values.chunks(ENCODE_CHUNK) {
+                let bytes = &mut buf[..chunk.len() * dtype.size()];
+                dtype.encode_to(chunk, bytes);
+                write_at(file, bytes, offset).map_err(|e| Error::io(self.dir.join(fname), e))?;
+                offset += bytes.len() as u64;
+            }
+            Ok(())
+        })?;
+        start_writeback(file, slot.offset, slot.len);
         slot.written.store(true, Ordering::Release);
         Ok(())
     }
@@ -478,6 +488,29 @@ impl ShardedWriter {
         }
         Ok(self.files.iter().map(|(n, _)| n.clone()).collect())
     }
+}
+
+/// Ask the kernel to start writing a finished range to disk now, without
+/// waiting for it, so that the disk works while the merge goes on and the
+/// final `fsync` finds little left to do (it was a serial tail of about a
+/// fifth of a merge's time). Purely an optimisation: errors are ignored, and
+/// `finish` still syncs every file.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; the call only schedules I/O.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 #[cfg(unix)]
