@@ -114,6 +114,15 @@ fn rescale_delta(delta: &mut [f32], before: f64, density: f64, rescale: Rescale)
     delta.iter_mut().for_each(|x| *x *= f);
 }
 
+/// ‖δ‖₁ before sparsifying, for [`rescale_delta`]: only `l1` reads it.
+fn l1_before(delta: &[f32], rescale: Rescale) -> f64 {
+    if rescale == Rescale::L1 {
+        l1(delta)
+    } else {
+        0.0
+    }
+}
+
 /// Σ|x| in f64, over eight interleaved partial sums (so that the additions
 /// pipeline and vectorise instead of waiting on one another).
 fn l1(delta: &[f32]) -> f64 {
@@ -128,18 +137,160 @@ fn l1(delta: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// The k-th largest |x| (1-based), by selection without copying the data.
-///
-/// For finite f32 values, the bit pattern of |x| orders like an unsigned
-/// integer, so two passes of 16-bit histograms (high half, then low half within
-/// the chosen bucket) find the exact value in O(N) time and 512 KiB of memory.
+/// Where the `k` largest |x| of a slice end: every |x| above `thr` is among
+/// them, and of the `equal` values whose |x| is `thr`, the first `k − above`
+/// in index order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cut {
+    /// The k-th largest |x|.
+    pub thr: f32,
+    /// How many |x| are above it.
+    pub above: usize,
+    /// How many |x| equal it.
+    pub equal: usize,
+}
+
+/// |x|'s bits: for finite values they order as unsigned integers.
+#[inline(always)]
+fn abs_key(x: f32) -> u32 {
+    x.to_bits() & 0x7FFF_FFFF
+}
+
+/// The k-th largest |x| (1-based).
 pub fn kth_largest_abs(data: &[f32], k: usize) -> f32 {
-    assert!(
-        k >= 1 && k <= data.len(),
-        "k = {k} out of 1..={}",
-        data.len()
+    top_k_cut(data, k).thr
+}
+
+/// Find the [`Cut`] of the `k` largest |x| (1 ≤ k ≤ N) without copying or
+/// sorting the data.
+///
+/// A strided sample brackets the k-th largest |x| between two keys, then one
+/// pass counts the values above the bracket and collects the few inside it,
+/// where a selection finishes the job. If the sample misled (the rank falls
+/// outside the bracket: rare, and only slower), two passes of radix
+/// histograms do it. Both are exact.
+pub fn top_k_cut(data: &[f32], k: usize) -> Cut {
+    let n = data.len();
+    assert!(k >= 1 && k <= n, "k = {k} out of 1..={n}");
+    if n >= 1 << 15 {
+        if let Some(cut) = cut_by_sample(data, k) {
+            return cut;
+        }
+    }
+    cut_by_radix(data, k)
+}
+
+fn cut_by_sample(data: &[f32], k: usize) -> Option<Cut> {
+    let n = data.len();
+    let s = (n / 128).clamp(4096, 1 << 15);
+    let stride = n / s;
+    let mut sample: Vec<u32> = (0..s).map(|i| abs_key(data[i * stride + stride / 2])).collect();
+    // The k-th largest sits near rank q·s of the descending sample, give or
+    // take a binomial standard deviation: bracket it by six of them each way.
+    let q = k as f64 / n as f64;
+    let margin = 6.0 * (s as f64 * q * (1.0 - q)).sqrt() + 8.0;
+    let top = q * s as f64 - margin;
+    let bottom = q * s as f64 + margin;
+    let mut at_rank = |r: usize| *sample.select_nth_unstable_by(r, |a, b| b.cmp(a)).1;
+    let hi = if top < 0.0 { u32::MAX } else { at_rank(top as usize) };
+    let lo = if bottom >= (s - 1) as f64 { 0 } else { at_rank(bottom.ceil() as usize) };
+    let mut inside = Vec::with_capacity(((bottom - top).max(1.0) as usize + 1) * stride * 2);
+    let above = count_and_collect(data, lo, hi, &mut inside);
+    // rank of the k-th largest among the bracket's values (1-based)
+    let r = k.checked_sub(above).filter(|r| *r >= 1 && *r <= inside.len())?;
+    let (_, thr, _) = inside.select_nth_unstable_by(r - 1, |a, b| b.cmp(a));
+    let thr = *thr;
+    let (mut more, mut equal) = (0usize, 0usize);
+    for &v in &inside {
+        more += (v > thr) as usize;
+        equal += (v == thr) as usize;
+    }
+    Some(Cut {
+        thr: f32::from_bits(thr),
+        above: above + more,
+        equal,
+    })
+}
+
+/// Count the keys above `hi` and collect those in `[lo, hi]` (in index order).
+fn count_and_collect(data: &[f32], lo: u32, hi: u32, inside: &mut Vec<u32>) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if fusechat_core::simd::has_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { count_and_collect_avx512(data, lo, hi, inside) };
+    }
+    count_and_collect_blocks(data, lo, hi, inside)
+}
+
+/// [`count_and_collect`] with AVX-512: the keys in the bracket are packed to
+/// the front of a register (a compress) and the whole register is stored at
+/// the end of `inside`, which then grows by their count. No branch depends on
+/// the data (a quarter of the blocks hold a candidate: a branch on it would
+/// be mispredicted often), and no compress goes to memory (slow on AMD).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn count_and_collect_avx512(data: &[f32], lo: u32, hi: u32, inside: &mut Vec<u32>) -> usize {
+    use std::arch::x86_64::*;
+    let (keys, vlo, vhi) = (
+        _mm512_set1_epi32(0x7FFF_FFFF),
+        _mm512_set1_epi32(lo as i32),
+        _mm512_set1_epi32(hi as i32),
     );
-    let key = |x: &f32| x.to_bits() & 0x7FFF_FFFF;
+    let blocks = data.chunks_exact(16);
+    let tail = blocks.remainder();
+    let mut above = 0usize;
+    for b in blocks {
+        // SAFETY: `b` holds 16 f32 (64 bytes); unaligned loads are allowed.
+        let key = _mm512_and_si512(unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }, keys);
+        above += _mm512_cmpgt_epu32_mask(key, vhi).count_ones() as usize;
+        let m = _mm512_cmpge_epu32_mask(key, vlo) & _mm512_cmple_epu32_mask(key, vhi);
+        if inside.capacity() - inside.len() < 16 {
+            inside.reserve(inside.len().max(1024));
+        }
+        let len = inside.len();
+        // SAFETY: 16 spare values of capacity were ensured above; the first
+        // popcount(m) of them are initialised by the store.
+        unsafe {
+            _mm512_storeu_si512(inside.as_mut_ptr().add(len).cast(), _mm512_maskz_compress_epi32(m, key));
+            inside.set_len(len + m.count_ones() as usize);
+        }
+    }
+    above + count_and_collect_blocks(tail, lo, hi, inside)
+}
+
+fusechat_core::multiversion! {
+    /// [`count_and_collect`] in blocks of 16, so that the counting vectorises
+    /// and only blocks holding a candidate take the scalar path.
+    fn count_and_collect_blocks(data: &[f32], lo: u32, hi: u32, inside: &mut Vec<u32>) -> usize {
+        let mut above = 0usize;
+        let blocks = data.chunks_exact(16);
+        let tail = blocks.remainder();
+        for b in blocks {
+            let (mut a, mut any) = (0u32, false);
+            for &x in b {
+                let key = abs_key(x);
+                a += (key > hi) as u32;
+                any |= key >= lo && key <= hi;
+            }
+            above += a as usize;
+            if any {
+                inside.extend(b.iter().map(|&x| abs_key(x)).filter(|&key| key >= lo && key <= hi));
+            }
+        }
+        for &x in tail {
+            let key = abs_key(x);
+            above += (key > hi) as usize;
+            if key >= lo && key <= hi {
+                inside.push(key);
+            }
+        }
+        above
+    }
+}
+
+/// The exact [`Cut`] by two passes of 16-bit histograms of |x|'s bits (high
+/// half, then low half within the chosen bucket): O(N), 512 KiB.
+fn cut_by_radix(data: &[f32], k: usize) -> Cut {
     let mut hist = vec![0usize; 1 << 16];
     let pick = |hist: &[usize], remaining: &mut usize| -> u32 {
         for b in (0..hist.len()).rev() {
@@ -150,16 +301,21 @@ pub fn kth_largest_abs(data: &[f32], k: usize) -> f32 {
         }
         0
     };
-    data.iter().for_each(|x| hist[(key(x) >> 16) as usize] += 1);
+    data.iter().for_each(|&x| hist[(abs_key(x) >> 16) as usize] += 1);
+    // `remaining` becomes k minus the count of keys above the chosen bucket
     let mut remaining = k;
     let hi = pick(&hist, &mut remaining);
     hist.iter_mut().for_each(|h| *h = 0);
     data.iter()
-        .map(key)
+        .map(|&x| abs_key(x))
         .filter(|kk| kk >> 16 == hi)
         .for_each(|kk| hist[(kk & 0xFFFF) as usize] += 1);
     let lo = pick(&hist, &mut remaining);
-    f32::from_bits((hi << 16) | lo)
+    Cut {
+        thr: f32::from_bits((hi << 16) | lo),
+        above: k - remaining,
+        equal: hist[lo as usize],
+    }
 }
 
 /// Keep exactly the `k` largest |x|: zero the rest. Values equal to the
@@ -172,27 +328,47 @@ pub fn keep_top_k(data: &mut [f32], k: usize) {
         data.iter_mut().for_each(|x| *x = 0.0);
         return;
     }
-    let thr = kth_largest_abs(data, k);
-    let (mut above, mut equal) = (0usize, 0usize);
-    for x in data.iter() {
-        let a = x.abs();
-        above += (a > thr) as usize;
-        equal += (a == thr) as usize;
+    let Cut { thr, above, equal } = top_k_cut(data, k);
+    // Values equal to the threshold are kept before the first surplus one
+    // (at `split`), and dropped from there on.
+    let split = nth_equal(data, thr, k - above, equal);
+    let (first, rest) = data.split_at_mut(split);
+    keep_where(first, thr, false);
+    keep_where(rest, thr, true);
+}
+
+/// The index of the `(kept + 1)`-th value whose |x| is `thr` (N when there
+/// are only `kept`), counting in blocks of 16 so that the scan vectorises.
+fn nth_equal(data: &[f32], thr: f32, kept: usize, equal: usize) -> usize {
+    if kept >= equal {
+        return data.len();
     }
-    let ties_kept = k - above;
-    // Keep everything at or above the threshold (branch-free, vectorises) ...
-    data.iter_mut()
-        .for_each(|x| *x = if x.abs() >= thr { *x } else { 0.0 });
-    // ... then drop the surplus of values equal to it, keeping the first in index order.
-    if ties_kept < equal {
-        let mut seen = 0usize;
-        for x in data.iter_mut() {
-            if x.abs() == thr {
-                seen += 1;
-                if seen > ties_kept {
-                    *x = 0.0;
-                }
-            }
+    let mut seen = 0usize;
+    let mut at = 0usize;
+    for b in data.chunks(16) {
+        let c = count_equal(b, thr);
+        if seen + c > kept {
+            let i = b.iter().enumerate().filter(|(_, x)| x.abs() == thr).nth(kept - seen);
+            return at + i.expect("counted").0;
+        }
+        seen += c;
+        at += b.len();
+    }
+    data.len()
+}
+
+#[inline(always)]
+fn count_equal(b: &[f32], thr: f32) -> usize {
+    b.iter().map(|x| (x.abs() == thr) as u32).sum::<u32>() as usize
+}
+
+fusechat_core::multiversion! {
+    /// Zero every |x| below `thr` (and equal to it when `strict`), branch-free.
+    fn keep_where(data: &mut [f32], thr: f32, strict: bool) {
+        if strict {
+            data.iter_mut().for_each(|x| *x = if x.abs() > thr { *x } else { 0.0 });
+        } else {
+            data.iter_mut().for_each(|x| *x = if x.abs() >= thr { *x } else { 0.0 });
         }
     }
 }
@@ -225,8 +401,7 @@ fn top_k_mask(data: &[f32], k: usize) -> Vec<bool> {
     if k >= data.len() {
         return vec![true; data.len()];
     }
-    let thr = kth_largest_abs(data, k);
-    let above = data.iter().filter(|x| x.abs() > thr).count();
+    let Cut { thr, above, .. } = top_k_cut(data, k);
     let mut ties_left = k - above;
     data.iter()
         .map(|x| {
@@ -320,7 +495,7 @@ fn magprune_with(
             "della: density ± epsilon must lie in (0, 1), got density {density} and epsilon {epsilon}; lower epsilon"
         ));
     }
-    let before = l1(delta);
+    let before = l1_before(delta, rescale);
     let (outer, len, inner) = match shape.len() {
         0 | 1 => (1, delta.len(), 1),
         _ => (shape[0], shape[1], shape[2..].iter().product::<usize>()),
@@ -401,7 +576,7 @@ pub fn bernoulli(delta: &mut [f32], density: f64, rescale: Rescale, key: u64) {
     if density >= 1.0 {
         return;
     }
-    let before = l1(delta);
+    let before = l1_before(delta, rescale);
     // u < density ⇔ (the draw's 53 bits) < ⌈density·2⁵³⌉: the same test as
     // `dare_uniform(key, i) < density`, in integers and without a branch
     let threshold = (density.max(0.0) * (1u64 << 53) as f64).ceil() as u64;
@@ -523,7 +698,7 @@ impl Merger for Gta {
             match self.sparsify {
                 Sparsify::None => {}
                 Sparsify::Magnitude if density[j] < 1.0 => {
-                    let before = l1(d);
+                    let before = l1_before(d, rescale);
                     magnitude(d, density[j]);
                     rescale_delta(d, before, density[j], rescale);
                 }
@@ -532,7 +707,7 @@ impl Merger for Gta {
                     bernoulli(d, density[j], rescale, dare_key(g.seed, g.name, j))
                 }
                 Sparsify::Outliers if density[j] < 1.0 => {
-                    let before = l1(d);
+                    let before = l1_before(d, rescale);
                     breadcrumbs(d, density[j], gamma[j]);
                     rescale_delta(d, before, density[j], rescale);
                 }
@@ -723,9 +898,7 @@ fn ambiguous_at_threshold(delta: &[f32], density: f64) -> usize {
     if k == 0 || k >= n {
         return 0;
     }
-    let thr = kth_largest_abs(delta, k);
-    let above = delta.iter().filter(|x| x.abs() > thr).count();
-    let equal = delta.iter().filter(|x| x.abs() == thr).count();
+    let Cut { above, equal, .. } = top_k_cut(delta, k);
     if above + equal > k {
         equal
     } else {
@@ -833,6 +1006,72 @@ mod tests {
         sorted.sort_by(|a, b| b.total_cmp(a));
         for k in [1, 2, 17, 2500, 4285, 4286, 5000] {
             assert_eq!(kth_largest_abs(&data, k), sorted[k - 1], "k = {k}");
+        }
+    }
+
+    /// The cut written out by sorting: the k-th largest |x|, how many are
+    /// above it and how many equal it.
+    fn sorted_cut(data: &[f32], k: usize) -> Cut {
+        let mut sorted: Vec<f32> = data.iter().map(|x| x.abs()).collect();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let thr = sorted[k - 1];
+        Cut {
+            thr,
+            above: sorted.iter().filter(|a| **a > thr).count(),
+            equal: sorted.iter().filter(|a| **a == thr).count(),
+        }
+    }
+
+    /// bf16-rounded normal values with a tenth of zeros: many exact ties, as
+    /// in the deltas of bf16 models.
+    fn tied_data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = fusechat_core::rng::SplitMix64(seed);
+        (0..n)
+            .map(|i| if i % 10 == 3 { 0.0 } else { DType::BF16.round(rng.normal() as f32 * 1e-3) })
+            .collect()
+    }
+
+    #[test]
+    fn cuts_agree_with_sorting_on_large_tied_data() {
+        // large enough for the sampled bracket; every k from the edges and the middle
+        let n = 100_003;
+        let data = tied_data(n, 11);
+        for k in [1, 2, 3, 77, n / 10, n / 2, n / 2 + 1, n - n / 10, n - n / 10 + 1, n - 1, n] {
+            let want = sorted_cut(&data, k);
+            assert_eq!(top_k_cut(&data, k), want, "k = {k}");
+            assert_eq!(cut_by_radix(&data, k), want, "radix, k = {k}");
+            assert!(want.above < k && k <= want.above + want.equal);
+        }
+        // a sample that misleads (every sampled element is an outlier) falls
+        // back to the histograms and is still exact
+        let stride = n / (n / 128).clamp(4096, 1 << 15);
+        let mut fooled = data.clone();
+        for i in 0..n / stride {
+            fooled[i * stride + stride / 2] = 5.0 + i as f32;
+        }
+        for k in [10, n / 2] {
+            assert_eq!(top_k_cut(&fooled, k), sorted_cut(&fooled, k), "k = {k}");
+        }
+        // all equal: every value ties
+        let flat = vec![-0.5f32; 40_000];
+        assert_eq!(top_k_cut(&flat, 123), Cut { thr: 0.5, above: 0, equal: 40_000 });
+    }
+
+    #[test]
+    fn keep_top_k_keeps_the_first_of_ties_in_index_order() {
+        let n = 70_001;
+        let data = tied_data(n, 12);
+        for k in [1, 1000, n / 2, n - 5] {
+            // written out: indices ranked by |x| descending, ties by index
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| data[b].abs().total_cmp(&data[a].abs()).then(a.cmp(&b)));
+            let mut want = vec![0f32; n];
+            for &i in &order[..k] {
+                want[i] = data[i];
+            }
+            let mut got = data.clone();
+            keep_top_k(&mut got, k);
+            assert_eq!(got, want, "k = {k}");
         }
     }
 
