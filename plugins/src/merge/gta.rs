@@ -318,20 +318,37 @@ fn cut_by_radix(data: &[f32], k: usize) -> Cut {
     }
 }
 
+/// The `k` largest |x| of a slice as a test on each element: |x| above
+/// `thr`, or equal to it before index `split` (ties in index order, so the
+/// sets for growing `k` are nested).
+#[derive(Debug, Clone, Copy)]
+struct TopSet {
+    thr: f32,
+    split: usize,
+}
+
+impl TopSet {
+    fn of(data: &[f32], k: usize) -> TopSet {
+        if k == 0 {
+            return TopSet { thr: f32::INFINITY, split: 0 };
+        }
+        let Cut { thr, above, equal } = top_k_cut(data, k);
+        TopSet { thr, split: nth_equal(data, thr, k - above, equal) }
+    }
+
+    #[inline(always)]
+    fn holds(&self, i: usize, a: f32) -> bool {
+        a > self.thr || (a == self.thr && i < self.split)
+    }
+}
+
 /// Keep exactly the `k` largest |x|: zero the rest. Values equal to the
 /// threshold are kept in index order until the count is reached.
 pub fn keep_top_k(data: &mut [f32], k: usize) {
     if k >= data.len() {
         return;
     }
-    if k == 0 {
-        data.iter_mut().for_each(|x| *x = 0.0);
-        return;
-    }
-    let Cut { thr, above, equal } = top_k_cut(data, k);
-    // Values equal to the threshold are kept before the first surplus one
-    // (at `split`), and dropped from there on.
-    let split = nth_equal(data, thr, k - above, equal);
+    let TopSet { thr, split } = TopSet::of(data, k);
     let (first, rest) = data.split_at_mut(split);
     keep_where(first, thr, false);
     keep_where(rest, thr, true);
@@ -392,32 +409,6 @@ fn magnitude_k(density: f64, n: usize) -> usize {
     }
 }
 
-/// Which elements are among the `k` largest |x| (ties at the threshold in
-/// index order, so the sets for growing `k` are nested).
-fn top_k_mask(data: &[f32], k: usize) -> Vec<bool> {
-    if k == 0 {
-        return vec![false; data.len()];
-    }
-    if k >= data.len() {
-        return vec![true; data.len()];
-    }
-    let Cut { thr, above, .. } = top_k_cut(data, k);
-    let mut ties_left = k - above;
-    data.iter()
-        .map(|x| {
-            let a = x.abs();
-            if a > thr {
-                true
-            } else if a == thr && ties_left > 0 {
-                ties_left -= 1;
-                true
-            } else {
-                false
-            }
-        })
-        .collect()
-}
-
 /// Model Breadcrumbs: with `target = int(density·N)` and `top = int(gamma·N)`,
 /// drop the `top` largest |δ| and the `N − target − top` smallest (when that is
 /// negative, fewer outliers are dropped so that `target` remain), as mergekit
@@ -430,11 +421,17 @@ pub fn breadcrumbs(delta: &mut [f32], density: f64, gamma: f64) {
     let target = (density.max(0.0) * n as f64) as usize;
     let top = ((gamma.max(0.0) * n as f64) as usize).min(n - target);
     let bottom = n - target - top;
-    let keep = top_k_mask(delta, n - bottom);
-    let outliers = top_k_mask(delta, top);
-    for ((x, k), o) in delta.iter_mut().zip(keep).zip(outliers) {
-        if !k || o {
-            *x = 0.0;
+    let keep = TopSet::of(delta, n - bottom);
+    let outliers = TopSet::of(delta, top);
+    keep_band(delta, keep, outliers);
+}
+
+fusechat_core::multiversion! {
+    /// Zero what is outside `keep` or inside `drop` (branch-free).
+    fn keep_band(data: &mut [f32], keep: TopSet, drop: TopSet) {
+        for (i, x) in data.iter_mut().enumerate() {
+            let a = x.abs();
+            *x = if keep.holds(i, a) && !drop.holds(i, a) { *x } else { 0.0 };
         }
     }
 }
@@ -470,9 +467,9 @@ fusechat_core::multiversion! {
     }
 }
 
-/// [`magprune`], with the keep probabilities computed as mergekit does in a
-/// request's dtype when `round` is given (ranks, their normalisation and the
-/// probabilities rounded to it), and no rescaling then (the caller rescales
+/// [`magprune`], with the keep probabilities computed as mergekit does when
+/// `round` is given (in bf16 when that is the dtype, see
+/// [`magprune_probabilities`]), and no rescaling then (the caller rescales
 /// with rounding).
 fn magprune_with(
     delta: &mut [f32],
@@ -505,7 +502,8 @@ fn magprune_with(
     // sorted as integers; each element's keep probability from its rank;
     // then the draws, in index order (u < p as an integer test, as DARE's).
     let inverse = rescale == Rescale::InverseP;
-    let mut keyed: Vec<u64> = Vec::with_capacity(len);
+    let (p_of_rank, thr_of_rank) = magprune_probabilities(len, density, epsilon, round);
+    let (mut keyed, mut scratch): (Vec<u64>, Vec<u64>) = (Vec::with_capacity(len), Vec::with_capacity(len));
     let (mut p, mut thr) = (vec![0f32; len], vec![0u64; len]);
     for o in 0..outer {
         for i in 0..inner {
@@ -513,16 +511,11 @@ fn magprune_with(
             keyed.clear();
             keyed
                 .extend((0..len).map(|j| ((delta[at(j)].abs().to_bits() as u64) << 32) | j as u64));
-            keyed.sort_unstable();
+            sort_by_high_half(&mut keyed, &mut scratch);
             for (r, &kj) in keyed.iter().enumerate() {
-                let norm = if len > 1 {
-                    r as f64 / (len - 1) as f64
-                } else {
-                    0.5
-                };
                 let j = (kj & 0xffff_ffff) as usize;
-                p[j] = (density - epsilon + 2.0 * epsilon * norm) as f32;
-                thr[j] = (p[j] as f64 * (1u64 << 53) as f64).ceil() as u64;
+                p[j] = p_of_rank[r];
+                thr[j] = thr_of_rank[r];
             }
             if inner == 1 {
                 let row = &mut delta[at(0)..at(0) + len];
@@ -544,6 +537,70 @@ fn magprune_with(
         rescale_delta(delta, before, density, rescale);
     }
     Ok(())
+}
+
+/// MAGPRUNE's keep probability for each ascending rank of a row of `len`,
+/// with its draw threshold ⌈p·2⁵³⌉. When `round` is bf16 (mergekit computes
+/// in the tensor's dtype when it is bf16 on the CPU), as mergekit computes
+/// it there: ranks + 1 in bf16, `(rank − min) / (max − min)` clamped to
+/// [0, 1], then `(density − ε) + norm·2·ε`, each operation rounded to bf16.
+fn magprune_probabilities(len: usize, density: f64, epsilon: f64, round: Option<DType>) -> (Vec<f32>, Vec<u64>) {
+    let p: Vec<f32> = match round {
+        Some(DType::BF16) => {
+            let r = |x: f32| DType::BF16.round(x);
+            let (min, max) = (1.0f32, r(len as f32));
+            let span = r(max - min);
+            (0..len)
+                .map(|k| {
+                    let norm = (r(r(r((k + 1) as f32) - min) / span)).clamp(0.0, 1.0);
+                    r((density - epsilon) as f32 + r(norm * 2.0 * epsilon as f32))
+                })
+                .collect()
+        }
+        _ => (0..len)
+            .map(|k| {
+                let norm = if len > 1 { k as f64 / (len - 1) as f64 } else { 0.5 };
+                (density - epsilon + 2.0 * epsilon * norm) as f32
+            })
+            .collect(),
+    };
+    let thr = p.iter().map(|&p| (p as f64 * (1u64 << 53) as f64).ceil() as u64).collect();
+    (p, thr)
+}
+
+/// Sort by the high 32 bits, stably (so keys built in index order keep ties
+/// in index order): a least-significant-digit radix sort, one byte a pass,
+/// skipping the bytes every key shares.
+fn sort_by_high_half(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+    // |x|'s bits are below 2³¹: three digits of 11, 11 and 9 bits
+    const DIGITS: [(u32, u64); 3] = [(32, 0x7ff), (43, 0x7ff), (54, 0x1ff)];
+    let mut counts = [[0u32; 2048]; 3];
+    for &k in keys.iter() {
+        for (c, (shift, mask)) in counts.iter_mut().zip(DIGITS) {
+            c[((k >> shift) & mask) as usize] += 1;
+        }
+    }
+    let n = keys.len() as u32;
+    for (c, (shift, mask)) in counts.iter_mut().zip(DIGITS) {
+        if c.iter().any(|&x| x == n) {
+            continue;
+        }
+        // counts become each digit's first slot
+        let mut sum = 0;
+        for x in c.iter_mut() {
+            let here = *x;
+            *x = sum;
+            sum += here;
+        }
+        scratch.clear();
+        scratch.resize(keys.len(), 0);
+        for &k in keys.iter() {
+            let b = ((k >> shift) & mask) as usize;
+            scratch[c[b] as usize] = k;
+            c[b] += 1;
+        }
+        std::mem::swap(keys, scratch);
+    }
 }
 
 /// The counter-based uniform draw for DARE: a pure function of (seed, tensor,
@@ -1073,6 +1130,52 @@ mod tests {
             keep_top_k(&mut got, k);
             assert_eq!(got, want, "k = {k}");
         }
+    }
+
+    #[test]
+    fn breadcrumbs_keep_the_band_between_the_outliers_and_the_smallest() {
+        let n = 50_000;
+        let data = tied_data(n, 13);
+        let (density, gamma) = (0.4, 0.05);
+        let (target, top) = ((density * n as f64) as usize, (gamma * n as f64) as usize);
+        // written out: ranked by |x| descending, ties by index; the band after the outliers
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| data[b].abs().total_cmp(&data[a].abs()).then(a.cmp(&b)));
+        let mut want = vec![0f32; n];
+        for &i in &order[top..top + target] {
+            want[i] = data[i];
+        }
+        let mut got = data.clone();
+        breadcrumbs(&mut got, density, gamma);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn radix_sort_orders_by_the_high_half_keeping_ties_in_order() {
+        let mut rng = fusechat_core::rng::SplitMix64(3);
+        let mut keys: Vec<u64> = (0..3000u64)
+            .map(|j| (((rng.next_u64() % 50) << (rng.next_u64() % 31)) & 0x7FFF_FFFF) << 32 | j)
+            .collect();
+        let mut want = keys.clone();
+        want.sort_by_key(|k| k >> 32); // stable
+        sort_by_high_half(&mut keys, &mut Vec::new());
+        assert_eq!(keys, want);
+    }
+
+    #[test]
+    fn magprune_probabilities_follow_the_rank() {
+        // f32 compute: density − ε at the lowest rank, density + ε at the highest
+        let (p, thr) = magprune_probabilities(5, 0.5, 0.1, None);
+        assert_eq!(p, vec![0.4, 0.45, 0.5, 0.55, 0.6]);
+        assert_eq!(thr[2], 1u64 << 52, "⌈0.5·2⁵³⌉");
+        // mergekit in bf16, each operation rounded (worked by hand for a row of 300):
+        // max rank 300 is exact, but max − min = 299 rounds to 300;
+        // rank 1: norm 0, p = bf16(0.4) = 0.400390625;
+        // rank 150: 149/300 → 0.49609375, ·2·0.1 → 0.09912109375, + 0.4 → 0.5;
+        // rank 300: 300 − 1 rounds to 300 as well, so norm is 1, ·2·0.1 → 0.2001953125,
+        // + 0.4 → 0.6015625 (above density + ε)
+        let (p, _) = magprune_probabilities(300, 0.5, 0.1, Some(DType::BF16));
+        assert_eq!((p[0], p[149], p[299]), (0.400390625, 0.5, 0.6015625));
     }
 
     #[test]
