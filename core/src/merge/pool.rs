@@ -82,11 +82,27 @@ fn give_to(pool: &Mutex<Pool>, v: Vec<f32>) {
     if v.capacity() == 0 {
         return;
     }
-    let mut p = lock(pool);
-    if p.users > 0 && p.bytes + bytes(&v) <= p.cap {
+    let mut evicted = Vec::new();
+    {
+        let mut p = lock(pool);
+        if p.users == 0 {
+            return;
+        }
         p.bytes += bytes(&v);
         p.bufs.push(v);
+        // Over the cap, the largest buffers go first: a pool full of a few
+        // large tensors' buffers (the embeddings) would otherwise turn away
+        // every smaller one, and each later tensor would fault in fresh pages.
+        while p.bytes > p.cap {
+            let largest = (0..p.bufs.len())
+                .max_by_key(|&i| p.bufs[i].capacity())
+                .expect("bytes > 0");
+            let b = p.bufs.swap_remove(largest);
+            p.bytes -= bytes(&b);
+            evicted.push(b);
+        }
     }
+    drop(evicted); // freed outside the lock
 }
 
 /// A merge running: buffers are pooled, up to `cap` bytes, until the last
@@ -151,6 +167,15 @@ mod tests {
         // over the cap: freed, not kept
         give_to(&pool, Vec::with_capacity(1 << 20));
         assert!(lock(&pool).bytes <= 1 << 20);
+        // a full pool makes room for a smaller buffer by freeing its largest
+        give_to(&pool, Vec::with_capacity(1 << 18)); // exactly the cap
+        give_to(&pool, Vec::with_capacity(100));
+        {
+            let p = lock(&pool);
+            let caps: Vec<usize> = p.bufs.iter().map(|b| b.capacity()).collect();
+            assert_eq!(caps, vec![100]);
+            assert_eq!(p.bytes, 400);
+        }
         leave(&pool);
         give_to(&pool, b);
         assert_eq!(lock(&pool).bufs.len(), 0, "nothing is kept outside a merge");

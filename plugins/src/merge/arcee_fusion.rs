@@ -73,25 +73,44 @@ fn shifted_exp(x: &[f32], out: &mut [f64]) {
     simd::exp_in_place(out);
 }
 
-/// The sorted values at indices ⌊q·(n − 1)⌋ for q = ¼, ½, ¾, by selection
-/// over order keys (reorders `v`): the median first, then the lower quartile
-/// among the keys below it and the upper among those above.
-fn quartiles(v: &mut [u32]) -> [f32; 3] {
+/// The sorted values at indices ⌊q·(n − 1)⌋ for q = ¼, ½, ¾ of order keys.
+fn quartiles(v: &[u32]) -> [f32; 3] {
     let at = |q: f64| (q * (v.len() - 1) as f64) as usize;
-    let (i1, i2, i3) = (at(0.25), at(0.5), at(0.75));
-    let (lo, q2, hi) = v.select_nth_unstable(i2);
-    let q2 = *q2;
-    let q1 = if i1 < i2 {
-        *lo.select_nth_unstable(i1).1
-    } else {
-        q2
-    };
-    let q3 = if i3 > i2 {
-        *hi.select_nth_unstable(i3 - i2 - 1).1
-    } else {
-        q2
-    };
+    let [q1, q2, q3] = select_ranks(v, [at(0.25), at(0.5), at(0.75)]);
     [q1, q2, q3].map(from_order_key)
+}
+
+/// The keys at these 0-based ranks of the ascending order, by two passes of
+/// 16-bit histograms (high halves, then the low halves within each rank's
+/// bucket): O(N), without reordering or copying the keys.
+fn select_ranks<const R: usize>(keys: &[u32], ranks: [usize; R]) -> [u32; R] {
+    let mut hist = vec![0u32; 1 << 16];
+    keys.iter().for_each(|k| hist[(k >> 16) as usize] += 1);
+    // each rank's bucket, and its rank within the bucket
+    let bucket_of = |hist: &[u32], r: usize| -> (u32, usize) {
+        let mut before = 0usize;
+        for (b, &c) in hist.iter().enumerate() {
+            if before + c as usize > r {
+                return (b as u32, r - before);
+            }
+            before += c as usize;
+        }
+        unreachable!("rank {r} of {} keys", keys.len())
+    };
+    let found = ranks.map(|r| bucket_of(&hist, r));
+    let mut low = vec![0u32; R << 16];
+    for &k in keys {
+        for (i, (b, _)) in found.iter().enumerate() {
+            if k >> 16 == *b {
+                low[(i << 16) | (k & 0xFFFF) as usize] += 1;
+            }
+        }
+    }
+    let mut out = [0u32; R];
+    for (i, (b, r)) in found.iter().enumerate() {
+        out[i] = (b << 16) | bucket_of(&low[i << 16..(i + 1) << 16], *r).0;
+    }
+    out
 }
 
 impl Merger for ArceeFusion {
@@ -134,7 +153,7 @@ impl Merger for ArceeFusion {
                     .map(|(b, m)| order_key(importance(*b, *m, *kl))),
             );
         }
-        let [q1, q2, q3] = quartiles(&mut keys);
+        let [q1, q2, q3] = quartiles(&keys);
         drop(keys);
         let threshold = q2 + 1.5 * (q3 - q1);
         for ((b, m), kl) in base.chunks_mut(cols).zip(model.chunks(cols)).zip(&kl) {
@@ -149,3 +168,32 @@ impl Merger for ArceeFusion {
 }
 
 inventory::submit! { BuiltinMerger(|| Arc::new(ArceeFusion)) }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quartiles_are_the_sorted_values_at_their_indices() {
+        let mut rng = fusechat_core::rng::SplitMix64(9);
+        for n in [1usize, 2, 3, 4, 5, 1000, 100_001] {
+            // importances: non-negative, with ties, a few negative zeros and one negative
+            let v: Vec<f32> = (0..n - 1)
+                .map(|i| match i % 9 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => 0.25,
+                    _ => (rng.normal().abs() * 1e-3) as f32,
+                })
+                .chain(std::iter::once(-1.0))
+                .collect();
+            let mut sorted = v.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            let at = |q: f64| sorted[(q * (n - 1) as f64) as usize];
+            let keys: Vec<u32> = v.iter().map(|x| order_key(*x)).collect();
+            let got = quartiles(&keys);
+            let want = [at(0.25), at(0.5), at(0.75)];
+            assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "n = {n}");
+        }
+    }
+}

@@ -54,11 +54,7 @@ impl Merger for Linear {
                 "the weights sum to 0, so they cannot be normalised; set normalize = false or change them",
             ));
         }
-        let mut out = super::weighted_sum(&mut g.models, &weights);
-        if normalize {
-            let s = wsum as f32;
-            out.iter_mut().for_each(|o| *o /= s);
-        }
+        let out = super::weighted_sum(&mut g.models, &weights, normalize.then_some(wsum as f32));
         let reported = weights
             .iter()
             .map(|w| if normalize { w / wsum } else { *w })

@@ -39,8 +39,43 @@ pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Res
 }
 
 /// `Σ aᵢbᵢ` in f64 over eight interleaved partial sums, so that the
-/// additions pipeline instead of waiting on one another (f32 or f64 inputs).
-pub(crate) fn dot_f64<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+/// additions pipeline instead of waiting on one another (f32 or f64 inputs;
+/// compiled for AVX2 and AVX-512 as well, the same sums on every path).
+pub(crate) fn dot_f64<T: Dot>(a: &[T], b: &[T]) -> f64 {
+    T::dot(a, b)
+}
+
+/// The input types of [`dot_f64`].
+pub(crate) trait Dot: Copy + Into<f64> {
+    fn dot(a: &[Self], b: &[Self]) -> f64;
+}
+
+impl Dot for f32 {
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        dot_f32s(a, b)
+    }
+}
+
+impl Dot for f64 {
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        dot_f64s(a, b)
+    }
+}
+
+fusechat_core::multiversion! {
+    fn dot_f32s(a: &[f32], b: &[f32]) -> f64 {
+        dot_body(a, b)
+    }
+}
+
+fusechat_core::multiversion! {
+    fn dot_f64s(a: &[f64], b: &[f64]) -> f64 {
+        dot_body(a, b)
+    }
+}
+
+#[inline(always)]
+fn dot_body<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     let mut acc = [0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = ca
@@ -57,16 +92,38 @@ pub(crate) fn dot_f64<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// `Σ wⱼ·θʲ` accumulated in f32 in model order, into the first model's buffer.
-pub(crate) fn weighted_sum<'a>(models: &mut [TensorBuf<'a>], weights: &[f64]) -> TensorBuf<'a> {
+/// `Σ wⱼ·θʲ` accumulated in f32 in model order, into the first model's
+/// buffer, then divided by `divisor` when there is one.
+pub(crate) fn weighted_sum<'a>(
+    models: &mut [TensorBuf<'a>],
+    weights: &[f64],
+    divisor: Option<f32>,
+) -> TensorBuf<'a> {
     let mut out = std::mem::take(&mut models[0]);
-    let w0 = weights[0] as f32;
-    out.iter_mut().for_each(|x| *x *= w0);
-    for (m, w) in models.iter().zip(weights).skip(1) {
-        let w = *w as f32;
-        out.iter_mut().zip(m).for_each(|(o, x)| *o += w * x);
-    }
+    let w: Vec<f32> = weights.iter().map(|w| *w as f32).collect();
+    let rest: Vec<&[f32]> = models[1..].iter().map(|m| &m[..]).collect();
+    weighted_sum_into(&mut out, &rest, &w, divisor.unwrap_or(1.0), divisor.is_some());
     out
+}
+
+fusechat_core::multiversion! {
+    /// `out = (w₀·out + w₁·rest₀ + …) / divisor`, in blocks that stay in L1
+    /// (one pass over memory instead of one per model), with the operations
+    /// in the same order as one model at a time.
+    fn weighted_sum_into(out: &mut [f32], rest: &[&[f32]], w: &[f32], divisor: f32, divide: bool) {
+        const BLOCK: usize = 2048;
+        for start in (0..out.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(out.len());
+            let o = &mut out[start..end];
+            o.iter_mut().for_each(|x| *x *= w[0]);
+            for (m, wj) in rest.iter().zip(&w[1..]) {
+                o.iter_mut().zip(&m[start..end]).for_each(|(o, x)| *o += wj * x);
+            }
+            if divide {
+                o.iter_mut().for_each(|x| *x /= divisor);
+            }
+        }
+    }
 }
 
 /// The per-model `weight` parameter most methods share.

@@ -100,7 +100,7 @@ impl Merger for Varm {
                 .collect(),
         };
         let w = varm_weights(&v);
-        let out = super::weighted_sum(&mut g.models, &w);
+        let out = super::weighted_sum(&mut g.models, &w, None);
         Ok(Merged {
             data: out,
             weights: Some(w),
