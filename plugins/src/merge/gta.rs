@@ -97,12 +97,23 @@ pub fn params(default_normalize: bool, sparsify: Sparsify) -> Vec<ParamSpec> {
 
 /// Restore the scale of a sparsified delta whose L1 norm was `before`.
 fn rescale_delta(delta: &mut [f32], before: f64, density: f64, rescale: Rescale) {
+    rescale_delta_after(delta, before, None, density, rescale)
+}
+
+/// [`rescale_delta`], given ‖δ̂‖₁ when it is already known.
+fn rescale_delta_after(
+    delta: &mut [f32],
+    before: f64,
+    after: Option<f64>,
+    density: f64,
+    rescale: Rescale,
+) {
     let factor = match rescale {
         Rescale::None => return,
         Rescale::InverseP if density > 0.0 => 1.0 / density,
         Rescale::InverseP => return,
         Rescale::L1 => {
-            let after = l1(delta);
+            let after = after.unwrap_or_else(|| l1(delta));
             // mergekit leaves the tensor as is when either norm is below 1e-7
             if before < 1e-7 || after < 1e-7 {
                 return;
@@ -637,19 +648,40 @@ pub fn bernoulli(delta: &mut [f32], density: f64, rescale: Rescale, key: u64) {
     // u < density ⇔ (the draw's 53 bits) < ⌈density·2⁵³⌉: the same test as
     // `dare_uniform(key, i) < density`, in integers and without a branch
     let threshold = (density.max(0.0) * (1u64 << 53) as f64).ceil() as u64;
-    drop_masked(delta, key, threshold);
-    rescale_delta(delta, before, density, rescale);
+    let after = drop_masked(delta, key, threshold);
+    rescale_delta_after(delta, before, Some(after), density, rescale);
 }
 
-// Zero every element whose draw is not below `threshold`. The hash is the
-// whole cost; with AVX-512 (checked at run time) its 64-bit multiplies run
-// eight at a time. Every path computes the same bits.
+// Zero every element whose draw is not below `threshold`, and return the L1
+// norm of what is kept, summed exactly as [`l1`] sums (eight lanes, then the
+// tail), so that no second pass is needed. The hash is the whole cost; with
+// AVX-512 (checked at run time) its 64-bit multiplies run eight at a time.
+// Every path computes the same bits.
 fusechat_core::multiversion! {
-    fn drop_masked(delta: &mut [f32], key: u64, threshold: u64) {
-        for (i, x) in delta.iter_mut().enumerate() {
-            let keep = dare_bits(key, i as u64) < threshold;
+    fn drop_masked(delta: &mut [f32], key: u64, threshold: u64) -> f64 {
+        // blocks of a multiple of 8 keep each element in the lane `l1` adds it to
+        const BLOCK: usize = 4096;
+        let mut acc = [0f64; 8];
+        let full = delta.len() / 8 * 8;
+        for start in (0..full).step_by(BLOCK) {
+            let block = &mut delta[start..(start + BLOCK).min(full)];
+            for (i, x) in block.iter_mut().enumerate() {
+                let keep = dare_bits(key, (start + i) as u64) < threshold;
+                *x = if keep { *x } else { 0.0 };
+            }
+            for c in block.chunks_exact(8) {
+                for (a, x) in acc.iter_mut().zip(c) {
+                    *a += x.abs() as f64;
+                }
+            }
+        }
+        let rest = &mut delta[full..];
+        for (i, x) in rest.iter_mut().enumerate() {
+            let keep = dare_bits(key, (full + i) as u64) < threshold;
             *x = if keep { *x } else { 0.0 };
         }
+        let tail: f64 = rest.iter().map(|x| x.abs() as f64).sum();
+        acc.iter().sum::<f64>() + tail
     }
 }
 
