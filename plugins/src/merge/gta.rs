@@ -195,7 +195,9 @@ fn cut_by_sample(data: &[f32], k: usize) -> Option<Cut> {
     let n = data.len();
     let s = (n / 128).clamp(4096, 1 << 15);
     let stride = n / s;
-    let mut sample: Vec<u32> = (0..s).map(|i| abs_key(data[i * stride + stride / 2])).collect();
+    let mut sample: Vec<u32> = (0..s)
+        .map(|i| abs_key(data[i * stride + stride / 2]))
+        .collect();
     // The k-th largest sits near rank q·s of the descending sample, give or
     // take a binomial standard deviation: bracket it by six of them each way.
     let q = k as f64 / n as f64;
@@ -203,12 +205,22 @@ fn cut_by_sample(data: &[f32], k: usize) -> Option<Cut> {
     let top = q * s as f64 - margin;
     let bottom = q * s as f64 + margin;
     let mut at_rank = |r: usize| *sample.select_nth_unstable_by(r, |a, b| b.cmp(a)).1;
-    let hi = if top < 0.0 { u32::MAX } else { at_rank(top as usize) };
-    let lo = if bottom >= (s - 1) as f64 { 0 } else { at_rank(bottom.ceil() as usize) };
+    let hi = if top < 0.0 {
+        u32::MAX
+    } else {
+        at_rank(top as usize)
+    };
+    let lo = if bottom >= (s - 1) as f64 {
+        0
+    } else {
+        at_rank(bottom.ceil() as usize)
+    };
     let mut inside = Vec::with_capacity(((bottom - top).max(1.0) as usize + 1) * stride * 2);
     let above = count_and_collect(data, lo, hi, &mut inside);
     // rank of the k-th largest among the bracket's values (1-based)
-    let r = k.checked_sub(above).filter(|r| *r >= 1 && *r <= inside.len())?;
+    let r = k
+        .checked_sub(above)
+        .filter(|r| *r >= 1 && *r <= inside.len())?;
     let (_, thr, _) = inside.select_nth_unstable_by(r - 1, |a, b| b.cmp(a));
     let thr = *thr;
     let (mut more, mut equal) = (0usize, 0usize);
@@ -262,7 +274,10 @@ unsafe fn count_and_collect_avx512(data: &[f32], lo: u32, hi: u32, inside: &mut 
         // SAFETY: 16 spare values of capacity were ensured above; the first
         // popcount(m) of them are initialised by the store.
         unsafe {
-            _mm512_storeu_si512(inside.as_mut_ptr().add(len).cast(), _mm512_maskz_compress_epi32(m, key));
+            _mm512_storeu_si512(
+                inside.as_mut_ptr().add(len).cast(),
+                _mm512_maskz_compress_epi32(m, key),
+            );
             inside.set_len(len + m.count_ones() as usize);
         }
     }
@@ -312,7 +327,8 @@ fn cut_by_radix(data: &[f32], k: usize) -> Cut {
         }
         0
     };
-    data.iter().for_each(|&x| hist[(abs_key(x) >> 16) as usize] += 1);
+    data.iter()
+        .for_each(|&x| hist[(abs_key(x) >> 16) as usize] += 1);
     // `remaining` becomes k minus the count of keys above the chosen bucket
     let mut remaining = k;
     let hi = pick(&hist, &mut remaining);
@@ -341,10 +357,16 @@ struct TopSet {
 impl TopSet {
     fn of(data: &[f32], k: usize) -> TopSet {
         if k == 0 {
-            return TopSet { thr: f32::INFINITY, split: 0 };
+            return TopSet {
+                thr: f32::INFINITY,
+                split: 0,
+            };
         }
         let Cut { thr, above, equal } = top_k_cut(data, k);
-        TopSet { thr, split: nth_equal(data, thr, k - above, equal) }
+        TopSet {
+            thr,
+            split: nth_equal(data, thr, k - above, equal),
+        }
     }
 
     #[inline(always)]
@@ -376,7 +398,11 @@ fn nth_equal(data: &[f32], thr: f32, kept: usize, equal: usize) -> usize {
     for b in data.chunks(16) {
         let c = count_equal(b, thr);
         if seen + c > kept {
-            let i = b.iter().enumerate().filter(|(_, x)| x.abs() == thr).nth(kept - seen);
+            let i = b
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.abs() == thr)
+                .nth(kept - seen);
             return at + i.expect("counted").0;
         }
         seen += c;
@@ -514,7 +540,8 @@ fn magprune_with(
     // then the draws, in index order (u < p as an integer test, as DARE's).
     let inverse = rescale == Rescale::InverseP;
     let (p_of_rank, thr_of_rank) = magprune_probabilities(len, density, epsilon, round);
-    let (mut keyed, mut scratch): (Vec<u64>, Vec<u64>) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    let (mut keyed, mut scratch): (Vec<u64>, Vec<u64>) =
+        (Vec::with_capacity(len), Vec::with_capacity(len));
     let (mut p, mut thr) = (vec![0f32; len], vec![0u64; len]);
     for o in 0..outer {
         for i in 0..inner {
@@ -555,7 +582,12 @@ fn magprune_with(
 /// in the tensor's dtype when it is bf16 on the CPU), as mergekit computes
 /// it there: ranks + 1 in bf16, `(rank − min) / (max − min)` clamped to
 /// [0, 1], then `(density − ε) + norm·2·ε`, each operation rounded to bf16.
-fn magprune_probabilities(len: usize, density: f64, epsilon: f64, round: Option<DType>) -> (Vec<f32>, Vec<u64>) {
+fn magprune_probabilities(
+    len: usize,
+    density: f64,
+    epsilon: f64,
+    round: Option<DType>,
+) -> (Vec<f32>, Vec<u64>) {
     let p: Vec<f32> = match round {
         Some(DType::BF16) => {
             let r = |x: f32| DType::BF16.round(x);
@@ -570,12 +602,19 @@ fn magprune_probabilities(len: usize, density: f64, epsilon: f64, round: Option<
         }
         _ => (0..len)
             .map(|k| {
-                let norm = if len > 1 { k as f64 / (len - 1) as f64 } else { 0.5 };
+                let norm = if len > 1 {
+                    k as f64 / (len - 1) as f64
+                } else {
+                    0.5
+                };
                 (density - epsilon + 2.0 * epsilon * norm) as f32
             })
             .collect(),
     };
-    let thr = p.iter().map(|&p| (p as f64 * (1u64 << 53) as f64).ceil() as u64).collect();
+    let thr = p
+        .iter()
+        .map(|&p| (p as f64 * (1u64 << 53) as f64).ceil() as u64)
+        .collect();
     (p, thr)
 }
 
@@ -1116,7 +1155,13 @@ mod tests {
     fn tied_data(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = fusechat_core::rng::SplitMix64(seed);
         (0..n)
-            .map(|i| if i % 10 == 3 { 0.0 } else { DType::BF16.round(rng.normal() as f32 * 1e-3) })
+            .map(|i| {
+                if i % 10 == 3 {
+                    0.0
+                } else {
+                    DType::BF16.round(rng.normal() as f32 * 1e-3)
+                }
+            })
             .collect()
     }
 
@@ -1125,7 +1170,19 @@ mod tests {
         // large enough for the sampled bracket; every k from the edges and the middle
         let n = 100_003;
         let data = tied_data(n, 11);
-        for k in [1, 2, 3, 77, n / 10, n / 2, n / 2 + 1, n - n / 10, n - n / 10 + 1, n - 1, n] {
+        for k in [
+            1,
+            2,
+            3,
+            77,
+            n / 10,
+            n / 2,
+            n / 2 + 1,
+            n - n / 10,
+            n - n / 10 + 1,
+            n - 1,
+            n,
+        ] {
             let want = sorted_cut(&data, k);
             assert_eq!(top_k_cut(&data, k), want, "k = {k}");
             assert_eq!(cut_by_radix(&data, k), want, "radix, k = {k}");
@@ -1143,7 +1200,14 @@ mod tests {
         }
         // all equal: every value ties
         let flat = vec![-0.5f32; 40_000];
-        assert_eq!(top_k_cut(&flat, 123), Cut { thr: 0.5, above: 0, equal: 40_000 });
+        assert_eq!(
+            top_k_cut(&flat, 123),
+            Cut {
+                thr: 0.5,
+                above: 0,
+                equal: 40_000
+            }
+        );
     }
 
     #[test]

@@ -102,7 +102,13 @@ pub(crate) fn weighted_sum<'a>(
     let mut out = std::mem::take(&mut models[0]);
     let w: Vec<f32> = weights.iter().map(|w| *w as f32).collect();
     let rest: Vec<&[f32]> = models[1..].iter().map(|m| &m[..]).collect();
-    weighted_sum_into(&mut out, &rest, &w, divisor.unwrap_or(1.0), divisor.is_some());
+    weighted_sum_into(
+        &mut out,
+        &rest,
+        &w,
+        divisor.unwrap_or(1.0),
+        divisor.is_some(),
+    );
     out
 }
 
