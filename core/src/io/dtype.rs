@@ -116,7 +116,11 @@ impl DType {
 
     /// [`DType::encode`] into a buffer of exactly `values.len() · size` bytes.
     pub fn encode_to(self, values: &[f32], out: &mut [u8]) {
-        assert_eq!(out.len(), values.len() * self.size(), "encode_to: output size");
+        assert_eq!(
+            out.len(),
+            values.len() * self.size(),
+            "encode_to: output size"
+        );
         encode_into(self, values, out)
     }
 }

@@ -19,7 +19,13 @@ use super::dot_f64 as dot;
 use fusechat_core::merge::pool;
 
 /// The Karcher mean of `xs`, into a new buffer (and one more for the step).
+/// Compiled for AVX2 and AVX-512 as well (the same operations on every path).
 pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
+    karcher_kernel(xs, max_iter, tol)
+}
+
+fusechat_core::multiversion! {
+fn karcher_kernel(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     let n = xs.len();
     let alpha = 1.0 / n as f64;
     let norms: Vec<f64> = xs.iter().map(|x| dot(x, x).sqrt()).collect();
@@ -88,6 +94,7 @@ pub fn karcher(xs: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     let scale: f64 = norms.iter().map(|nm| alpha * nm).sum();
     m.iter_mut().for_each(|o| *o = (*o as f64 * scale) as f32);
     m
+}
 }
 
 impl Merger for Karcher {
