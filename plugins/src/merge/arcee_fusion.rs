@@ -144,7 +144,16 @@ impl Merger for ArceeFusion {
         if base.is_empty() {
             return Ok(Merged::new(base));
         }
-        let kl = row_divergence(&base, model, cols);
+        fuse_rows(&mut base, model, cols);
+        Ok(Merged::new(base))
+    }
+}
+
+fusechat_core::multiversion! {
+    /// The merge of one tensor, in place in `base` (compiled for AVX2 and
+    /// AVX-512 as well: the same operations on every path).
+    fn fuse_rows(base: &mut [f32], model: &[f32], cols: usize) {
+        let kl = row_divergence(base, model, cols);
         let mut keys: Vec<u32> = Vec::with_capacity(base.len());
         for ((b, m), kl) in base.chunks(cols).zip(model.chunks(cols)).zip(&kl) {
             keys.extend(
@@ -163,7 +172,6 @@ impl Merger for ArceeFusion {
                 }
             }
         }
-        Ok(Merged::new(base))
     }
 }
 
