@@ -671,3 +671,77 @@ fn depth_up_scaling_from_a_mergekit_yaml() {
         assert_eq!(got, tensor(&t[0], &src), "{name}");
     }
 }
+
+/// RAM and RAM+ written out in f64 from mergekit 0.1.5's definition: a model
+/// contributes where |δ| > ε; a lone contributor's δ (times λⱼ for RAM+) is
+/// taken, several contributors' δ are averaged.
+#[test]
+fn ram_and_ramplus_take_lone_deltas_and_average_shared_ones() {
+    let (tmp, pivot, t) = setup(2);
+    let (eps, r, alpha) = (0.02, 0.5, 0.3);
+    for plus in [false, true] {
+        let method = if plus { "ramplus_tl" } else { "ram" };
+        let out = tmp.path().join(method);
+        let mut req = request(method, Some(&pivot), &refs(&t), &out);
+        set(&mut req, "epsilon", json!(eps));
+        if plus {
+            set(&mut req, "r", json!(r));
+            set(&mut req, "alpha", json!(alpha));
+        }
+        merge(&req);
+        let (mut lone, mut shared_seen, mut none) = (0, 0, 0);
+        for (name, _, base) in tensors(&pivot) {
+            let ds: Vec<Vec<f64>> = t.iter().map(|m| delta(m, &base, &name)).collect();
+            let on = |j: usize, k: usize| ds[j][k].abs() > eps;
+            let count: Vec<usize> = (0..base.len())
+                .map(|k| (0..2).filter(|&j| on(j, k)).count())
+                .collect();
+            let lambda: Vec<f64> = (0..2)
+                .map(|j| {
+                    if !plus {
+                        return 1.0;
+                    }
+                    let shared = (0..base.len())
+                        .filter(|&k| on(j, k) && count[k] > 1)
+                        .count() as f64;
+                    let unique = (0..base.len())
+                        .filter(|&k| on(j, k) && count[k] == 1)
+                        .count() as f64;
+                    1.0 + r * (shared / unique.max(eps)).clamp(0.0, alpha)
+                })
+                .collect();
+            let want: Vec<f64> = (0..base.len())
+                .map(|k| {
+                    let merged: f64 = (0..2)
+                        .filter(|&j| on(j, k))
+                        .map(|j| {
+                            if count[k] == 1 {
+                                ds[j][k] * lambda[j]
+                            } else {
+                                ds[j][k] / count[k] as f64
+                            }
+                        })
+                        .sum();
+                    base[k] as f64 + merged
+                })
+                .collect();
+            for c in &count {
+                match c {
+                    0 => none += 1,
+                    1 => lone += 1,
+                    _ => shared_seen += 1,
+                }
+            }
+            close(
+                &tensor(&out, &name),
+                &want,
+                1e-6,
+                &format!("{method} {name}"),
+            );
+        }
+        assert!(
+            lone > 0 && shared_seen > 0 && none > 0,
+            "{method}: every case occurs ({none}, {lone}, {shared_seen})"
+        );
+    }
+}

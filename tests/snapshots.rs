@@ -188,3 +188,17 @@ fn nearswap() {
 fn arcee_fusion() {
     snapshot("arcee_fusion", |_| {});
 }
+
+#[test]
+fn ram() {
+    snapshot("ram", |r| set(r, "epsilon", json!(0.01)));
+}
+
+#[test]
+fn ramplus_tl() {
+    snapshot("ramplus_tl", |r| {
+        set(r, "epsilon", json!(0.01));
+        set(r, "r", json!(0.5));
+        set(r, "alpha", json!(0.3));
+    });
+}

@@ -32,6 +32,8 @@ pub const METHODS: &[&str] = &[
     "passthrough",
     "nearswap",
     "arcee_fusion",
+    "ram",
+    "ramplus_tl",
 ];
 
 /// How many models besides the base a method takes in the tests.

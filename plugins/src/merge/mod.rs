@@ -17,6 +17,8 @@ pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
+pub mod ram;
+pub mod ramplus_tl;
 pub mod sce;
 pub mod slerp;
 pub mod task_arithmetic;
