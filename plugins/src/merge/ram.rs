@@ -24,28 +24,35 @@ pub const RAM: Ram = Ram { plus: false };
 /// Elements per block: each block's contributor counts stay in L1.
 const BLOCK: usize = 4096;
 
-/// Per model, over the tensor: how many of its contributions are shared with
-/// another model and how many are its alone.
-pub fn shared_and_unique(deltas: &[&[f32]], eps: f32) -> Vec<(u64, u64)> {
-    let n = deltas.first().map_or(0, |d| d.len());
-    let mut out = vec![(0u64, 0u64); deltas.len()];
-    let mut count = vec![0u32; BLOCK];
-    for start in (0..n).step_by(BLOCK) {
-        let end = (start + BLOCK).min(n);
-        let count = &mut count[..end - start];
-        contributors(deltas, start, eps, count);
-        for (d, (shared, unique)) in deltas.iter().zip(out.iter_mut()) {
-            for (x, c) in d[start..end].iter().zip(count.iter()) {
-                let on = x.abs() > eps;
-                *shared += (on && *c > 1) as u64;
-                *unique += (on && *c == 1) as u64;
+fusechat_core::multiversion! {
+    /// Per model, over the tensor: how many of its contributions are shared
+    /// with another model and how many are its alone.
+    pub fn shared_and_unique(deltas: &[&[f32]], eps: f32) -> Vec<(u64, u64)> {
+        let n = deltas.first().map_or(0, |d| d.len());
+        let mut out = vec![(0u64, 0u64); deltas.len()];
+        let mut count = vec![0u32; BLOCK];
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            let count = &mut count[..end - start];
+            contributors(deltas, start, eps, count);
+            for (d, (shared, unique)) in deltas.iter().zip(out.iter_mut()) {
+                // per block in u32 lanes (vectorises), then into the totals
+                let (mut s, mut u) = (0u32, 0u32);
+                for (x, c) in d[start..end].iter().zip(count.iter()) {
+                    let on = x.abs() > eps;
+                    s += (on & (*c > 1)) as u32;
+                    u += (on & (*c == 1)) as u32;
+                }
+                *shared += s as u64;
+                *unique += u as u64;
             }
         }
+        out
     }
-    out
 }
 
 /// The contributor count of each element of a block starting at `start`.
+#[inline(always)]
 fn contributors(deltas: &[&[f32]], start: usize, eps: f32, count: &mut [u32]) {
     count.fill(0);
     for d in deltas {
