@@ -492,9 +492,9 @@ impl ShardedWriter {
 
 /// Ask the kernel to start writing a finished range to disk now, without
 /// waiting for it, so that the disk works while the merge goes on and the
-/// final `fsync` finds little left to do (it was a serial tail of about a
-/// fifth of a merge's time). Purely an optimisation: errors are ignored, and
-/// `finish` still syncs every file.
+/// final `fsync` finds little left to do (syncing half a gigabyte at the end
+/// took about 0.15 s, a sixth of a 0.9 s linear merge). Purely an
+/// optimisation: errors are ignored, and `finish` still syncs every file.
 fn start_writeback(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
