@@ -501,10 +501,11 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
         use std::os::fd::AsRawFd;
         // SAFETY: a valid open descriptor; the call only schedules I/O.
         unsafe {
+            // (`as _`: the offset type is off64_t on glibc and may differ elsewhere)
             libc::sync_file_range(
                 file.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
+                offset as _,
+                len as _,
                 libc::SYNC_FILE_RANGE_WRITE,
             );
         }
