@@ -76,41 +76,8 @@ fn shifted_exp(x: &[f32], out: &mut [f64]) {
 /// The sorted values at indices ⌊q·(n − 1)⌋ for q = ¼, ½, ¾ of order keys.
 fn quartiles(v: &[u32]) -> [f32; 3] {
     let at = |q: f64| (q * (v.len() - 1) as f64) as usize;
-    let [q1, q2, q3] = select_ranks(v, [at(0.25), at(0.5), at(0.75)]);
-    [q1, q2, q3].map(from_order_key)
-}
-
-/// The keys at these 0-based ranks of the ascending order, by two passes of
-/// 16-bit histograms (high halves, then the low halves within each rank's
-/// bucket): O(N), without reordering or copying the keys.
-fn select_ranks<const R: usize>(keys: &[u32], ranks: [usize; R]) -> [u32; R] {
-    let mut hist = vec![0u32; 1 << 16];
-    keys.iter().for_each(|k| hist[(k >> 16) as usize] += 1);
-    // each rank's bucket, and its rank within the bucket
-    let bucket_of = |hist: &[u32], r: usize| -> (u32, usize) {
-        let mut before = 0usize;
-        for (b, &c) in hist.iter().enumerate() {
-            if before + c as usize > r {
-                return (b as u32, r - before);
-            }
-            before += c as usize;
-        }
-        unreachable!("rank {r} of {} keys", keys.len())
-    };
-    let found = ranks.map(|r| bucket_of(&hist, r));
-    let mut low = vec![0u32; R << 16];
-    for &k in keys {
-        for (i, (b, _)) in found.iter().enumerate() {
-            if k >> 16 == *b {
-                low[(i << 16) | (k & 0xFFFF) as usize] += 1;
-            }
-        }
-    }
-    let mut out = [0u32; R];
-    for (i, (b, r)) in found.iter().enumerate() {
-        out[i] = (b << 16) | bucket_of(&low[i << 16..(i + 1) << 16], *r).0;
-    }
-    out
+    super::select_ranks(v.len(), || v.iter().copied(), [at(0.25), at(0.5), at(0.75)])
+        .map(|r| from_order_key(r.key))
 }
 
 impl Merger for ArceeFusion {

@@ -314,34 +314,15 @@ fusechat_core::multiversion! {
     }
 }
 
-/// The exact [`Cut`] by two passes of 16-bit histograms of |x|'s bits (high
-/// half, then low half within the chosen bucket): O(N), 512 KiB.
+/// The exact [`Cut`] by radix selection over |x|'s bits ([`super::select_ranks`]):
+/// the k-th largest is the (N − k)-th smallest.
 fn cut_by_radix(data: &[f32], k: usize) -> Cut {
-    let mut hist = vec![0usize; 1 << 16];
-    let pick = |hist: &[usize], remaining: &mut usize| -> u32 {
-        for b in (0..hist.len()).rev() {
-            if hist[b] >= *remaining {
-                return b as u32;
-            }
-            *remaining -= hist[b];
-        }
-        0
-    };
-    data.iter()
-        .for_each(|&x| hist[(abs_key(x) >> 16) as usize] += 1);
-    // `remaining` becomes k minus the count of keys above the chosen bucket
-    let mut remaining = k;
-    let hi = pick(&hist, &mut remaining);
-    hist.iter_mut().for_each(|h| *h = 0);
-    data.iter()
-        .map(|&x| abs_key(x))
-        .filter(|kk| kk >> 16 == hi)
-        .for_each(|kk| hist[(kk & 0xFFFF) as usize] += 1);
-    let lo = pick(&hist, &mut remaining);
+    let n = data.len();
+    let [r] = super::select_ranks(n, || data.iter().map(|&x| abs_key(x)), [n - k]);
     Cut {
-        thr: f32::from_bits((hi << 16) | lo),
-        above: k - remaining,
-        equal: hist[lo as usize],
+        thr: f32::from_bits(r.key),
+        above: n - r.below - r.equal,
+        equal: r.equal,
     }
 }
 
