@@ -77,7 +77,7 @@ fusechat_core::multiversion! {
 }
 
 #[inline(always)]
-fn dot_body<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+pub(crate) fn dot_body<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     let mut acc = [0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = ca
