@@ -24,28 +24,30 @@ pub struct ArceeFusion;
 ///
 /// The exponentials and logarithms run in f64 over whole rows
 /// ([`fusechat_core::simd`], vectorised): p = e^(θ¹ − max θ¹)/Σ + 1e-8, the
-/// same for q.
-pub fn row_divergence(base: &[f32], model: &[f32], cols: usize) -> Vec<f64> {
+/// same for q. Inlined into [`fuse_rows`], so compiled for its instruction sets.
+#[inline(always)]
+fn row_divergence(base: &[f32], model: &[f32], cols: usize) -> Vec<f64> {
+    // plain loops: an iterator's `fold` would be compiled apart, for the
+    // baseline instruction set
     let (mut p, mut q) = (vec![0f64; cols], vec![0f64; cols]);
-    base.chunks(cols)
-        .zip(model.chunks(cols))
-        .map(|(b, m)| {
-            let (p, q) = (&mut p[..b.len()], &mut q[..b.len()]);
-            shifted_exp(m, p);
-            shifted_exp(b, q);
-            let (sp, sq) = (1.0 / simd::sum(p), 1.0 / simd::sum(q));
-            for (pi, qi) in p.iter_mut().zip(q.iter_mut()) {
-                *pi = *pi * sp + 1e-8;
-                *qi = *pi / (*qi * sq + 1e-8);
-            }
-            simd::ln_in_place(q);
-            super::dot_f64(p, q)
-        })
-        .collect()
+    let mut kl = Vec::with_capacity(base.len().div_ceil(cols));
+    for (b, m) in base.chunks(cols).zip(model.chunks(cols)) {
+        let (p, q) = (&mut p[..b.len()], &mut q[..b.len()]);
+        shifted_exp(m, p);
+        shifted_exp(b, q);
+        let (sp, sq) = (1.0 / simd::sum(p), 1.0 / simd::sum(q));
+        for (pi, qi) in p.iter_mut().zip(q.iter_mut()) {
+            *pi = *pi * sp + 1e-8;
+            *qi = *pi / (*qi * sq + 1e-8);
+        }
+        simd::ln_in_place(q);
+        kl.push(super::dot_f64(p, q));
+    }
+    kl
 }
 
 /// One element's importance.
-#[inline]
+#[inline(always)]
 pub fn importance(base: f32, model: f32, kl: f64) -> f32 {
     ((model - base).abs() as f64 * kl) as f32
 }
@@ -67,10 +69,31 @@ fn from_order_key(k: u32) -> f32 {
 }
 
 /// `out ← e^(x − max x)`, the subtraction in f64 (exact).
+#[inline(always)]
 fn shifted_exp(x: &[f32], out: &mut [f64]) {
-    let mx = x.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
-    out.iter_mut().zip(x).for_each(|(o, x)| *o = *x as f64 - mx);
+    let mx = max_finite(x) as f64;
+    for (o, x) in out.iter_mut().zip(x) {
+        *o = *x as f64 - mx;
+    }
     simd::exp_in_place(out);
+}
+
+/// The largest of finite values (the merge engine has checked them), in
+/// sixteen lanes: `f32::max`'s NaN handling keeps a fold from vectorising.
+#[inline(always)]
+fn max_finite(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = if *v > *l { *v } else { *l };
+        }
+    }
+    lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, v| if *v > a { *v } else { a })
 }
 
 /// The sorted values at indices ⌊q·(n − 1)⌋ for q = ¼, ½, ¾ of order keys.
