@@ -521,6 +521,19 @@ fn magprune_with(
     // then the draws, in index order (u < p as an integer test, as DARE's).
     let inverse = rescale == Rescale::InverseP;
     let (p_of_rank, thr_of_rank) = magprune_probabilities(len, density, epsilon, round);
+    debug_assert!(thr_of_rank.windows(2).all(|w| w[0] <= w[1]));
+    // (ranks are counted in u32)
+    if inner == 1 && !inverse && len <= u32::MAX as usize {
+        // only the keep-or-drop decision is needed: no sort
+        let mut scratch = BoundScratch::default();
+        for (o, row) in delta.chunks_exact_mut(len).enumerate() {
+            drop_by_rank_bounds(row, (o * len) as u64, &thr_of_rank, key, &mut scratch);
+        }
+        if rescale == Rescale::L1 && round.is_none() {
+            rescale_delta(delta, before, density, rescale);
+        }
+        return Ok(());
+    }
     let (mut keyed, mut scratch): (Vec<u64>, Vec<u64>) =
         (Vec::with_capacity(len), Vec::with_capacity(len));
     let (mut p, mut thr) = (vec![0f32; len], vec![0u64; len]);
@@ -556,6 +569,88 @@ fn magprune_with(
         rescale_delta(delta, before, density, rescale);
     }
     Ok(())
+}
+
+/// Bins of |x| for [`drop_by_rank_bounds`]: a sixteenth of an octave each
+/// (|x|'s bits shifted right by 19), the 256 up to the row's largest |x|;
+/// anything 16 octaves or more below it shares bin 0.
+const BIN_SHIFT: u32 = 19;
+const BINS: usize = 256;
+
+/// The buffers [`drop_by_rank_bounds`] reuses from row to row.
+#[derive(Default)]
+struct BoundScratch {
+    keys: Vec<u32>,
+    unsure: Vec<u8>,
+}
+
+fusechat_core::multiversion! {
+    /// MAGPRUNE's keep-or-drop over one contiguous row (element j is global
+    /// element `first + j`), when the kept values need no rank (they are not
+    /// divided by their p): the same decisions as ranking the row exactly,
+    /// without sorting it.
+    ///
+    /// A histogram of |x| in [`BINS`] bins gives each element's rank to
+    /// within its bin's: ranks [s, s + c) for a bin holding c elements above
+    /// s smaller ones. The thresholds grow with the rank, so a draw below
+    /// `thr[s]` keeps the element and one at or above `thr[s + c − 1]` drops
+    /// it, whatever its rank inside the bin. Only a draw between the two
+    /// (about 0.5% of them) needs the exact rank: the count of smaller keys,
+    /// plus equal keys before it (ties in index order, as the stable sort).
+    fn drop_by_rank_bounds(row: &mut [f32], first: u64, thr: &[u64], key: u64, scratch: &mut BoundScratch) {
+        let BoundScratch { keys, unsure } = scratch;
+        keys.clear();
+        keys.extend(row.iter().map(|x| x.to_bits() & 0x7fff_ffff));
+        let top = keys.iter().fold(0u32, |a, &k| a.max(k));
+        let floor = (top >> BIN_SHIFT).saturating_sub(BINS as u32 - 1);
+        // below BINS since every key is at most top; the mask says so to the compiler
+        let bin = |k: u32| ((k >> BIN_SHIFT).saturating_sub(floor) as usize) & (BINS - 1);
+        let mut count = [0u32; BINS];
+        for &k in keys.iter() {
+            count[bin(k)] += 1;
+        }
+        let (mut lo, mut hi) = ([0u64; BINS], [0u64; BINS]);
+        let mut start = 0usize;
+        for b in 0..BINS {
+            let c = count[b] as usize;
+            if c > 0 {
+                (lo[b], hi[b]) = (thr[start], thr[start + c - 1]);
+            }
+            start += c;
+        }
+        unsure.clear();
+        unsure.resize(row.len(), 0);
+        let mut any_unsure = 0u32;
+        for (j, (x, u)) in row.iter_mut().zip(unsure.iter_mut()).enumerate() {
+            let b = bin(keys[j]);
+            let draw = dare_bits(key, first + j as u64);
+            *x = if draw >= hi[b] { 0.0 } else { *x };
+            *u = (draw >= lo[b] && draw < hi[b]) as u8;
+            any_unsure |= *u as u32;
+        }
+        if any_unsure == 0 {
+            return;
+        }
+        // the flags eight at a time: nearly every word is zero
+        for (w, c) in unsure.chunks(8).enumerate() {
+            let word = match <[u8; 8]>::try_from(c) {
+                Ok(bytes) => u64::from_ne_bytes(bytes),
+                Err(_) => 1, // the short tail: look at each
+            };
+            if word == 0 {
+                continue;
+            }
+            for j in (w * 8..w * 8 + c.len()).filter(|&j| unsure[j] != 0) {
+            let k = keys[j];
+            let smaller = keys.iter().map(|&x| (x < k) as u32).sum::<u32>();
+            let equal_before = keys[..j].iter().map(|&x| (x == k) as u32).sum::<u32>();
+            let rank = (smaller + equal_before) as usize;
+            if dare_bits(key, first + j as u64) >= thr[rank] {
+                row[j] = 0.0;
+            }
+            }
+        }
+    }
 }
 
 /// MAGPRUNE's keep probability for each ascending rank of a row of `len`,
@@ -1253,6 +1348,58 @@ mod tests {
         // + 0.4 → 0.6015625 (above density + ε)
         let (p, _) = magprune_probabilities(300, 0.5, 0.1, Some(DType::BF16));
         assert_eq!((p[0], p[149], p[299]), (0.400390625, 0.5, 0.6015625));
+    }
+
+    #[test]
+    fn rank_bounds_decide_as_the_exact_ranks_do() {
+        let mut rng = fusechat_core::rng::SplitMix64(17);
+        for (n, eps, round) in [
+            (1usize, 0.1, None),
+            (7, 0.3, None),
+            (1024, 0.15, None),
+            (2816, 0.4, Some(DType::BF16)),
+            (3000, 0.49, None),
+        ] {
+            // ties (bf16-like coarse values), zeros of both signs, a spread of
+            // 40 octaves (past the 16 the bins cover), and one huge outlier
+            let row: Vec<f32> = (0..n)
+                .map(|i| match i % 11 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => 1e-3,
+                    3 => -1e-3,
+                    4 => (rng.normal() * 1e-12) as f32,
+                    5 if i == 5 => 1e6,
+                    _ => DType::BF16.round((rng.normal() * 1e-3) as f32),
+                })
+                .collect();
+            let (_, thr) = magprune_probabilities(n, 0.5, eps, round);
+            let key = dare_key(3, "t", n);
+            // the decision written out: a stable sort by |x| gives the ranks
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by_key(|&j| row[j].abs().to_bits());
+            let mut rank = vec![0; n];
+            order.iter().enumerate().for_each(|(r, &j)| rank[j] = r);
+            let first = 1000;
+            let want: Vec<f32> = (0..n)
+                .map(|j| {
+                    let keep = dare_bits(key, first + j as u64) < thr[rank[j]];
+                    if keep {
+                        row[j]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut got = row.clone();
+            drop_by_rank_bounds(&mut got, first, &thr, key, &mut BoundScratch::default());
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "n = {n}, epsilon = {eps}"
+            );
+            assert!(want.iter().any(|x| *x == 0.0) && (n < 10 || want.iter().any(|x| *x != 0.0)));
+        }
     }
 
     #[test]
