@@ -428,9 +428,8 @@ pub struct MiniModel {
     /// mistral, mixtral or llama.
     pub family: String,
     pub layers: usize,
-    /// mixtral only: the number of experts (each token goes to 2).
-    #[serde(default = "d_experts")]
-    pub experts: usize,
+    /// mixtral only: the number of experts (each token goes to 2; default 4).
+    pub experts: Option<usize>,
     /// The skill most of its training data practises (none: dialogue, and a
     /// little of every skill).
     pub skill: Option<String>,
@@ -438,11 +437,17 @@ pub struct MiniModel {
     /// data (default: the pivot's word-level tokenizer).
     pub bpe_vocab: Option<usize>,
 }
-fn d_experts() -> usize {
-    4
+
+impl MiniModel {
+    /// The number of experts of a mixtral model.
+    fn experts(&self) -> usize {
+        self.experts.unwrap_or(4)
+    }
 }
 
 /// `[miniature]`: sizes, skills, steps and seeds of the skilled miniature.
+/// An omitted field takes the value the repository's `fusechat.toml` sets
+/// (a test holds the two together).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SkilledSpec {
@@ -497,7 +502,7 @@ fn d_kv() -> usize {
     2
 }
 fn d_fusion() -> usize {
-    800
+    2000
 }
 fn d_held() -> usize {
     50
@@ -512,13 +517,13 @@ fn d_little() -> f64 {
     0.03
 }
 fn d_steps() -> u64 {
-    400
+    1000
 }
 fn d_batch() -> usize {
-    16
+    32
 }
 fn d_lr() -> f64 {
-    3e-3
+    5e-3
 }
 
 /// The families a miniature model can have.
@@ -601,8 +606,14 @@ impl SkilledSpec {
             if m.layers == 0 {
                 p.push(format!("{field} layers = 0: use at least 1"));
             }
-            if m.family == "mixtral" && m.experts < 2 {
-                p.push(format!("{field} experts = {}: use at least 2", m.experts));
+            match m.experts {
+                Some(e) if m.family == "mixtral" && e < 2 => {
+                    p.push(format!("{field} experts = {e}: use at least 2"))
+                }
+                Some(_) if m.family != "mixtral" => p.push(format!(
+                    "{field} experts: only a mixtral model has experts; remove it or set family = \"mixtral\""
+                )),
+                _ => {}
             }
             if let Some(s) = &m.skill {
                 if !SKILLS.contains(&s.as_str()) {
@@ -660,7 +671,7 @@ impl SkilledSpec {
         });
         let (arch, ty) = match m.family.as_str() {
             "mixtral" => {
-                c["num_local_experts"] = m.experts.into();
+                c["num_local_experts"] = m.experts().into();
                 c["num_experts_per_tok"] = 2.into();
                 c["sliding_window"] = serde_json::Value::Null;
                 ("MixtralForCausalLM", "mixtral")
@@ -679,7 +690,7 @@ impl SkilledSpec {
     /// Tensor names and shapes of model `m`, in checkpoint order.
     fn tensors(&self, m: &MiniModel, vocab: usize) -> Vec<(String, Vec<usize>)> {
         let kv = self.hidden_size / self.num_heads * self.num_kv_heads;
-        let experts = (m.family == "mixtral").then_some(m.experts);
+        let experts = (m.family == "mixtral").then_some(m.experts());
         decoder_tensors(
             (self.hidden_size, self.intermediate_size, kv),
             m.layers,
@@ -912,6 +923,39 @@ pub fn build_skilled(
 #[cfg(all(test, feature = "data"))]
 mod tests {
     use super::*;
+
+    /// A `[miniature]` that gives only the required fields is the shipped
+    /// config's: the defaults are the values the default run was measured with.
+    #[test]
+    fn defaults_are_the_shipped_configs_values() {
+        let shipped: toml::Value =
+            toml::from_str(include_str!("../../../fusechat.toml")).expect("fusechat.toml parses");
+        let full: SkilledSpec = shipped["miniature"].clone().try_into().unwrap();
+        let mut bare = toml::value::Table::new();
+        for f in ["out", "pivot", "sources"] {
+            bare.insert(f.into(), shipped["miniature"][f].clone());
+        }
+        let bare: SkilledSpec = toml::Value::Table(bare).try_into().unwrap();
+        assert_eq!(bare, full);
+    }
+
+    /// `experts` is refused where it would be ignored, and checked where used.
+    #[test]
+    fn experts_only_on_mixtral() {
+        let shipped: toml::Value =
+            toml::from_str(include_str!("../../../fusechat.toml")).expect("fusechat.toml parses");
+        let mut spec: SkilledSpec = shipped["miniature"].clone().try_into().unwrap();
+        assert_eq!(spec.problems(), Vec::<String>::new());
+        spec.pivot.experts = Some(8);
+        spec.sources[0].experts = Some(1);
+        let p = spec.problems();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("[miniature.pivot] experts: only a mixtral model"),
+            "{p:?}"
+        );
+        assert!(p[1].contains("#1 experts = 1: use at least 2"), "{p:?}");
+    }
 
     /// The same texts give the same BPE tokenizer, byte for byte (the run's
     /// `--force` must give the same table), and it reads text back as written.
