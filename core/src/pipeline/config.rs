@@ -392,6 +392,25 @@ pub struct PluginsSection {
     pub prefer: BTreeMap<String, String>,
 }
 
+/// `[table]: problem` for each top-level entry of `text` that does not
+/// deserialize on its own (none when the text is not TOML at all).
+fn every_table_problem(text: &str) -> Vec<String> {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    table
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let one = toml::Table::from_iter([(k.clone(), v)]);
+            let e = toml::Value::Table(one).try_into::<Config>().err()?;
+            Some(format!(
+                "[{k}]: {}",
+                e.to_string().trim_end().replace('\n', " ")
+            ))
+        })
+        .collect()
+}
+
 impl Config {
     /// Read and parse a config file.
     pub fn load(path: &Path) -> Result<Config> {
@@ -408,10 +427,17 @@ impl Config {
     /// Parse config text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
-            Error::config(
-                path,
-                format!("invalid config: {}", e.to_string().trim_end()),
-            )
+            let mut msg = format!("invalid config: {}", e.to_string().trim_end());
+            // serde stops at the first problem; each top-level table on its
+            // own names every table that has one, so that one edit fixes all
+            let others = every_table_problem(text);
+            if others.len() > 1 {
+                msg.push_str("\nevery table with a problem:");
+                for o in others {
+                    msg.push_str(&format!("\n  {o}"));
+                }
+            }
+            Error::config(path, msg)
         })?;
         cfg.file = path.to_path_buf();
         cfg.root = PathBuf::from(".");
@@ -604,6 +630,29 @@ mod tests {
         .unwrap_err();
         let s = e.to_string();
         assert!(s.contains("f.toml") && s.contains("modls"), "{s}");
+    }
+
+    #[test]
+    fn every_table_with_a_type_error_is_named() {
+        let e = Config::parse(
+            "[run]\nthreads = -1\n[merge]\nmethod = 3\nout = 'o'\n[plugins]\npaths = []\n",
+            Path::new("f.toml"),
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("line "),
+            "the first problem keeps its place: {s}"
+        );
+        assert!(s.contains("[run]: ") && s.contains("`run.threads`"), "{s}");
+        assert!(
+            s.contains("[merge]: ") && s.contains("`merge.method`"),
+            "{s}"
+        );
+        assert!(!s.contains("[plugins]: "), "{s}");
+        // one problem: no list
+        let e = Config::parse("[run]\nthreads = -1\n", Path::new("f.toml")).unwrap_err();
+        assert!(!e.to_string().contains("every table"), "{e}");
     }
 
     #[test]
