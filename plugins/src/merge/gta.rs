@@ -134,18 +134,21 @@ fn l1_before(delta: &[f32], rescale: Rescale) -> f64 {
     }
 }
 
-/// Σ|x| in f64, over eight interleaved partial sums (so that the additions
-/// pipeline and vectorise instead of waiting on one another).
-fn l1(delta: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = delta.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|x| x.abs() as f64).sum();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += x.abs() as f64;
+fusechat_core::multiversion! {
+    /// Σ|x| in f64, over eight interleaved partial sums (so that the additions
+    /// pipeline and vectorise instead of waiting on one another; the same
+    /// sums on every instruction set).
+    fn l1(delta: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let chunks = delta.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|x| x.abs() as f64).sum();
+        for c in chunks {
+            for (a, x) in acc.iter_mut().zip(c) {
+                *a += x.abs() as f64;
+            }
         }
+        acc.iter().sum::<f64>() + tail
     }
-    acc.iter().sum::<f64>() + tail
 }
 
 /// Where the `k` largest |x| of a slice end: every |x| above `thr` is among

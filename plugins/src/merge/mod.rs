@@ -35,9 +35,18 @@ pub(crate) fn deltas_in_place(group: &mut TensorGroup<'_>) -> fusechat_core::Res
         .as_deref()
         .ok_or_else(|| fusechat_core::Error::msg("this method needs a base model".to_string()))?;
     for m in group.models.iter_mut() {
-        m.iter_mut().zip(base).for_each(|(x, b)| *x -= b);
+        subtract(m, base);
     }
     Ok(())
+}
+
+fusechat_core::multiversion! {
+    /// `x ← x − b`, elementwise.
+    fn subtract(x: &mut [f32], b: &[f32]) {
+        for (x, b) in x.iter_mut().zip(b) {
+            *x -= b;
+        }
+    }
 }
 
 /// `Σ aᵢbᵢ` in f64 over eight interleaved partial sums, so that the
