@@ -513,7 +513,6 @@ fn magprune_with(
             "della: density ± epsilon must lie in (0, 1), got density {density} and epsilon {epsilon}; lower epsilon"
         ));
     }
-    let before = l1_before(delta, rescale);
     let (outer, len, inner) = match shape.len() {
         0 | 1 => (1, delta.len(), 1),
         _ => (shape[0], shape[1], shape[2..].iter().product::<usize>()),
@@ -526,17 +525,42 @@ fn magprune_with(
     let (p_of_rank, thr_of_rank) = magprune_probabilities(len, density, epsilon, round);
     debug_assert!(thr_of_rank.windows(2).all(|w| w[0] <= w[1]));
     // (ranks are counted in u32)
-    if inner == 1 && !inverse && len <= u32::MAX as usize {
-        // only the keep-or-drop decision is needed: no sort
+    let l1_rescale = rescale == Rescale::L1 && round.is_none();
+    if inner == 1 && !inverse && len > 0 && len <= u32::MAX as usize {
+        // Only the keep-or-drop decision is needed: no sort. With rows of a
+        // multiple of 8, each row's |x| go to the lanes `l1` would add them
+        // to, in the same order, so both norms are summed while the row is in
+        // cache, to the same bits.
         let mut scratch = BoundScratch::default();
+        let mut sums = (len % 8 == 0 && l1_rescale).then_some(([0f64; 8], [0f64; 8]));
+        let before = if sums.is_none() {
+            l1_before(delta, rescale)
+        } else {
+            0.0
+        };
         for (o, row) in delta.chunks_exact_mut(len).enumerate() {
+            if let Some((before, _)) = &mut sums {
+                add_abs_in_lanes(row, before);
+            }
             drop_by_rank_bounds(row, (o * len) as u64, &thr_of_rank, key, &mut scratch);
+            if let Some((_, after)) = &mut sums {
+                add_abs_in_lanes(row, after);
+            }
         }
-        if rescale == Rescale::L1 && round.is_none() {
-            rescale_delta(delta, before, density, rescale);
+        match sums {
+            Some((b, a)) => rescale_delta_after(
+                delta,
+                b.iter().sum(),
+                Some(a.iter().sum()),
+                density,
+                rescale,
+            ),
+            None if l1_rescale => rescale_delta(delta, before, density, rescale),
+            None => {}
         }
         return Ok(());
     }
+    let before = l1_before(delta, rescale);
     let (mut keyed, mut scratch): (Vec<u64>, Vec<u64>) =
         (Vec::with_capacity(len), Vec::with_capacity(len));
     let (mut p, mut thr) = (vec![0f32; len], vec![0u64; len]);
@@ -568,10 +592,22 @@ fn magprune_with(
             }
         }
     }
-    if rescale == Rescale::L1 && round.is_none() {
+    if l1_rescale {
         rescale_delta(delta, before, density, rescale);
     }
     Ok(())
+}
+
+fusechat_core::multiversion! {
+    /// `lanes[k] += |x[i]|` for i ≡ k (mod 8), in index order: [`l1`]'s
+    /// lanes, a slice at a time (`x.len()` a multiple of 8).
+    fn add_abs_in_lanes(x: &[f32], lanes: &mut [f64; 8]) {
+        for c in x.chunks_exact(8) {
+            for (a, x) in lanes.iter_mut().zip(c) {
+                *a += x.abs() as f64;
+            }
+        }
+    }
 }
 
 /// Bins of |x| for [`drop_by_rank_bounds`]: a sixteenth of an octave each
@@ -1403,6 +1439,41 @@ mod tests {
             );
             assert!(want.iter().any(|x| *x == 0.0) && (n < 10 || want.iter().any(|x| *x != 0.0)));
         }
+    }
+
+    #[test]
+    fn magprune_rescales_to_the_l1_norm_summed_as_l1_sums() {
+        let mut rng = fusechat_core::rng::SplitMix64(5);
+        // rows of 24 (the norms summed row by row) and of 7 (in whole passes)
+        for shape in [[6usize, 24], [6, 7]] {
+            let n = shape[0] * shape[1];
+            let delta: Vec<f32> = (0..n).map(|_| (rng.normal() * 1e-2) as f32).collect();
+            let key = dare_key(1, "w", 0);
+            let (_, thr) = magprune_probabilities(shape[1], 0.5, 0.2, None);
+            let mut want = delta.clone();
+            for (o, row) in want.chunks_mut(shape[1]).enumerate() {
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by_key(|&j| row[j].abs().to_bits());
+                let mut rank = vec![0; row.len()];
+                order.iter().enumerate().for_each(|(r, &j)| rank[j] = r);
+                for j in 0..row.len() {
+                    if dare_bits(key, (o * shape[1] + j) as u64) >= thr[rank[j]] {
+                        row[j] = 0.0;
+                    }
+                }
+            }
+            let f = (l1(&delta) / l1(&want)) as f32;
+            want.iter_mut().for_each(|x| *x *= f);
+            let mut got = delta.clone();
+            magprune(&mut got, &shape, 0.5, 0.2, Rescale::L1, key).unwrap();
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{shape:?}"
+            );
+        }
+        // an empty row: nothing to do
+        magprune(&mut [], &[5, 0], 0.5, 0.2, Rescale::L1, 0).unwrap();
     }
 
     #[test]
