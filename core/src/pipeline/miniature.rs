@@ -610,7 +610,8 @@ impl SkilledSpec {
                 Some(e) if m.family == "mixtral" && e < 2 => {
                     p.push(format!("{field} experts = {e}: use at least 2"))
                 }
-                Some(_) if m.family != "mixtral" => p.push(format!(
+                // (an unknown family is reported above; no second message)
+                Some(_) if m.family != "mixtral" && MINI_FAMILIES.contains(&m.family.as_str()) => p.push(format!(
                     "{field} experts: only a mixtral model has experts; remove it or set family = \"mixtral\""
                 )),
                 _ => {}
