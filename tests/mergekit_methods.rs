@@ -745,3 +745,61 @@ fn ram_and_ramplus_take_lone_deltas_and_average_shared_ones() {
         );
     }
 }
+
+/// SCE written out in f64 at the two ends of `select_topk` (the golden tests
+/// cover 0.5): at 1 every element counts for the energies, at 0 none does
+/// (uniform weights). Then the sign of Σδ, and the weighted mean of the
+/// agreeing deltas.
+#[test]
+fn sce_selecting_every_element_or_none() {
+    let (tmp, pivot, t) = setup(3);
+    for topk in [1.0, 0.0] {
+        let out = tmp.path().join(format!("sce{topk}"));
+        let mut req = request("sce", Some(&pivot), &refs(&t), &out);
+        set(&mut req, "select_topk", json!(topk));
+        merge(&req);
+        for (name, _, base) in tensors(&pivot) {
+            let ds: Vec<Vec<f64>> = t.iter().map(|m| delta(m, &base, &name)).collect();
+            let n = base.len() as f64;
+            let energies: Vec<f64> = ds
+                .iter()
+                .map(|d| {
+                    if topk > 0.0 {
+                        d.iter().map(|x| x * x).sum::<f64>() / n
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let total: f64 = energies.iter().sum();
+            let eta: Vec<f64> = if total.abs() < 1e-6 {
+                vec![1.0 / 3.0; 3]
+            } else {
+                energies.iter().map(|e| e / total).collect()
+            };
+            let want: Vec<f64> = (0..base.len())
+                .map(|k| {
+                    let sign = if ds.iter().map(|d| d[k]).sum::<f64>() >= 0.0 {
+                        1.0
+                    } else {
+                        -1.0
+                    };
+                    let (mut num, mut den) = (0.0, 0.0);
+                    for (d, e) in ds.iter().zip(&eta) {
+                        if d[k] * sign > 0.0 {
+                            num += e * d[k];
+                            den += e;
+                        }
+                    }
+                    base[k] as f64 + num / f64::max(den, 1e-6)
+                })
+                .collect();
+            close(
+                &tensor(&out, &name),
+                &want,
+                1e-5,
+                &format!("sce {topk} {name}"),
+            );
+        }
+    }
+}
