@@ -21,8 +21,14 @@ pub struct MultiSlerp;
 ///
 /// Note that r = a − (a·m)·m with a = Σ wᵢuᵢ and m = a/‖a‖ is zero but for
 /// rounding: the result is m·Σ wᵢnᵢ to within a few ulps. It is computed as
-/// mergekit writes it all the same.
+/// mergekit writes it all the same. Compiled for AVX2 and AVX-512 as well
+/// (the same operations on every path).
 pub fn multislerp(xs: &[&[f32]], w: &[f64], eps: f64) -> Result<Vec<f32>, String> {
+    multislerp_kernel(xs, w, eps)
+}
+
+fusechat_core::multiversion! {
+fn multislerp_kernel(xs: &[&[f32]], w: &[f64], eps: f64) -> Result<Vec<f32>, String> {
     let n = xs[0].len();
     let norms: Vec<f64> = xs.iter().map(|x| dot_f64(x, x).sqrt()).collect();
     // a = Σ wᵢuᵢ, with uᵢ = cᵢxᵢ, summed in f64 model by model over blocks
@@ -75,6 +81,7 @@ pub fn multislerp(xs: &[&[f32]], w: &[f64], eps: f64) -> Result<Vec<f32>, String
     a.iter_mut()
         .for_each(|ak| *ak = ((*ak as f64 / a_norm * cos + r(*ak) * sinc) * scale) as f32);
     Ok(a)
+}
 }
 
 impl Merger for MultiSlerp {
