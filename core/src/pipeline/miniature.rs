@@ -429,6 +429,9 @@ pub struct MiniModel {
     pub family: String,
     pub layers: usize,
     /// mixtral only: the number of experts (each token goes to 2; default 4).
+    /// Written out (in the stamp) as the number used, 4 when not given, so
+    /// that giving the default changes nothing.
+    #[serde(serialize_with = "experts_or_default")]
     pub experts: Option<usize>,
     /// The skill most of its training data practises (none: dialogue, and a
     /// little of every skill).
@@ -438,11 +441,18 @@ pub struct MiniModel {
     pub bpe_vocab: Option<usize>,
 }
 
+/// The experts of a mixtral model when not given.
+const DEFAULT_EXPERTS: usize = 4;
+
 impl MiniModel {
     /// The number of experts of a mixtral model.
     fn experts(&self) -> usize {
-        self.experts.unwrap_or(4)
+        self.experts.unwrap_or(DEFAULT_EXPERTS)
     }
+}
+
+fn experts_or_default<S: serde::Serializer>(e: &Option<usize>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(e.unwrap_or(DEFAULT_EXPERTS) as u64)
 }
 
 /// `[miniature]`: sizes, skills, steps and seeds of the skilled miniature.
@@ -947,6 +957,12 @@ mod tests {
             toml::from_str(include_str!("../../../fusechat.toml")).expect("fusechat.toml parses");
         let mut spec: SkilledSpec = shipped["miniature"].clone().try_into().unwrap();
         assert_eq!(spec.problems(), Vec::<String>::new());
+        // giving the default is the same set (the same stamp), as before the
+        // field was optional
+        let mut given = spec.clone();
+        given.sources[0].experts = None;
+        assert_eq!(given.stamp(), spec.stamp());
+        assert!(spec.stamp().contains(r#""experts":4"#), "{}", spec.stamp());
         spec.pivot.experts = Some(8);
         spec.sources[0].experts = Some(1);
         let p = spec.problems();

@@ -517,10 +517,9 @@ fn magprune_with(
         0 | 1 => (1, delta.len(), 1),
         _ => (shape[0], shape[1], shape[2..].iter().product::<usize>()),
     };
-    // Per row: rank by |δ| ascending, ties by index (a stable argsort), as
-    // keys (|δ|'s bits, which order non-negative floats, then the index)
-    // sorted as integers; each element's keep probability from its rank;
-    // then the draws, in index order (u < p as an integer test, as DARE's).
+    // Per row: rank by |δ| ascending, ties by index (a stable argsort); each
+    // element's keep probability from its rank; then the draws, in index
+    // order (u < p as an integer test, as DARE's).
     let inverse = rescale == Rescale::InverseP;
     let (p_of_rank, thr_of_rank) = magprune_probabilities(len, density, epsilon, round);
     debug_assert!(thr_of_rank.windows(2).all(|w| w[0] <= w[1]));
@@ -560,6 +559,8 @@ fn magprune_with(
         }
         return Ok(());
     }
+    // Every element's rank: keys (|δ|'s bits, which order non-negative
+    // floats, then the index) sorted as integers.
     let before = l1_before(delta, rescale);
     let (mut keyed, mut scratch): (Vec<u64>, Vec<u64>) =
         (Vec::with_capacity(len), Vec::with_capacity(len));
@@ -621,7 +622,14 @@ const BINS: usize = 256;
 struct BoundScratch {
     keys: Vec<u32>,
     unsure: Vec<u8>,
+    keyed: Vec<u64>,
+    sorted: Vec<u64>,
 }
+
+/// Above this many unsure draws in a row, [`drop_by_rank_bounds`] ranks the
+/// row by sorting instead of counting over it for each: a row of zeros (an
+/// untouched tensor) or with a far outlier puts most elements in one bin.
+const MOST_COUNTED: usize = 32;
 
 fusechat_core::multiversion! {
     /// MAGPRUNE's keep-or-drop over one contiguous row (element j is global
@@ -636,9 +644,10 @@ fusechat_core::multiversion! {
     /// it, whatever its rank inside the bin. Only a draw between the two
     /// (0.6% of them on Mistral-shaped deltas at ε = 0.15) needs the exact
     /// rank: the count of smaller keys, plus equal keys before it (ties in
-    /// index order, as the stable sort).
+    /// index order, as the stable sort). Past [`MOST_COUNTED`] such draws in
+    /// a row, the row is sorted instead, so that the cost stays O(n) per row.
     fn drop_by_rank_bounds(row: &mut [f32], first: u64, thr: &[u64], key: u64, scratch: &mut BoundScratch) {
-        let BoundScratch { keys, unsure } = scratch;
+        let BoundScratch { keys, unsure, keyed, sorted } = scratch;
         keys.clear();
         keys.extend(row.iter().map(|x| x.to_bits() & 0x7fff_ffff));
         let top = keys.iter().fold(0u32, |a, &k| a.max(k));
@@ -660,15 +669,28 @@ fusechat_core::multiversion! {
         }
         unsure.clear();
         unsure.resize(row.len(), 0);
-        let mut any_unsure = 0u32;
+        let mut unsure_count = 0u32;
         for (j, (x, u)) in row.iter_mut().zip(unsure.iter_mut()).enumerate() {
             let b = bin(keys[j]);
             let draw = dare_bits(key, first + j as u64);
             *x = if draw >= hi[b] { 0.0 } else { *x };
             *u = (draw >= lo[b] && draw < hi[b]) as u8;
-            any_unsure |= *u as u32;
+            unsure_count += *u as u32;
         }
-        if any_unsure == 0 {
+        if unsure_count == 0 {
+            return;
+        }
+        if unsure_count as usize > MOST_COUNTED {
+            // every rank at once, as the sorting path ranks
+            keyed.clear();
+            keyed.extend(keys.iter().enumerate().map(|(j, &k)| ((k as u64) << 32) | j as u64));
+            sort_by_high_half(keyed, sorted);
+            for (rank, &kj) in keyed.iter().enumerate() {
+                let j = (kj & 0xffff_ffff) as usize;
+                if unsure[j] != 0 && dare_bits(key, first + j as u64) >= thr[rank] {
+                    row[j] = 0.0;
+                }
+            }
             return;
         }
         // the flags eight at a time: nearly every word is zero
@@ -1393,28 +1415,42 @@ mod tests {
     #[test]
     fn rank_bounds_decide_as_the_exact_ranks_do() {
         let mut rng = fusechat_core::rng::SplitMix64(17);
-        for (n, eps, round) in [
-            (1usize, 0.1, None),
-            (7, 0.3, None),
-            (1024, 0.15, None),
-            (2816, 0.4, Some(DType::BF16)),
-            (3000, 0.49, None),
-        ] {
-            // ties (bf16-like coarse values), zeros of both signs, a spread of
-            // 40 octaves (past the 16 the bins cover), and one huge outlier
-            let row: Vec<f32> = (0..n)
-                .map(|i| match i % 11 {
-                    0 => 0.0,
-                    1 => -0.0,
-                    2 => 1e-3,
-                    3 => -1e-3,
-                    4 => (rng.normal() * 1e-12) as f32,
-                    5 if i == 5 => 1e6,
-                    _ => DType::BF16.round((rng.normal() * 1e-3) as f32),
-                })
-                .collect();
+        // rows: Gaussian deltas rounded to bf16 (many bins, ties); the same
+        // with signed zeros, values 40 octaves down (past the 16 the bins
+        // cover) and one far outlier (most elements in bin 0: the sorting
+        // fallback); all zeros (an untouched tensor: one bin)
+        let mut gaussian = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| DType::BF16.round((rng.normal() * 1e-3) as f32))
+                .collect()
+        };
+        let mixed = |mut row: Vec<f32>| -> Vec<f32> {
+            for (i, x) in row.iter_mut().enumerate() {
+                match i % 11 {
+                    0 => *x = 0.0,
+                    1 => *x = -0.0,
+                    2 => *x = 1e-3,
+                    3 => *x = -1e-3,
+                    4 => *x *= 1e-9,
+                    5 if i == 5 => *x = 1e6,
+                    _ => {}
+                }
+            }
+            row
+        };
+        let cases: Vec<(&str, Vec<f32>, f64, Option<DType>)> = vec![
+            ("one", vec![0.5], 0.1, None),
+            ("seven", mixed(gaussian(7)), 0.3, None),
+            ("gaussian", gaussian(1024), 0.15, None),
+            ("gaussian bf16", gaussian(2816), 0.4, Some(DType::BF16)),
+            ("mixed", mixed(gaussian(3000)), 0.49, None),
+            ("mixed bf16", mixed(gaussian(1024)), 0.15, Some(DType::BF16)),
+            ("zeros", vec![0.0; 2048], 0.15, None),
+        ];
+        for (what, row, eps, round) in cases {
+            let n = row.len();
             let (_, thr) = magprune_probabilities(n, 0.5, eps, round);
-            let key = dare_key(3, "t", n);
+            let key = dare_key(3, what, n);
             // the decision written out: a stable sort by |x| gives the ranks
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by_key(|&j| row[j].abs().to_bits());
@@ -1436,9 +1472,16 @@ mod tests {
             assert_eq!(
                 got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                 want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                "n = {n}, epsilon = {eps}"
+                "{what}"
             );
-            assert!(want.iter().any(|x| *x == 0.0) && (n < 10 || want.iter().any(|x| *x != 0.0)));
+            if n > 100 && what != "zeros" {
+                let dropped = (0..n).filter(|&j| row[j] != 0.0 && want[j] == 0.0).count();
+                let kept = want.iter().filter(|x| **x != 0.0).count();
+                assert!(
+                    dropped > n / 4 && kept > n / 4,
+                    "{what}: {dropped} dropped, {kept} kept"
+                );
+            }
         }
     }
 

@@ -75,7 +75,8 @@ pub fn karcher_weights(gram: &[f64], n: usize, max_iter: usize, tol: f64) -> Vec
         for &i in &valid {
             let cos = (dots[i] / norms[i]).clamp(-1.0, 1.0);
             let theta = cos.acos();
-            if theta < tol {
+            // θ = 0 (possible at tol = 0) adds nothing: θ/sin θ → 1 and uᵢ = m
+            if theta < tol || theta == 0.0 {
                 continue;
             }
             let beta = a * theta / theta.sin();
@@ -84,7 +85,7 @@ pub fn karcher_weights(gram: &[f64], n: usize, max_iter: usize, tol: f64) -> Vec
         }
         v.iter_mut().zip(&m).for_each(|(vk, mk)| *vk -= shift * mk);
         let vn = norm(&v);
-        if vn < tol {
+        if vn < tol || vn == 0.0 {
             break;
         }
         let (c, s) = (vn.cos(), vn.sin() / vn);
@@ -264,6 +265,16 @@ mod tests {
                     "max_iter {max_iter}, element {k}: {g} against {w}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn tol_zero_on_identical_inputs_gives_the_input() {
+        let x: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) / 7.0).collect();
+        let mut out = x.clone();
+        karcher_into(&mut out, &[&x, &x], 10, 0.0);
+        for (o, x) in out.iter().zip(&x) {
+            assert!((o - x).abs() <= 1e-6 * x.abs().max(1.0), "{o} against {x}");
         }
     }
 
